@@ -1,0 +1,131 @@
+"""What every criterion shares: the `Scores` it returns, its `Cost`, and helpers to read data.
+
+A criterion is a frozen dataclass with a class-level `name` and a method
+`score(model, params, data, loss_fn) -> Scores`. Scores are float tensors shaped like the
+parameters they score, **higher = keep**. Criteria never mutate the model, its `.grad`, its
+training mode or its hooks; `preserve_model_state` restores what they touch.
+
+Optional hooks a criterion may define (the pruning loop looks for them):
+- `schedule(sparsity) -> list[float]`: intermediate sparsities to reach `sparsity` in several
+  score/allocate rounds (SynFlow's 100 exponential rounds, OBS recomputation). Default: one round.
+- `update(model, params, masks, scores) -> None`: weight compensation applied in place after
+  allocation (OBS). It may use what `score` stored in `scores.extra`.
+- `channel_reduce: ClassVar[str]`: how element scores are reduced to a channel score when the
+  user asks for channel granularity without naming a reduction ("l2" by default).
+- `loss_units: ClassVar[bool]`: True when a score is a predicted loss increase (OBD, OBS), so
+  the sum of pruned scores predicts the measured loss change.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor, nn
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+
+
+@dataclass
+class Cost:
+    """What one scoring pass cost: wall seconds, samples read, backward passes, peak memory."""
+
+    seconds: float = 0.0
+    samples: int = 0
+    backward_passes: int | None = None
+    peak_memory_bytes: int | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "seconds": self.seconds,
+            "samples": self.samples,
+            "backward_passes": self.backward_passes,
+            "peak_memory_bytes": self.peak_memory_bytes,
+        }
+
+
+class Scores(dict):
+    """`dict[name, Tensor]` of scores (higher = keep), plus the `cost` of computing them and
+    an `extra` dict where a criterion keeps what its `update` needs (OBS inverse blocks)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.cost = Cost()
+        self.extra: dict[str, Any] = {}
+
+
+@runtime_checkable
+class Criterion(Protocol):
+    name: str
+
+    def score(
+        self,
+        model: nn.Module,
+        params: dict[str, nn.Parameter],
+        data: Iterable | None,
+        loss_fn: LossFn,
+    ) -> dict[str, Tensor]: ...
+
+
+def default_loss(outputs: Tensor, targets: Tensor) -> Tensor:
+    """Mean cross-entropy: the default `loss_fn(outputs, targets)`."""
+    return torch.nn.functional.cross_entropy(outputs, targets)
+
+
+def iter_batches(
+    data: Iterable | None, n_samples: int | None = None, *, device: torch.device | None = None
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """Yield (inputs, targets) batches from `data` until `n_samples` samples were read
+    (the last batch is cut to fit); all of `data` once if `n_samples` is None.
+
+    Raises a ValueError naming the problem when `data` is missing or yields nothing usable.
+    """
+    if data is None:
+        raise ValueError(
+            "this criterion needs data: pass data=<iterable of (inputs, targets) batches>, "
+            "e.g. a torch DataLoader"
+        )
+    seen = 0
+    for batch in data:
+        if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+            raise TypeError(
+                f"data must yield (inputs, targets) pairs; got a {type(batch).__name__}"
+            )
+        x, y = batch[0], batch[1]
+        if n_samples is not None:
+            x, y = x[: n_samples - seen], y[: n_samples - seen]
+        if device is not None:
+            x, y = x.to(device), y.to(device)
+        seen += len(x)
+        yield x, y
+        if n_samples is not None and seen >= n_samples:
+            return
+    if seen == 0:
+        raise ValueError("data yielded no samples")
+
+
+def model_device(model: nn.Module) -> torch.device:
+    p = next(itertools.chain(model.parameters(), model.buffers()), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+@contextlib.contextmanager
+def preserve_model_state(model: nn.Module) -> Iterator[None]:
+    """Restore training mode, `.grad` and `requires_grad` of every parameter on exit,
+    so a criterion can call backward freely without leaving traces on the model."""
+    modes = {m: m.training for m in model.modules()}
+    saved = [(p, p.grad, p.requires_grad) for p in model.parameters()]
+    try:
+        for p, _, _ in saved:
+            p.grad = None
+        yield
+    finally:
+        for m, mode in modes.items():
+            m.train(mode)
+        for p, grad, req in saved:
+            p.grad = grad
+            p.requires_grad_(req)
