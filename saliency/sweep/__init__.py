@@ -1,0 +1,1 @@
+"""Experiment machinery: training loop, sweep runner, result records. Not imported by the core."""

@@ -1,0 +1,72 @@
+"""Result records: one JSON object per line in `records.jsonl`, appended and flushed one at a time.
+
+A killed writer can leave at most one partial last line; `read_records` skips it (and logs it),
+so nothing already written is ever lost and a half-written line never breaks reading.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+RECORDS_FILE = "records.jsonl"
+
+
+def records_path(path: str | os.PathLike) -> Path:
+    """`path` itself if it is a file, else `path/records.jsonl`."""
+    p = Path(path)
+    return p if p.suffix == ".jsonl" else p / RECORDS_FILE
+
+
+def append_records(path: str | os.PathLike, records: Iterable[dict[str, Any]]) -> None:
+    """Append records durably: each is one complete line, written with a single call and fsynced."""
+    p = records_path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    lines = "".join(json.dumps(r, sort_keys=True, allow_nan=True) + "\n" for r in records)
+    if not lines:
+        return
+    with open(p, "a+b") as f:
+        # a previous writer killed mid-line left no newline: start on a fresh line
+        f.seek(0, os.SEEK_END)
+        if f.tell() > 0:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                f.write(b"\n")
+        f.write(lines.encode())
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def iter_records(path: str | os.PathLike) -> Iterator[dict[str, Any]]:
+    p = records_path(path)
+    if not p.exists():
+        return
+    with open(p, encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                log.warning("%s:%d: skipping a partial or corrupt record", p, i)
+                continue
+            if isinstance(rec, dict):
+                yield rec
+
+
+def read_records(*paths: str | os.PathLike) -> list[dict[str, Any]]:
+    """All records from one or more results directories or `.jsonl` files."""
+    out: list[dict[str, Any]] = []
+    for path in paths:
+        if not records_path(path).exists():
+            raise FileNotFoundError(f"no records at {records_path(path)} (expected a results "
+                                    f"directory holding {RECORDS_FILE}, or a .jsonl file)")
+        out.extend(iter_records(path))
+    return out
