@@ -3,6 +3,8 @@
 score -> allocate -> (update) -> apply; `saliency.prune` does all four in one call.
 """
 
+from saliency.allocate import allocate
+from saliency.apply import attach, attached_masks, from_torch_prune, remove, to_torch_prune
 from saliency.criteria import (
     Cost,
     Scores,
@@ -11,16 +13,33 @@ from saliency.criteria import (
     get_criterion,
     register_criterion,
 )
+from saliency.masks import Masks
+from saliency.prune import GradualPruner, prune, score
+from saliency.schedules import ConstantSparsity, Geometric, OneShot, PolynomialDecay
 from saliency.targets import prunable_parameters
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ConstantSparsity",
     "Cost",
+    "Geometric",
+    "GradualPruner",
+    "Masks",
+    "OneShot",
+    "PolynomialDecay",
     "Scores",
+    "allocate",
+    "attach",
+    "attached_masks",
     "available_criteria",
     "describe_criteria",
+    "from_torch_prune",
     "get_criterion",
     "prunable_parameters",
+    "prune",
     "register_criterion",
+    "remove",
+    "score",
+    "to_torch_prune",
 ]

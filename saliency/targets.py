@@ -55,7 +55,11 @@ def prunable_parameters(
                 keep = any(fnmatch.fnmatchcase(full, pat) for pat in inc)
             else:
                 keep = isinstance(module, types) and p_name == "weight"
-            if keep and id(p) not in seen and not any(fnmatch.fnmatchcase(full, pat) for pat in exc):
+            if (
+                keep
+                and id(p) not in seen
+                and not any(fnmatch.fnmatchcase(full, pat) for pat in exc)
+            ):
                 chosen[full] = p
                 seen.add(id(p))
     if keep_output_dense and chosen:

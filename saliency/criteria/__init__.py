@@ -30,7 +30,9 @@ _REGISTRY: dict[str, type] = {}
 _ENTRY_POINTS_LOADED = False
 
 
-def register_criterion(cls: type | None = None, *, name: str | None = None, overwrite: bool = False):
+def register_criterion(
+    cls: type | None = None, *, name: str | None = None, overwrite: bool = False
+):
     """Class decorator registering a criterion under `cls.name` (or `name`).
 
     Registering a taken name is an error unless `overwrite=True`.
@@ -41,7 +43,9 @@ def register_criterion(cls: type | None = None, *, name: str | None = None, over
         if not isinstance(key, str) or not key:
             raise TypeError(f"criterion class {c.__name__} needs a string class attribute `name`")
         if not callable(getattr(c, "score", None)):
-            raise TypeError(f"criterion class {c.__name__} needs a method score(model, params, data, loss_fn)")
+            raise TypeError(
+                f"criterion class {c.__name__} needs a method score(model, params, data, loss_fn)"
+            )
         if key in _REGISTRY and _REGISTRY[key] is not c and not overwrite:
             raise ValueError(
                 f"criterion name {key!r} is already registered by {_REGISTRY[key].__qualname__}; "
@@ -78,20 +82,29 @@ def available_criteria() -> list[str]:
 def describe_criteria() -> dict[str, str]:
     """Name -> first line of the criterion's docstring."""
     _load_builtins_and_entry_points()
-    return {k: (c.__doc__ or "").strip().splitlines()[0] if c.__doc__ else "" for k, c in sorted(_REGISTRY.items())}
+    return {
+        k: (c.__doc__ or "").strip().splitlines()[0] if c.__doc__ else ""
+        for k, c in sorted(_REGISTRY.items())
+    }
 
 
 def get_criterion(criterion: str | Criterion, **hparams: Any) -> Criterion:
     """Build a criterion from its registered name and hyperparameters, or pass an instance through."""
     if not isinstance(criterion, str):
         if hparams:
-            raise TypeError("hyperparameters can only be given with a criterion name, not an instance")
+            raise TypeError(
+                "hyperparameters can only be given with a criterion name, not an instance"
+            )
         if not callable(getattr(criterion, "score", None)):
-            raise TypeError(f"criterion must be a registered name or have a score() method; got {criterion!r}")
+            raise TypeError(
+                f"criterion must be a registered name or have a score() method; got {criterion!r}"
+            )
         return criterion
     _load_builtins_and_entry_points()
     if criterion not in _REGISTRY:
-        raise ValueError(f"unknown criterion {criterion!r}; available: {', '.join(sorted(_REGISTRY))}")
+        raise ValueError(
+            f"unknown criterion {criterion!r}; available: {', '.join(sorted(_REGISTRY))}"
+        )
     cls = _REGISTRY[criterion]
     if dataclasses.is_dataclass(cls):
         fields = {f.name for f in dataclasses.fields(cls) if f.init}

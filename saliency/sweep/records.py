@@ -66,7 +66,9 @@ def read_records(*paths: str | os.PathLike) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     for path in paths:
         if not records_path(path).exists():
-            raise FileNotFoundError(f"no records at {records_path(path)} (expected a results "
-                                    f"directory holding {RECORDS_FILE}, or a .jsonl file)")
+            raise FileNotFoundError(
+                f"no records at {records_path(path)} (expected a results "
+                f"directory holding {RECORDS_FILE}, or a .jsonl file)"
+            )
         out.extend(iter_records(path))
     return out

@@ -1,0 +1,277 @@
+"""Scores -> masks: who gets pruned, globally or per layer, by element, channel, block or N:M.
+
+Every granularity but N:M is handled the same way: each layer's elements are partitioned into
+groups (an element, an output channel, an (h, w) block), each group gets one score reduced from
+its elements' scores, and the lowest-scoring groups are pruned until the number of zeros is the
+closest reachable to round(sparsity * N). For element granularity that is exactly round(sparsity * N).
+Ties are broken deterministically by position (layer order, then flat index), by a stable sort.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from saliency.masks import Masks
+
+Scope = Literal["global", "layer"]
+Reduce = Literal["l2", "sum", "mean", "max"]
+SCOPES = ("global", "layer")
+REDUCES = ("l2", "sum", "mean", "max")
+POOLINGS = ("avg", "max")
+_NM = re.compile(r"^(\d+):(\d+)$")
+
+
+def check_sparsity(sparsity: float, what: str = "sparsity") -> float:
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)):
+        raise TypeError(f"{what} must be a number in [0, 1); got {sparsity!r}")
+    if not 0.0 <= float(sparsity) < 1.0:
+        raise ValueError(f"{what} must be in [0, 1) (fraction of zeros); got {sparsity!r}")
+    return float(sparsity)
+
+
+def _check_scores(scores: Mapping[str, Tensor], current: Masks | None) -> None:
+    if not isinstance(scores, Mapping) or not scores:
+        raise TypeError("scores must be a non-empty mapping {parameter name: score tensor}")
+    for n, s in scores.items():
+        if not isinstance(s, Tensor):
+            raise TypeError(f"score {n!r} must be a torch.Tensor; got {type(s).__name__}")
+        if not torch.isfinite(s).all():
+            bad = int((~torch.isfinite(s)).sum())
+            raise ValueError(f"score {n!r} has {bad} NaN or inf entries; scores must be finite")
+    if current is not None:
+        if set(current) != set(scores):
+            raise ValueError(
+                f"current masks and scores name different tensors: only in masks "
+                f"{sorted(set(current) - set(scores))[:5]}, only in scores {sorted(set(scores) - set(current))[:5]}"
+            )
+        for n, s in scores.items():
+            if tuple(current[n].shape) != tuple(s.shape):
+                raise ValueError(
+                    f"current mask {n!r} has shape {tuple(current[n].shape)}, score has {tuple(s.shape)}"
+                )
+
+
+def _as_2d(shape: torch.Size) -> tuple[int, int]:
+    """Weights viewed as [out, in * k * k] (tfmot's convention for blocks); 1-D as [n, 1]."""
+    if len(shape) == 0:
+        return 1, 1
+    return shape[0], math.prod(shape[1:]) if len(shape) > 1 else 1
+
+
+def group_index(
+    shape: torch.Size, granularity: str, block: tuple[int, int] | None, device
+) -> Tensor:
+    """Group id of every element, shaped like the parameter."""
+    numel = math.prod(shape)
+    if granularity == "element":
+        return torch.arange(numel, device=device).view(shape)
+    if granularity == "channel":
+        out = shape[0] if len(shape) else 1
+        return torch.arange(out, device=device).view(-1, *[1] * (len(shape) - 1)).expand(shape)
+    if granularity == "block":
+        h, w = block
+        rows, cols = _as_2d(shape)
+        r = torch.arange(rows, device=device) // h
+        c = torch.arange(cols, device=device) // w
+        blocks_per_row = -(-cols // w)  # edge blocks are smaller: the weight is padded, not refused
+        return (r[:, None] * blocks_per_row + c[None, :]).reshape(shape)
+    raise AssertionError(granularity)
+
+
+def _reduce(s: Tensor, idx: Tensor, n_groups: int, how: str) -> Tensor:
+    s, idx = s.reshape(-1).double(), idx.reshape(-1)
+    if how == "max":
+        return torch.full((n_groups,), -math.inf, dtype=s.dtype, device=s.device).scatter_reduce(
+            0, idx, s, "amax"
+        )
+    if how == "l2":
+        return (
+            torch.zeros(n_groups, dtype=s.dtype, device=s.device).index_add_(0, idx, s * s).sqrt()
+        )
+    total = torch.zeros(n_groups, dtype=s.dtype, device=s.device).index_add_(0, idx, s)
+    if how == "sum":
+        return total
+    count = torch.zeros(n_groups, dtype=s.dtype, device=s.device).index_add_(
+        0, idx, torch.ones_like(s)
+    )
+    return total / count
+
+
+def _select(
+    group_scores: Tensor, sizes: Tensor, pruned_before: Tensor, cap: Tensor, target: int
+) -> Tensor:
+    """Pruned flag per group: the lowest-scoring prefix whose zero count is closest to `target`.
+
+    Groups already entirely pruned go first; `cap` marks groups a per-layer maximum forbids.
+    """
+    fully = pruned_before == sizes
+    key = torch.where(fully, torch.full_like(group_scores, -math.inf), group_scores)
+    order = torch.sort(key, stable=True).indices
+    order = order[cap[order] | fully[order]]
+    gain = (sizes - pruned_before)[order]
+    zeros = int(pruned_before.sum()) + torch.cat([gain.new_zeros(1), gain.cumsum(0)])
+    # the prefix of length j leaves zeros[j] zeros; take the closest to target (ties: fewer)
+    j = int(torch.argmin((zeros - target).abs()))
+    j = max(j, int(fully[order].sum()))  # monotone: already-pruned groups stay pruned
+    pruned = torch.zeros_like(fully)
+    pruned[order[:j]] = True
+    return pruned
+
+
+def _nm_masks(scores, n: int, m: int, current: Masks | None) -> dict[str, Tensor]:
+    """Keep the n highest scores of every m consecutive weights along the input dimension."""
+    out = {}
+    for name, s in scores.items():
+        if s.dim() < 2 or s.shape[1] % m:
+            raise ValueError(
+                f"N:M pattern {n}:{m} needs the input dimension (dim 1) of {name!r} to be a multiple "
+                f"of {m}; its shape is {tuple(s.shape)} (N:M refuses rather than pads)"
+            )
+        moved = s.movedim(1, -1)  # [out, *k, in]: groups run along input channels / features
+        key = moved.reshape(-1, m).double()
+        if current is not None:
+            key = torch.where(current[name].movedim(1, -1).reshape(-1, m), key, -math.inf)
+        order = torch.sort(key, dim=1, descending=True, stable=True).indices
+        keep = torch.zeros_like(key, dtype=torch.bool).scatter_(1, order[:, :n], True)
+        keep &= torch.isfinite(key)
+        out[name] = keep.reshape(moved.shape).movedim(-1, 1).contiguous()
+    return out
+
+
+def allocate(
+    scores: Mapping[str, Tensor],
+    sparsity: float | None,
+    *,
+    scope: Scope = "global",
+    granularity: str = "element",
+    reduce: Reduce | None = None,
+    block: tuple[int, int] | None = None,
+    pooling: Literal["avg", "max"] = "avg",
+    current: Masks | None = None,
+    layer_sparsity: Mapping[str, float] | None = None,
+    max_layer_sparsity: float | None = None,
+) -> Masks:
+    """Masks pruning the lowest-scoring fraction `sparsity` of the target set (higher score = keep).
+
+    scope: "global" ranks all tensors together; "layer" gives every tensor the same sparsity.
+    granularity: "element"; "channel" (output neurons / filters, dim 0; group score reduced by
+    `reduce`, L2 by default so that magnitude matches `ln_structured(n=2, dim=0)`); "block" of
+    `block=(h, w)` on weights viewed as [out, in*k*k], pooled by `pooling` ("avg" or "max", as
+    tfmot's `block_pooling_type`; edge blocks are padded); or "N:M" like "2:4" (keep N of every M
+    consecutive weights along the input dimension; `sparsity` must be None or 1 - N/M).
+    current: masks already in force; their zeros stay zero and count toward the target.
+    layer_sparsity: {name: sparsity} allocated per layer; the other tensors share `sparsity`.
+    max_layer_sparsity: no tensor gets more than this fraction pruned (avoids layer collapse).
+    """
+    _check_scores(scores, current)
+    nm = _NM.match(granularity) if isinstance(granularity, str) else None
+    if nm:
+        n, m = int(nm.group(1)), int(nm.group(2))
+        if not 0 < n <= m:
+            raise ValueError(f"N:M pattern needs 0 < N <= M; got {granularity!r}")
+        if sparsity is not None and abs(sparsity - (1 - n / m)) > 1e-9:
+            raise ValueError(
+                f"granularity {granularity!r} implies sparsity {1 - n / m:g}; got sparsity={sparsity!r} "
+                "(pass None or the implied value)"
+            )
+        return Masks(_nm_masks(scores, n, m, current))
+    if granularity not in ("element", "channel", "block"):
+        raise ValueError(
+            f"unknown granularity {granularity!r}; accepted: 'element', 'channel', 'block', or 'N:M' like '2:4'"
+        )
+    if sparsity is None:
+        raise ValueError(f"granularity {granularity!r} needs a sparsity in [0, 1)")
+    sparsity = check_sparsity(sparsity)
+    if scope not in SCOPES:
+        raise ValueError(f"unknown scope {scope!r}; accepted: {', '.join(SCOPES)}")
+    if granularity == "block":
+        if block is None or len(block) != 2 or any(not isinstance(b, int) or b < 1 for b in block):
+            raise ValueError(
+                f"granularity 'block' needs block=(h, w) with positive ints; got {block!r}"
+            )
+        if pooling not in POOLINGS:
+            raise ValueError(f"unknown pooling {pooling!r}; accepted: {', '.join(POOLINGS)}")
+        how = "mean" if pooling == "avg" else "max"
+    else:
+        how = reduce or "l2"
+        if how not in REDUCES:
+            raise ValueError(f"unknown reduce {reduce!r}; accepted: {', '.join(REDUCES)}")
+    if max_layer_sparsity is not None:
+        max_layer_sparsity = check_sparsity(max_layer_sparsity, "max_layer_sparsity")
+    overrides = dict(layer_sparsity or {})
+    unknown = sorted(set(overrides) - set(scores))
+    if unknown:
+        raise ValueError(f"layer_sparsity names unknown tensors {unknown}; known: {list(scores)}")
+
+    # per-layer groups: scores, sizes, zeros already in force, eligibility under the cap
+    layers = {}
+    for name, s in scores.items():
+        if granularity == "element":
+            idx, g_scores, sizes = (
+                None,
+                s.reshape(-1).double(),
+                torch.ones(s.numel(), device=s.device),
+            )
+        else:
+            idx = group_index(s.shape, granularity, block, s.device)
+            n_groups = int(idx.max()) + 1 if s.numel() else 0
+            g_scores = _reduce(s, idx, n_groups, how)
+            sizes = torch.zeros(n_groups, device=s.device).index_add_(
+                0, idx.reshape(-1), torch.ones(s.numel(), device=s.device)
+            )
+        if current is not None:
+            dead = (~current[name].to(s.device)).reshape(-1).float()
+            before = (
+                dead
+                if idx is None
+                else torch.zeros_like(sizes).index_add_(0, idx.reshape(-1), dead)
+            )
+        else:
+            before = torch.zeros_like(sizes)
+        cap = torch.ones_like(sizes, dtype=torch.bool)
+        if max_layer_sparsity is not None:
+            # the groups this layer may lose: its lowest scores, up to the cap in elements
+            order = torch.sort(g_scores, stable=True).indices
+            allowed = sizes[order].cumsum(0) <= max_layer_sparsity * s.numel() + 1e-9
+            cap = torch.zeros_like(cap)
+            cap[order[allowed]] = True
+        layers[name] = (idx, g_scores, sizes.long(), before.long(), cap, s)
+
+    def select(names: list[str], target_sparsity: float) -> dict[str, Tensor]:
+        cat = [layers[n] for n in names]
+        total = sum(int(t[2].sum()) for t in cat)
+        target = round(target_sparsity * total)
+        pruned = _select(
+            torch.cat([t[1].cpu() for t in cat]),
+            torch.cat([t[2].cpu() for t in cat]),
+            torch.cat([t[3].cpu() for t in cat]),
+            torch.cat([t[4].cpu() for t in cat]),
+            target,
+        )
+        out, start = {}, 0
+        for n, (idx, g, *_rest, s) in zip(names, cat, strict=True):
+            p = pruned[start : start + len(g)].to(s.device)
+            start += len(g)
+            keep = ~(p.view(s.shape) if idx is None else p[idx])
+            if current is not None:
+                keep &= current[n].to(s.device)
+            out[n] = keep
+        return out
+
+    result: dict[str, Tensor] = {}
+    for name, s_layer in overrides.items():
+        result.update(select([name], check_sparsity(s_layer, f"layer_sparsity[{name!r}]")))
+    rest = [n for n in scores if n not in overrides]
+    if rest:
+        if scope == "global":
+            result.update(select(rest, sparsity))
+        else:
+            for n in rest:
+                result.update(select([n], sparsity))
+    return Masks({n: result[n] for n in scores})

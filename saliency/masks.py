@@ -1,0 +1,166 @@
+"""`Masks`: a validated mapping from parameter name to a bool tensor, True = keep."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+
+class Masks(Mapping[str, Tensor]):
+    """Keep-masks keyed by qualified parameter name (True = keep, False = pruned).
+
+    `sparsity` is the fraction of zeros over all masked entries (the target set).
+    """
+
+    def __init__(self, masks: Mapping[str, Tensor]):
+        checked: dict[str, Tensor] = {}
+        for name, m in masks.items():
+            if not isinstance(name, str):
+                raise TypeError(f"mask keys must be parameter names (str); got {name!r}")
+            if not isinstance(m, Tensor):
+                raise TypeError(f"mask {name!r} must be a torch.Tensor; got {type(m).__name__}")
+            if m.dtype != torch.bool:
+                if m.is_floating_point() or m.dtype in (
+                    torch.uint8,
+                    torch.int8,
+                    torch.int32,
+                    torch.int64,
+                ):
+                    if not bool(((m == 0) | (m == 1)).all()):
+                        raise ValueError(f"mask {name!r} must hold only 0/1 (or bool) values")
+                    m = m != 0
+                else:
+                    raise TypeError(f"mask {name!r} must be bool or 0/1; got dtype {m.dtype}")
+            checked[name] = m.detach()
+        if not checked:
+            raise ValueError("Masks needs at least one entry")
+        self._masks = checked
+
+    @classmethod
+    def ones_like(cls, params: Mapping[str, Tensor]) -> Masks:
+        """All-keep masks for `params` (sparsity 0)."""
+        return cls(
+            {n: torch.ones(p.shape, dtype=torch.bool, device=p.device) for n, p in params.items()}
+        )
+
+    def __getitem__(self, name: str) -> Tensor:
+        return self._masks[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._masks)
+
+    def __len__(self) -> int:
+        return len(self._masks)
+
+    def __repr__(self) -> str:
+        return f"Masks({len(self)} tensors, sparsity={self.sparsity:.4f})"
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Masks) or set(self) != set(other):
+            return False
+        return all(torch.equal(self[n].cpu(), other[n].cpu()) for n in self)
+
+    __hash__ = None  # mutable contents, like dict
+
+    @property
+    def numel(self) -> int:
+        return sum(m.numel() for m in self._masks.values())
+
+    @property
+    def zeros(self) -> int:
+        return sum(int((~m).sum()) for m in self._masks.values())
+
+    @property
+    def sparsity(self) -> float:
+        """Fraction of pruned entries over the whole target set."""
+        return self.zeros / self.numel
+
+    @property
+    def density(self) -> float:
+        return 1.0 - self.sparsity
+
+    def layer_sparsity(self) -> dict[str, float]:
+        return {n: float((~m).sum()) / m.numel() for n, m in self._masks.items()}
+
+    def layer_report(self) -> list[dict[str, Any]]:
+        """One row per tensor (name, shape, numel, zeros, sparsity), then a "total" row."""
+        rows = [
+            {
+                "name": n,
+                "shape": tuple(m.shape),
+                "numel": m.numel(),
+                "zeros": int((~m).sum()),
+                "sparsity": float((~m).sum()) / m.numel(),
+            }
+            for n, m in self._masks.items()
+        ]
+        rows.append(
+            {
+                "name": "total",
+                "shape": (),
+                "numel": self.numel,
+                "zeros": self.zeros,
+                "sparsity": self.sparsity,
+            }
+        )
+        return rows
+
+    def table(self) -> str:
+        """The layer report as a fixed-width text table."""
+        rows = self.layer_report()
+        w = max(len(r["name"]) for r in rows)
+        lines = [f"{'name':<{w}}  {'shape':<18} {'numel':>10} {'zeros':>10} {'sparsity':>8}"]
+        for r in rows:
+            shape = "x".join(map(str, r["shape"])) or "-"
+            lines.append(
+                f"{r['name']:<{w}}  {shape:<18} {r['numel']:>10} {r['zeros']:>10} {r['sparsity']:>8.2%}"
+            )
+        return "\n".join(lines)
+
+    def to(self, device: torch.device | str) -> Masks:
+        return Masks({n: m.to(device) for n, m in self._masks.items()})
+
+    def check_compatible(self, params: Mapping[str, Tensor], *, what: str = "model") -> None:
+        """Raise ValueError if names or shapes differ from `params`."""
+        missing = [n for n in self if n not in params]
+        if missing:
+            raise ValueError(
+                f"masks name parameters the {what} does not have: {missing[:5]}; "
+                f"its parameters include: {list(params)[:8]}"
+            )
+        for n, m in self.items():
+            if tuple(params[n].shape) != tuple(m.shape):
+                raise ValueError(
+                    f"mask {n!r} has shape {tuple(m.shape)} but the {what}'s parameter has shape "
+                    f"{tuple(params[n].shape)}"
+                )
+
+    @torch.no_grad()
+    def apply(self, model: nn.Module) -> None:
+        """Zero the pruned weights of `model` in place (once; see `saliency.attach` to keep them 0)."""
+        params = dict(model.named_parameters())
+        self.check_compatible(params)
+        for n, m in self.items():
+            params[n].mul_(m.to(params[n].device, params[n].dtype))
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {n: m.cpu().clone() for n, m in self._masks.items()}
+
+    @classmethod
+    def from_state_dict(cls, state: Mapping[str, Tensor]) -> Masks:
+        return cls(dict(state))
+
+    def save(self, path: str | os.PathLike) -> None:
+        torch.save(self.state_dict(), path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, *, model: nn.Module | None = None) -> Masks:
+        """Load masks saved with `save`; with `model`, check names and shapes against it."""
+        masks = cls.from_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        if model is not None:
+            masks.check_compatible(dict(model.named_parameters()))
+        return masks

@@ -1,0 +1,218 @@
+"""Orchestration: score -> allocate -> (update) -> apply, in one call or during training."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from saliency.allocate import allocate
+from saliency.apply import attach, attached_masks, clear_optimizer_state
+from saliency.criteria import Criterion, Scores, default_loss, get_criterion
+from saliency.criteria.base import LossFn, model_device
+from saliency.masks import Masks
+from saliency.schedules import Schedule
+from saliency.targets import prunable_parameters
+
+ALLOCATE_KWARGS = ("reduce", "block", "pooling", "layer_sparsity", "max_layer_sparsity")
+
+
+def _check_scores(
+    scores: Mapping[str, Tensor], params: Mapping[str, Tensor], crit: Criterion
+) -> None:
+    name = getattr(crit, "name", type(crit).__name__)
+    if set(scores) != set(params):
+        raise ValueError(
+            f"criterion {name!r} returned scores for {sorted(scores)[:5]} but the targets are "
+            f"{sorted(params)[:5]}: scores must have exactly one entry per prunable parameter"
+        )
+    for n, s in scores.items():
+        if not isinstance(s, Tensor) or tuple(s.shape) != tuple(params[n].shape):
+            shape = tuple(s.shape) if isinstance(s, Tensor) else type(s).__name__
+            raise ValueError(
+                f"criterion {name!r}: score {n!r} has shape {shape}, parameter has {tuple(params[n].shape)}"
+            )
+
+
+def score(
+    model: nn.Module,
+    criterion: str | Criterion,
+    data: Iterable | None = None,
+    loss_fn: LossFn | None = None,
+    *,
+    params: Mapping[str, nn.Parameter] | None = None,
+    **hparams: Any,
+) -> Scores:
+    """Scores (higher = keep) of every prunable parameter under `criterion`, with their cost.
+
+    `criterion` is a registered name (hyperparameters as keyword arguments) or an instance.
+    `data` is any iterable of (inputs, targets) batches; `loss_fn(outputs, targets)` is
+    mean-reduced and defaults to cross-entropy. `scores.cost` holds wall seconds, samples,
+    backward passes and, on CUDA, peak memory.
+    """
+    crit = get_criterion(criterion, **hparams)
+    params = dict(params) if params is not None else prunable_parameters(model)
+    cuda = model_device(model).type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        base_memory = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    raw = crit.score(model, params, data, loss_fn or default_loss)
+    if cuda:
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    _check_scores(raw, params, crit)
+    scores = raw if isinstance(raw, Scores) else Scores(raw)
+    scores.cost.seconds = seconds
+    if cuda:
+        scores.cost.peak_memory_bytes = torch.cuda.max_memory_allocated() - base_memory
+    return scores
+
+
+def _restrict(masks: Masks | None, params: Mapping[str, Tensor]) -> Masks | None:
+    """`masks` on exactly the tensors of `params` (all-keep where it had none), or None."""
+    if masks is None:
+        return None
+    ones = Masks.ones_like(params)
+    return Masks({n: masks[n] if n in masks else ones[n] for n in params})
+
+
+def _split_kwargs(kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    alloc = {k: kwargs.pop(k) for k in ALLOCATE_KWARGS if k in kwargs}
+    return alloc, kwargs
+
+
+def prune_step(
+    model: nn.Module,
+    crit: Criterion,
+    params: Mapping[str, nn.Parameter],
+    scores: Scores,
+    sparsity: float | None,
+    *,
+    current: Masks | None,
+    **allocate_kwargs: Any,
+) -> Masks:
+    """Allocate from `scores`, apply the criterion's weight update if it has one, zero the pruned."""
+    allocate_kwargs.setdefault("reduce", getattr(crit, "channel_reduce", None))
+    masks = allocate(scores, sparsity, current=current, **allocate_kwargs)
+    if callable(getattr(crit, "update", None)):
+        crit.update(model, params, masks, scores)
+    masks.apply(model)
+    return masks
+
+
+def prune(
+    model: nn.Module,
+    criterion: str | Criterion,
+    sparsity: float | None,
+    data: Iterable | None = None,
+    loss_fn: LossFn | None = None,
+    scope: str = "global",
+    granularity: str = "element",
+    *,
+    params: Mapping[str, nn.Parameter] | None = None,
+    current: Masks | None = None,
+    keep: bool = True,
+    optimizer: torch.optim.Optimizer | None = None,
+    **kwargs: Any,
+) -> Masks:
+    """Score, allocate, update and apply in one call; returns the masks.
+
+    Criteria that ask for several rounds (`criterion.schedule(sparsity)`, e.g. SynFlow, OBS with
+    recomputation) are re-scored between rounds. Masks already attached to `model` (or given
+    as `current`) stay pruned. With `keep`, the masks are attached so that training keeps pruned
+    weights at zero (`saliency.remove` bakes them in). Keyword arguments named like `allocate`'s
+    (reduce, block, pooling, layer_sparsity, max_layer_sparsity) go there; the rest are the
+    criterion's hyperparameters.
+    """
+    alloc, hparams = _split_kwargs(dict(kwargs))
+    crit = get_criterion(criterion, **hparams)
+    params = dict(params) if params is not None else prunable_parameters(model)
+    attached = attached_masks(model)
+    masks = _restrict(current if current is not None else attached, params)
+    rounds = crit.schedule(sparsity) if callable(getattr(crit, "schedule", None)) else [sparsity]
+    for s in rounds:
+        scores = score(model, crit, data, loss_fn, params=params)
+        masks = prune_step(
+            model,
+            crit,
+            params,
+            scores,
+            s,
+            current=masks,
+            scope=scope,
+            granularity=granularity,
+            **alloc,
+        )
+    if keep:
+        # masks attached earlier on tensors outside this call's targets stay in force
+        attach(model, Masks({**(attached or {}), **masks}), optimizer=optimizer)
+    elif optimizer is not None:
+        clear_optimizer_state(optimizer, model, masks)
+    return masks
+
+
+class GradualPruner:
+    """Prune during the user's own training loop: call `step()` once per optimizer step.
+
+    At the steps where `schedule.should_prune(step)` holds, the model is re-scored and re-masked
+    to `schedule.sparsity_at(step)` (monotone: pruned weights stay pruned), and the masks stay
+    attached in between. Example (Zhu & Gupta 2017, as tfmot)::
+
+        pruner = GradualPruner(model, "magnitude", PolynomialDecay(0.5, 0.8, 0, 1000), optimizer=opt)
+        for x, y in loader:
+            loss_fn(model(x), y).backward(); opt.step(); opt.zero_grad(); pruner.step()
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        criterion: str | Criterion,
+        schedule: Schedule,
+        data: Iterable | None = None,
+        loss_fn: LossFn | None = None,
+        *,
+        optimizer: torch.optim.Optimizer | None = None,
+        scope: str = "global",
+        granularity: str = "element",
+        params: Mapping[str, nn.Parameter] | None = None,
+        **prune_kwargs: Any,
+    ) -> None:
+        if not callable(getattr(schedule, "should_prune", None)) or not callable(
+            getattr(schedule, "sparsity_at", None)
+        ):
+            raise TypeError(
+                f"schedule must have should_prune(step) and sparsity_at(step) (see saliency.schedules); got {schedule!r}"
+            )
+        self.model, self.schedule, self.data, self.loss_fn = model, schedule, data, loss_fn
+        alloc, hparams = _split_kwargs(dict(prune_kwargs))
+        self.optimizer, self.allocate_kwargs = optimizer, alloc
+        self.criterion = get_criterion(criterion, **hparams)
+        self.scope, self.granularity = scope, granularity
+        self.params = dict(params) if params is not None else prunable_parameters(model)
+        self.global_step = 0
+        self.masks: Masks | None = _restrict(attached_masks(model), self.params)
+
+    def step(self) -> Masks | None:
+        """Advance one training step; re-prune if the schedule says so. Returns the masks in force."""
+        step, self.global_step = self.global_step, self.global_step + 1
+        if self.schedule.should_prune(step):
+            target = self.schedule.sparsity_at(step)
+            if self.masks is None or target > self.masks.sparsity:
+                self.masks = prune(
+                    self.model,
+                    self.criterion,
+                    target,
+                    self.data,
+                    self.loss_fn,
+                    self.scope,
+                    self.granularity,
+                    params=self.params,
+                    optimizer=self.optimizer,
+                    **self.allocate_kwargs,
+                )
+        return self.masks
