@@ -245,11 +245,16 @@ def allocate(
 
     def select(names: list[str], target_sparsity: float) -> dict[str, Tensor]:
         cat = [layers[n] for n in names]
-        total = sum(int(t[2].sum()) for t in cat)
-        target = round(target_sparsity * total)
+        sizes = torch.cat([t[2].cpu() for t in cat])
+        if bool(
+            (sizes == sizes[0]).all()
+        ):  # equal groups: count in groups, as torch's ln_structured
+            target = round(target_sparsity * len(sizes)) * int(sizes[0])
+        else:
+            target = round(target_sparsity * int(sizes.sum()))
         pruned = _select(
             torch.cat([t[1].cpu() for t in cat]),
-            torch.cat([t[2].cpu() for t in cat]),
+            sizes,
             torch.cat([t[3].cpu() for t in cat]),
             torch.cat([t[4].cpu() for t in cat]),
             target,

@@ -1,0 +1,172 @@
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.utils.prune as tprune
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import saliency
+from saliency import Masks, allocate
+
+
+def torch_masks(model):
+    return {
+        f"{n}.weight": m.weight_mask.bool()
+        for n, m in model.named_modules()
+        if hasattr(m, "weight_mask")
+    }
+
+
+def test_global_magnitude_matches_torch_global_unstructured(mlp):
+    ref = copy.deepcopy(mlp)
+    layers = [(m, "weight") for m in ref if isinstance(m, torch.nn.Linear)]
+    tprune.global_unstructured(layers, pruning_method=tprune.L1Unstructured, amount=0.3)
+    masks = saliency.prune(mlp, "magnitude", sparsity=0.3, scope="global")
+    assert masks == Masks(torch_masks(ref))
+    assert masks.zeros == round(0.3 * masks.numel)
+
+
+def test_layer_magnitude_matches_l1_unstructured(mlp):
+    ref = copy.deepcopy(mlp)
+    for m in ref:
+        if isinstance(m, torch.nn.Linear):
+            tprune.l1_unstructured(m, "weight", amount=0.3)
+    assert saliency.prune(mlp, "magnitude", sparsity=0.3, scope="layer") == Masks(torch_masks(ref))
+
+
+def test_channel_magnitude_matches_ln_structured(mlp, tiny_cnn):
+    for model in (mlp, tiny_cnn):
+        ref = copy.deepcopy(model)
+        for m in ref.modules():
+            if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
+                tprune.ln_structured(m, "weight", amount=0.3, n=2, dim=0)
+        masks = saliency.prune(
+            model, "magnitude", sparsity=0.3, scope="layer", granularity="channel"
+        )
+        assert masks == Masks(torch_masks(ref))
+
+
+def test_block_granularity_max_pooling_and_padding():
+    s = torch.arange(24.0).reshape(4, 6)  # blocks (2, 4): columns 0-3 and a padded 4-5
+    m = allocate({"w": s}, 0.5, granularity="block", block=(2, 4), pooling="max")
+    # block max scores: rows 0-1 -> 9 (8 elements), 11 (4); rows 2-3 -> 21, 23; 12 zeros = two blocks
+    assert m["w"][:2].logical_not().all() and m["w"][2:].all()
+    conv = torch.rand(4, 2, 3, 3)
+    m = allocate({"c": conv}, 0.5, granularity="block", block=(1, 9), pooling="avg")
+    assert m.zeros == 36
+    with pytest.raises(ValueError, match=r"block=\(h, w\)"):
+        allocate({"w": s}, 0.5, granularity="block")
+
+
+def test_n_m_keeps_n_largest_along_input():
+    s = torch.tensor([[1.0, 4.0, 3.0, 2.0, 8.0, 5.0, 6.0, 7.0]])
+    m = allocate({"w": s}, None, granularity="2:4")
+    assert m["w"].tolist() == [[False, True, True, False, True, False, False, True]]
+    conv = torch.rand(3, 8, 2, 2)
+    m = allocate({"c": conv}, 0.5, granularity="2:4")
+    assert (m["c"].movedim(1, -1).reshape(-1, 4).sum(1) == 2).all()
+    with pytest.raises(ValueError, match="multiple of 4"):
+        allocate({"w": torch.rand(2, 6)}, None, granularity="2:4")
+    with pytest.raises(ValueError, match="implies sparsity 0.5"):
+        allocate({"w": torch.rand(2, 8)}, 0.3, granularity="2:4")
+
+
+def test_ties_are_broken_by_position():
+    m = allocate({"a": torch.ones(4), "b": torch.ones(4)}, 0.25)
+    assert m["a"].tolist() == [False, False, True, True] and m["b"].all()
+
+
+def test_layer_overrides_and_cap():
+    scores = {"a": torch.arange(10.0), "b": torch.arange(10.0) + 100}
+    m = allocate(scores, 0.5, layer_sparsity={"b": 0.2})
+    assert m["a"].logical_not().sum() == 5 and m["b"].logical_not().sum() == 2
+    m = allocate(scores, 0.6, max_layer_sparsity=0.8)
+    assert m["a"].logical_not().sum() == 8 and m["b"].logical_not().sum() == 4
+
+
+def test_bad_input_messages():
+    s = {"w": torch.rand(4, 4)}
+    for bad in (1.0, -0.1, 1.5):
+        with pytest.raises(ValueError, match=r"\[0, 1\)"):
+            allocate(s, bad)
+    with pytest.raises(ValueError, match="unknown scope 'net'.*global, layer"):
+        allocate(s, 0.5, scope="net")
+    with pytest.raises(ValueError, match="unknown granularity 'row'"):
+        allocate(s, 0.5, granularity="row")
+    with pytest.raises(ValueError, match="NaN or inf"):
+        allocate({"w": torch.tensor([1.0, float("nan")])}, 0.5)
+    with pytest.raises(ValueError, match="different tensors"):
+        allocate(s, 0.5, current=Masks({"v": torch.ones(4, 4, dtype=torch.bool)}))
+    with pytest.raises(ValueError, match="unknown criterion 'nope'; available: .*magnitude"):
+        saliency.prune(torch.nn.Linear(2, 2), "nope", 0.5)
+
+
+shapes = st.lists(
+    st.tuples(st.integers(1, 9), st.integers(1, 9), st.sampled_from([1, 4])), min_size=1, max_size=3
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    shapes=shapes,
+    sparsity=st.floats(0, 0.99),
+    scope=st.sampled_from(["global", "layer"]),
+    seed=st.integers(0, 99),
+)
+def test_exact_counts_element(shapes, sparsity, scope, seed):
+    g = torch.Generator().manual_seed(seed)
+    scores = {
+        f"l{i}": torch.randint(0, 5, (o, c, k), generator=g).float()
+        for i, (o, c, k) in enumerate(shapes)
+    }
+    m = allocate(scores, sparsity, scope=scope)
+    if scope == "global":
+        assert m.zeros == round(sparsity * m.numel)
+    else:
+        for n, s in scores.items():
+            assert int((~m[n]).sum()) == round(sparsity * s.numel())
+
+
+@settings(max_examples=60, deadline=None)
+@given(shapes=shapes, sparsity=st.floats(0, 0.99), seed=st.integers(0, 99))
+def test_exact_counts_channel_layer(shapes, sparsity, seed):
+    g = torch.Generator().manual_seed(seed)
+    scores = {f"l{i}": torch.rand(o, c, k, generator=g) for i, (o, c, k) in enumerate(shapes)}
+    m = allocate(scores, sparsity, scope="layer", granularity="channel")
+    for n, s in scores.items():
+        dead_channels = (~m[n]).reshape(s.shape[0], -1).all(1)
+        assert int(dead_channels.sum()) == round(sparsity * s.shape[0])
+        assert int((~m[n]).sum()) == int(dead_channels.sum()) * s[0].numel()  # whole channels only
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    shapes=shapes,
+    s1=st.floats(0, 0.95),
+    s2=st.floats(0, 0.95),
+    granularity=st.sampled_from(["element", "channel"]),
+    scope=st.sampled_from(["global", "layer"]),
+    seed=st.integers(0, 99),
+)
+def test_monotone_with_current(shapes, s1, s2, granularity, scope, seed):
+    g = torch.Generator().manual_seed(seed)
+    first = {f"l{i}": torch.rand(o, c, k, generator=g) for i, (o, c, k) in enumerate(shapes)}
+    second = {n: torch.rand(s.shape, generator=g) for n, s in first.items()}
+    lo, hi = sorted((s1, s2))
+    m1 = allocate(first, lo, scope=scope, granularity=granularity)
+    m2 = allocate(second, hi, scope=scope, granularity=granularity, current=m1)
+    for n in m1:
+        assert not (m2[n] & ~m1[n]).any()  # pruned stays pruned
+    if granularity == "element" and scope == "global":
+        assert m2.zeros == max(round(hi * m2.numel), m1.zeros)
+
+
+def test_global_channel_counts_are_closest_reachable():
+    scores = {"a": torch.rand(10, 3), "b": torch.rand(4, 5)}
+    for s in (0.1, 0.33, 0.5, 0.9):
+        m = allocate(scores, s, granularity="channel")
+        target = round(s * m.numel)
+        # every reachable count is a sum of whole channels; ours is at most half a channel off
+        assert abs(m.zeros - target) <= 2.5 or math.isclose(m.zeros, target)

@@ -1,0 +1,93 @@
+"""The registry, and the contract every registered criterion must honour (tested the moment it registers)."""
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+
+import saliency
+from saliency import available_criteria, get_criterion, register_criterion
+from saliency.criteria import _REGISTRY
+
+
+def test_register_with_overwrite_guard():
+    @register_criterion
+    @dataclasses.dataclass(frozen=True)
+    class Ones:
+        name = "test_ones"
+
+        def score(self, model, params, data=None, loss_fn=None):
+            return {n: torch.ones_like(p) for n, p in params.items()}
+
+    try:
+        assert "test_ones" in available_criteria()
+        with pytest.raises(ValueError, match="already registered.*overwrite=True"):
+
+            @register_criterion
+            class Other:
+                name = "test_ones"
+
+                def score(self, model, params, data, loss_fn): ...
+
+        assert register_criterion(Ones, overwrite=True) is Ones
+        with pytest.raises(TypeError, match="string class attribute `name`"):
+            register_criterion(type("NoName", (), {"score": lambda *a: None}))
+    finally:
+        _REGISTRY.pop("test_ones", None)
+
+
+def test_unknown_name_lists_known_ones():
+    with pytest.raises(
+        ValueError, match="unknown criterion 'nope'; available: .*magnitude.*random"
+    ):
+        get_criterion("nope")
+
+
+def test_descriptions_are_one_line():
+    for name, text in saliency.describe_criteria().items():
+        assert text and "\n" not in text, name
+
+
+def _snapshot(model):
+    return (
+        copy.deepcopy(model.state_dict()),
+        [m.training for m in model.modules()],
+        [
+            (p.grad.clone() if p.grad is not None else None, p.requires_grad)
+            for p in model.parameters()
+        ],
+        [
+            (len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks))
+            for m in model.modules()
+        ],
+    )
+
+
+def _same(a, b):
+    sd_a, modes_a, grads_a, hooks_a = a
+    sd_b, modes_b, grads_b, hooks_b = b
+    assert sd_a.keys() == sd_b.keys() and all(torch.equal(sd_a[k], sd_b[k]) for k in sd_a)
+    assert modes_a == modes_b and hooks_a == hooks_b
+    for (ga, ra), (gb, rb) in zip(grads_a, grads_b, strict=True):
+        assert ra == rb and ((ga is None and gb is None) or torch.equal(ga, gb))
+
+
+@pytest.mark.parametrize("name", available_criteria())
+@pytest.mark.parametrize("which", ["mlp", "cnn"])
+def test_criterion_contract(name, which, tiny_mlp, tiny_cnn, tiny_data, cnn_data):
+    model, data = (tiny_mlp, tiny_data) if which == "mlp" else (tiny_cnn, cnn_data)
+    model.train()
+    # a stale gradient on the model must survive scoring untouched
+    model(data[0][0]).sum().backward()
+    before = _snapshot(model)
+    params = saliency.prunable_parameters(model)
+    s1 = saliency.score(model, name, data=data)
+    s2 = saliency.score(model, name, data=data)
+    _same(before, _snapshot(model))
+    assert set(s1) == set(params)
+    for n, p in params.items():
+        assert s1[n].shape == p.shape and s1[n].is_floating_point(), n
+        assert torch.isfinite(s1[n]).all(), n
+        torch.testing.assert_close(s1[n], s2[n], msg=f"{name} is not deterministic on {n}")
+    assert s1.cost.seconds >= 0
