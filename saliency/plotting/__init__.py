@@ -1,0 +1,97 @@
+"""Publication figures and tables from sweep result records (and saved score files).
+
+`build_all(results_dirs, out_dir)` writes every figure and table the records support and skips
+the rest with a logged reason; each figure function is also usable on its own. Style: see
+`saliency.plotting.style` (applied with `rc_context` inside each call, never at import).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from saliency.plotting.curves import (
+    accuracy_vs_sparsity,
+    loss_prediction,
+    plot_accuracy_vs_sparsity,
+    plot_loss_prediction,
+)
+from saliency.plotting.style import (
+    DOUBLE_COLUMN,
+    SINGLE_COLUMN,
+    criterion_style,
+    paper_style,
+    rc_params,
+    save_figure,
+)
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "DOUBLE_COLUMN",
+    "SINGLE_COLUMN",
+    "accuracy_vs_sparsity",
+    "build_all",
+    "criterion_style",
+    "loss_prediction",
+    "paper_style",
+    "plot_accuracy_vs_sparsity",
+    "plot_loss_prediction",
+    "rc_params",
+    "save_figure",
+]
+
+
+def build_all(
+    results_dirs: str | os.PathLike | Sequence[str | os.PathLike],
+    out_dir: str | os.PathLike,
+    *,
+    sparsity: float | None = None,
+    band: str = "std",
+    usetex: bool = False,
+    only: Sequence[str] | None = None,
+) -> list[Path]:
+    """Every figure and table from the records in `results_dirs`; returns the files written.
+
+    A figure the records cannot support (no scores saved, no OBD/OBS records, ...) is skipped
+    with a logged reason, and one that fails is logged with its error: the build never stops.
+    sparsity: the global sparsity for the per-layer and agreement figures (default: the
+    recorded target closest to 0.9). only: names of the steps to run (see `STEPS`).
+    """
+    from saliency.sweep.records import read_records
+
+    if isinstance(results_dirs, (str, os.PathLike)):
+        results_dirs = [results_dirs]
+    dirs = [Path(d) for d in results_dirs]
+    records = read_records(*dirs)
+    out = Path(out_dir)
+    steps = _steps(records, dirs, out, sparsity=sparsity, band=band, usetex=usetex)
+    unknown = set(only or ()) - set(steps)
+    if unknown:
+        raise ValueError(f"unknown figure names {sorted(unknown)}; known: {list(steps)}")
+    paths: list[Path] = []
+    for name, make in steps.items():
+        if only and name not in only:
+            continue
+        try:
+            got = make()
+        except Exception as e:  # one broken figure must not stop the others
+            log.warning("figure %s failed: %s: %s", name, type(e).__name__, e, exc_info=True)
+            continue
+        if not got:
+            log.info("figure %s: nothing written (see the reason logged above)", name)
+        paths += got
+    return paths
+
+
+def _steps(records, dirs, out, *, sparsity, band, usetex):
+    kw = {"usetex": usetex}
+    return {
+        "accuracy_vs_sparsity": lambda: accuracy_vs_sparsity(records, out, band=band, **kw),
+        "accuracy_vs_compression": lambda: accuracy_vs_sparsity(
+            records, out, stem="accuracy_vs_compression", band=band, xaxis="compression", **kw
+        ),
+        "loss_prediction": lambda: loss_prediction(records, out, **kw),
+    }
