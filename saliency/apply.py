@@ -45,27 +45,27 @@ class _MaskEnforcer:
         self._grad_hooks = {}
 
     def __call__(self, module: nn.Module, args) -> None:
+        # runs before every forward: plain dict look-ups instead of Module.__getattr__
         for attr in self.attrs:
-            p = getattr(module, attr)
-            # under torch.func.functional_call the attribute is a swapped-in tensor: leave it alone
+            p = module._parameters.get(attr)
+            # under torch.func.functional_call the parameter is a swapped-in tensor: leave it alone
             if not isinstance(p, nn.Parameter):
                 continue
-            mask = getattr(module, attr + _BUFFER_SUFFIX)
-            with torch.no_grad():
-                p.mul_(mask)
+            p.detach().mul_(module._buffers[attr + _BUFFER_SUFFIX])
             held = self._grad_hooks.get(attr)
             if held is None or held[0] is not p:
                 self.ensure_grad_hook(module, attr)
 
     def ensure_grad_hook(self, module: nn.Module, attr: str) -> None:
-        p = getattr(module, attr)
+        p = module._parameters[attr]
         held = self._grad_hooks.get(attr)
         if held is not None:
             held[1].remove()
+        buffers, key = module._buffers, attr + _BUFFER_SUFFIX
 
-        def zero_pruned_grad(param: Tensor, module=module, attr=attr) -> None:
+        def zero_pruned_grad(param: Tensor) -> None:
             if param.grad is not None:
-                param.grad.mul_(getattr(module, attr + _BUFFER_SUFFIX))
+                param.grad.mul_(buffers[key])
 
         self._grad_hooks[attr] = (p, p.register_post_accumulate_grad_hook(zero_pruned_grad))
 
@@ -104,11 +104,10 @@ def attach(
         module = model.get_submodule(mod_name)
         for attr in attrs:
             p = getattr(module, attr)
-            module.register_buffer(
-                attr + _BUFFER_SUFFIX,
-                masks[f"{mod_name}.{attr}" if mod_name else attr].to(p.device),
-                persistent=False,
-            )
+            keep = masks[f"{mod_name}.{attr}" if mod_name else attr]
+            # stored as 0/1 in the weight's dtype: multiplying by a float mask is ~10x faster
+            # than by a bool one, and the buffer follows model.to(dtype)
+            module.register_buffer(attr + _BUFFER_SUFFIX, keep.to(p.device, p.dtype), persistent=False)
         hook = _MaskEnforcer(attrs)
         module.register_forward_pre_hook(hook)
         hook(module, ())
@@ -134,8 +133,8 @@ def attached_masks(model: nn.Module) -> Masks | None:
         held = _enforcer(module)
         if held:
             for attr in held[1].attrs:
-                found[f"{mod_name}.{attr}" if mod_name else attr] = getattr(
-                    module, attr + _BUFFER_SUFFIX
+                found[f"{mod_name}.{attr}" if mod_name else attr] = (
+                    getattr(module, attr + _BUFFER_SUFFIX) != 0
                 )
     return Masks(found) if found else None
 
