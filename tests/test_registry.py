@@ -91,3 +91,36 @@ def test_criterion_contract(name, which, tiny_mlp, tiny_cnn, tiny_data, cnn_data
         assert torch.isfinite(s1[n]).all(), n
         torch.testing.assert_close(s1[n], s2[n], msg=f"{name} is not deterministic on {n}")
     assert s1.cost.seconds >= 0
+
+
+def test_entry_point_plugins_register(monkeypatch):
+    import saliency.criteria as reg
+
+    @dataclasses.dataclass(frozen=True)
+    class Plugged:
+        name = "test_plugged"
+
+        def score(self, model, params, data=None, loss_fn=None):
+            return {n: p.detach().abs() for n, p in params.items()}
+
+    class FakeEntryPoint:
+        name = "test_plugged"
+
+        def load(self):
+            return Plugged
+
+    class BrokenEntryPoint:
+        name = "test_broken"
+
+        def load(self):
+            raise ImportError("plug-in not importable")
+
+    monkeypatch.setattr(reg, "_ENTRY_POINTS_LOADED", False)
+    monkeypatch.setattr(
+        reg.importlib.metadata, "entry_points", lambda group: [FakeEntryPoint(), BrokenEntryPoint()]
+    )
+    try:
+        assert "test_plugged" in available_criteria() and "test_broken" not in available_criteria()
+        assert isinstance(get_criterion("test_plugged"), Plugged)
+    finally:
+        _REGISTRY.pop("test_plugged", None)
