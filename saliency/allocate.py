@@ -2,13 +2,16 @@
 
 Every granularity but N:M is handled the same way: each layer's elements are partitioned into
 groups (an element, an output channel, an (h, w) block), each group gets one score reduced from
-its elements' scores, and the lowest-scoring groups are pruned until the number of zeros is the
-closest reachable to round(sparsity * N). For element granularity that is exactly round(sparsity * N).
-Ties are broken deterministically by position (layer order, then flat index), by a stable sort.
+its elements' scores, and the lowest-scoring groups are pruned. Counts are exact: with groups of
+equal size, round(sparsity * G) of the G groups (round(sparsity * N) elements for element
+granularity, as `torch.nn.utils.prune`); with unequal groups (global channel scope, edge blocks),
+the number of zeros closest to round(sparsity * N). Ties are broken deterministically by position
+(layer order, then flat index), by a stable sort.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from collections.abc import Mapping
@@ -18,6 +21,8 @@ import torch
 from torch import Tensor
 
 from saliency.masks import Masks
+
+log = logging.getLogger(__name__)
 
 Scope = Literal["global", "layer"]
 Reduce = Literal["l2", "sum", "mean", "max"]
@@ -118,6 +123,12 @@ def _select(
     zeros = int(pruned_before.sum()) + torch.cat([gain.new_zeros(1), gain.cumsum(0)])
     # the prefix of length j leaves zeros[j] zeros; take the closest to target (ties: fewer)
     j = int(torch.argmin((zeros - target).abs()))
+    if int(zeros[-1]) < target:
+        log.warning(
+            "max_layer_sparsity allows only %d of the %d zeros asked for; pruning those",
+            int(zeros[-1]),
+            target,
+        )
     j = max(j, int(fully[order].sum()))  # monotone: already-pruned groups stay pruned
     pruned = torch.zeros_like(fully)
     pruned[order[:j]] = True
