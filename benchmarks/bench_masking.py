@@ -14,7 +14,6 @@ import time
 
 import torch
 import torch.nn.utils.parametrize as parametrize
-import torch.nn.utils.prune as tprune
 from torch import nn
 
 import saliency
@@ -22,7 +21,12 @@ import saliency
 
 def lenet300() -> nn.Module:
     return nn.Sequential(
-        nn.Flatten(), nn.Linear(784, 300), nn.ReLU(), nn.Linear(300, 100), nn.ReLU(), nn.Linear(100, 10)
+        nn.Flatten(),
+        nn.Linear(784, 300),
+        nn.ReLU(),
+        nn.Linear(300, 100),
+        nn.ReLU(),
+        nn.Linear(100, 10),
     )
 
 
@@ -58,7 +62,9 @@ def setups(model: nn.Module, masks: saliency.Masks):
         m = copy.deepcopy(model)
         for name, keep in masks.items():
             mod, _, attr = name.rpartition(".")
-            parametrize.register_parametrization(m.get_submodule(mod), attr, MaskParam(keep.float()))
+            parametrize.register_parametrization(
+                m.get_submodule(mod), attr, MaskParam(keep.float())
+            )
         return m
 
     return {"dense": lambda: copy.deepcopy(model), "saliency.attach": ours,
@@ -93,7 +99,9 @@ def main() -> None:
     torch.manual_seed(0)
     x = torch.randn(128, 1, 28, 28, device=device)
     y = torch.randint(0, 10, (128,), device=device)
-    print(f"device={device} threads={torch.get_num_threads()} steps={args.steps} repeats={args.repeats}")
+    print(
+        f"device={device} threads={torch.get_num_threads()} steps={args.steps} repeats={args.repeats}"
+    )
     for name, make in (("LeNet-300-100", lenet300), ("LeNet-5", lenet5)):
         model = make().to(device)
         masks = saliency.allocate(saliency.score(model, "magnitude"), 0.9)
