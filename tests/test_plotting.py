@@ -223,3 +223,166 @@ def test_build_all_skips_what_records_lack(tmp_path, caplog):
     stems = {p.stem for p in paths}
     assert "accuracy_vs_sparsity" in stems and "loss_prediction" not in stems
     assert "loss_prediction" in caplog.text
+
+
+# ---- figure 2: per-layer sparsity ---------------------------------------------------------------
+
+
+def test_layer_sparsity_bars(results):
+    from saliency.plotting import plot_layer_sparsity
+
+    fig = plot_layer_sparsity(read_records(results), sparsity=0.8)
+    ax = fig.axes[0]
+    assert len(ax.containers) == len(CRITERIA)  # one bar group per criterion
+    assert all(len(c) == len(LAYERS) for c in ax.containers)
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["fc1", "fc2"]
+    assert ax.get_ylabel() == "Layer sparsity"
+    heights = {c.get_label(): [b.get_height() for b in c] for c in ax.containers}
+    assert heights["magnitude"][1] == pytest.approx(0.8 * 0.7)
+    assert "0.8" in ax.get_title()
+
+
+def test_layer_order_is_model_order():
+    from saliency.plotting.bars import natural_key
+
+    names = ["f.10.weight", "f.2.weight", "f.1.weight"]
+    assert sorted(names, key=natural_key) == ["f.1.weight", "f.2.weight", "f.10.weight"]
+
+
+# ---- figure 3: agreement ------------------------------------------------------------------------
+
+
+def test_ranks_match_scipy():
+    import numpy as np
+    from scipy.stats import rankdata
+
+    from saliency.plotting.agreement import ranks
+
+    x = np.array([3.0, 1.0, 3.0, 2.0, 1.0, 5.0, 3.0])
+    assert np.allclose(ranks(x), rankdata(x) - 1)
+
+
+def test_agreement_matrices_against_brute_force():
+    import numpy as np
+    from scipy.stats import spearmanr
+
+    from saliency.plotting.agreement import agreement_matrices
+
+    g = torch.Generator().manual_seed(1)
+    a = {"l1": torch.randn(6, 5, generator=g), "l2": torch.randn(3, 6, generator=g)}
+    b = {n: v + 0.7 * torch.randn(v.shape, generator=g) for n, v in a.items()}
+    neg = {n: -v for n, v in a.items()}
+    names, rho, jac = agreement_matrices({"a": a, "b": b, "neg": neg, "same": dict(a)}, 0.5)
+    fa = torch.cat([a[n].flatten() for n in sorted(a)]).numpy()
+    fb = torch.cat([b[n].flatten() for n in sorted(b)]).numpy()
+    assert rho[0, 1] == pytest.approx(spearmanr(fa, fb).statistic)
+    assert rho[0, 2] == pytest.approx(-1.0) and rho[0, 3] == pytest.approx(1.0)
+    assert np.allclose(rho, rho.T) and np.allclose(np.diag(jac), 1)
+    k = len(fa) // 2  # 24 of 48 pruned: kept = top half
+    keep_a = set(np.argsort(-fa, kind="stable")[:k].tolist())
+    keep_b = set(np.argsort(-fb, kind="stable")[:k].tolist())
+    assert jac[0, 1] == pytest.approx(len(keep_a & keep_b) / len(keep_a | keep_b))
+    assert jac[0, 2] == 0.0 and jac[0, 3] == 1.0
+
+
+def test_agreement_figure(results):
+    from saliency.plotting import plot_agreement
+
+    fig = plot_agreement([results / "scores"], 0.9)
+    heat = [ax for ax in fig.axes if ax.images]
+    assert len(heat) == 2
+    for ax in heat:
+        assert [t.get_text() for t in ax.get_yticklabels()] == ["magnitude", "obd", "obs", "random"]
+        assert ax.images[0].get_array().shape == (len(CRITERIA), len(CRITERIA))
+        assert len(ax.texts) == len(CRITERIA) ** 2  # every cell annotated
+    assert any("Spearman" in ax.get_ylabel() for ax in fig.axes)  # colorbar label
+
+
+def test_agreement_skips_without_scores(tmp_path, caplog):
+    from saliency.plotting import agreement
+
+    with caplog.at_level("INFO"):
+        assert agreement([tmp_path / "nothing"], tmp_path / "out") == []
+    assert "save_scores" in caplog.text
+
+
+# ---- figures 4 and 5 ----------------------------------------------------------------------------
+
+
+def test_loss_prediction_lines(results):
+    from saliency.plotting import plot_loss_prediction
+
+    recs = read_records(results)
+    dense = [r for r in recs if r["criterion"] == "dense"]
+    fig = plot_loss_prediction(recs, dense)
+    left, right = fig.axes[:2]
+    assert len(left.get_lines()) == 2 * 2  # measured + predicted for obd and obs
+    assert sorted(ln.get_label() for ln in right.get_lines()) == ["obd", "obs", "y = x"]
+    assert left.get_yscale() == "log"
+    # measured = pruned loss - dense loss of the same seed: 0.6 * q * s^3 for q = 0.8 (obd)
+    meas = dict(zip(left.get_lines()[0].get_xdata(), left.get_lines()[0].get_ydata(), strict=True))
+    assert meas[0.5] == pytest.approx(0.6 * 0.8 * 0.125)
+
+
+def test_cost_bars(results):
+    from saliency.plotting import plot_cost
+
+    fig = plot_cost(read_records(results))
+    sec, smp = fig.axes[:2]
+    assert len(sec.patches) == len(smp.patches) == len(CRITERIA)
+    assert sec.get_xscale() == "log"
+    assert [t.get_text() for t in sec.get_yticklabels()] == ["magnitude", "obd", "obs", "random"]
+    widths = [p.get_width() for p in smp.patches]
+    assert widths == [0, 256, 256, 0]
+
+
+# ---- table --------------------------------------------------------------------------------------
+
+
+def test_tables_bold_best_and_escape(tmp_path):
+    from saliency.plotting import metric_table
+
+    d = write_results(tmp_path, criteria=["magnitude", "taylor_weight", "obs"], scores=False)
+    paths = metric_table(read_records(d), tmp_path / "t", sparsities=[0.8, 0.9])
+    tex = (tmp_path / "t" / "table_accuracy.tex").read_text()
+    md = (tmp_path / "t" / "table_accuracy.md").read_text()
+    assert {p.name for p in paths} == {"table_accuracy.tex", "table_accuracy.md"}
+    for cmd in (r"\toprule", r"\midrule", r"\bottomrule", r"taylor\_weight", r"$\pm$"):
+        assert cmd in tex
+    assert "$s=0.8$ & $s=0.9$" in tex and "0.95" not in tex.split(r"\toprule")[1]
+    obs_rows = [ln for ln in md.splitlines() if ln.startswith("| obs ")]
+    assert len(obs_rows) == 2 and all(
+        ln.count("**") == 4 for ln in obs_rows
+    )  # best in both columns
+    assert not any("**" in ln for ln in md.splitlines() if ln.startswith("| magnitude "))
+    assert "Dense baseline" in md
+
+
+def test_regression_table_bolds_lowest(tmp_path):
+    from saliency.plotting import metric_table
+
+    d = write_results(tmp_path, task="regression", criteria=["magnitude", "obs"], scores=False)
+    metric_table(read_records(d), tmp_path / "t")
+    md = (tmp_path / "t" / "table_mse.md").read_text()
+    obs_rows = [ln for ln in md.splitlines() if ln.startswith("| obs ")]
+    assert obs_rows and all("**" in ln for ln in obs_rows)  # lowest MSE is best
+
+
+# ---- grouping -----------------------------------------------------------------------------------
+
+
+def test_hparams_and_settings_are_kept_apart(tmp_path):
+    recs = make_records(criteria=["obd"], modes=("oneshot",))
+    extra = [dict(r, hparams={"fisher": "true"}) for r in recs if r["criterion"] == "obd"]
+    other_model = [dict(r, model="cnn") for r in recs]
+    fig = plot_accuracy_vs_sparsity(recs + extra)
+    labels = _labels(fig.axes[0])
+    assert "obd (fisher=true)" in labels and "obd (fisher=default)" in labels
+    paths = accuracy_vs_sparsity(recs + other_model, tmp_path, stem="acc")
+    assert {p.name for p in paths if p.suffix == ".png"} == {"acc_cnn.png", "acc_mlp.png"}
+
+
+def test_unknown_criterion_is_plotted(tmp_path):
+    fig = plot_accuracy_vs_sparsity(make_records(criteria=["magnitude", "my_crit"]))
+    line = {ln.get_label(): ln for ln in fig.axes[0].get_lines()}["my_crit"]
+    assert line.get_color() == criterion_style("my_crit")["color"]

@@ -12,6 +12,8 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from saliency.plotting.agreement import agreement, plot_agreement
+from saliency.plotting.bars import cost, layer_sparsity, plot_cost, plot_layer_sparsity
 from saliency.plotting.curves import (
     accuracy_vs_sparsity,
     loss_prediction,
@@ -26,6 +28,7 @@ from saliency.plotting.style import (
     rc_params,
     save_figure,
 )
+from saliency.plotting.tables import metric_table
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +36,14 @@ __all__ = [
     "DOUBLE_COLUMN",
     "SINGLE_COLUMN",
     "accuracy_vs_sparsity",
+    "agreement",
     "build_all",
+    "cost",
+    "layer_sparsity",
+    "metric_table",
+    "plot_agreement",
+    "plot_cost",
+    "plot_layer_sparsity",
     "criterion_style",
     "loss_prediction",
     "paper_style",
@@ -87,11 +97,31 @@ def build_all(
 
 
 def _steps(records, dirs, out, *, sparsity, band, usetex):
+    from saliency.plotting.data import pick_sparsity
+
     kw = {"usetex": usetex}
+    s = sparsity
+    if s is None:
+        s = pick_sparsity(
+            r.get("sparsity_target") for r in records if r.get("criterion") != "dense"
+        )
+    s = 0.9 if s is None else s
+
+    def agree():
+        paths = []
+        for d in dirs:
+            stem = "agreement" + (f"_{d.name}" if len(dirs) > 1 else "")
+            paths += agreement([d / "scores"], out, sparsity=s, stem=stem, **kw)
+        return paths
+
     return {
         "accuracy_vs_sparsity": lambda: accuracy_vs_sparsity(records, out, band=band, **kw),
         "accuracy_vs_compression": lambda: accuracy_vs_sparsity(
             records, out, stem="accuracy_vs_compression", band=band, xaxis="compression", **kw
         ),
+        "layer_sparsity": lambda: layer_sparsity(records, out, sparsity=s, **kw),
+        "agreement": agree,
         "loss_prediction": lambda: loss_prediction(records, out, **kw),
+        "cost": lambda: cost(records, out, **kw),
+        "table": lambda: metric_table(records, out),
     }

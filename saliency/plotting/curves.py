@@ -15,7 +15,13 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import FuncFormatter
 
 from saliency.plotting import data as D
-from saliency.plotting.style import criterion_style, new_figure, paper_style, save_figure
+from saliency.plotting.style import (
+    criterion_style,
+    log_axis,
+    new_figure,
+    paper_style,
+    save_figure,
+)
 
 log = logging.getLogger(__name__)
 XAXES = ("sparsity", "compression")
@@ -32,7 +38,6 @@ def _format_x(ax, xaxis: str) -> None:
         ax.set_xlabel("Compression ratio 1/(1\u2212s)")
     else:
         ax.set_xlabel("Sparsity s")
-        ax.set_xlim(left=0.0)
 
 
 def plot_accuracy_vs_sparsity(
@@ -93,7 +98,7 @@ def plot_accuracy_vs_sparsity(
                 **{k: v for k, v in criterion_style("dense").items() if k != "marker"},
             )
             handles.setdefault("dense", line)
-        ax.set_title(D.MODE_TITLES.get(mode, str(mode)) + ("" if phase == "final" else ""))
+        ax.set_title(D.MODE_TITLES.get(mode, str(mode)))
         _format_x(ax, xaxis)
         if i % ncols == 0:
             ax.set_ylabel(D.METRIC_LABELS.get(metric, metric))
@@ -169,14 +174,16 @@ def _measured_increase(records: Sequence[dict], dense: Sequence[dict]):
 
 
 def _log_or_symlog(ax, axis: str, values: np.ndarray) -> None:
-    setter = ax.set_yscale if axis == "y" else ax.set_xscale
+    """Log scale; symlog (linear around 0) when a measured increase is <= 0."""
     v = values[np.isfinite(values)]
     if v.size and (v <= 0).any():
         pos = np.abs(v[v != 0])
         lin = 10 ** math.floor(math.log10(pos.min())) if pos.size else 1e-3
-        setter("symlog", linthresh=lin)
+        (ax.set_yscale if axis == "y" else ax.set_xscale)("symlog", linthresh=lin)
+        fmt = FuncFormatter(lambda x, _: f"{x:g}")
+        (ax.yaxis if axis == "y" else ax.xaxis).set_major_formatter(fmt)
     else:
-        setter("log")
+        log_axis(ax, axis)
 
 
 def plot_loss_prediction(

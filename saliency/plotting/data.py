@@ -21,6 +21,13 @@ MODE_TITLES = {
     "gradual": "Gradual",
     "init": "At initialization + training",
 }
+MODE_SHORT = {
+    "oneshot": "one-shot",
+    "finetune": "one-shot + fine-tuning",
+    "iterative": "iterative",
+    "gradual": "gradual",
+    "init": "at initialization",
+}
 METRIC_LABELS = {"accuracy": "Test accuracy (%)", "mse": "Test MSE", "loss": "Test loss"}
 HIGHER_IS_BETTER = {"accuracy": True, "mse": False, "loss": False}
 BANDS = ("std", "ci95")
@@ -96,9 +103,9 @@ def hparams_key(r: dict) -> str:
 
 def series(records: Sequence[dict]) -> dict[tuple[str, str], tuple[str, list[dict]]]:
     """{(criterion, hparams json): (legend label, records)}, in a stable order (known criteria
-    first in the style order, then by name). The label shows hyperparameters only when one
+    in the style order, unknown ones by name, then random). The label shows hyperparameters only when one
     criterion appears with several settings of them."""
-    from saliency.plotting.style import _KNOWN
+    from saliency.plotting.style import order_key
 
     groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
     for r in records:
@@ -106,14 +113,16 @@ def series(records: Sequence[dict]) -> dict[tuple[str, str], tuple[str, list[dic
     by_crit = defaultdict(list)
     for c, h in groups:
         by_crit[c].append(h)
-    order = list(_KNOWN)
     out = {}
-    for c, h in sorted(groups, key=lambda k: (order.index(k[0]) if k[0] in order else 99, k)):
+    for c, h in sorted(groups, key=lambda k: (order_key(k[0]), k[1])):
         label = c
         if len(by_crit[c]) > 1:
             hp = json.loads(h)
             others = [json.loads(x) for x in by_crit[c] if x != h]
-            diff = {k: v for k, v in hp.items() if any(o.get(k) != v for o in others)}
+            keys = sorted(set(hp).union(*others))
+            diff = {
+                k: hp.get(k, "default") for k in keys if any(o.get(k) != hp.get(k) for o in others)
+            }
             label = f"{c} (" + ", ".join(f"{k}={v}" for k, v in diff.items()) + ")"
         out[(c, h)] = (label, groups[(c, h)])
     return out

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import matplotlib
+import numpy as np
 from matplotlib.figure import Figure
 
 SINGLE_COLUMN = 3.25  # inches: one column of a two-column paper (ICML, NeurIPS-style 2-col, IEEE)
@@ -33,6 +34,19 @@ _KNOWN: dict[str, tuple[str, str, str]] = {
     "grasp": ("#882255", ">", "-."),
     "synflow": ("#332288", "P", ":"),
 }
+# legend order: real criteria first, then the two references
+ORDER = (
+    "magnitude",
+    "obd",
+    "obs",
+    "snip",
+    "taylor",
+    "taylor_weight",
+    "grasp",
+    "synflow",
+    "random",
+    "dense",
+)
 _MARKERS = ("o", "s", "D", "^", "v", "<", ">", "P", "X", "*", "h", "p")
 _LINESTYLES = ("-", "--", "-.", ":")
 
@@ -53,6 +67,28 @@ def criterion_style(name: str) -> dict[str, str]:
         marker = _MARKERS[h[3] % len(_MARKERS)]
         ls = _LINESTYLES[h[4] % len(_LINESTYLES)]
     return {"color": color, "marker": marker or "None", "linestyle": ls}
+
+
+def order_key(name: str) -> tuple:
+    """Sort key putting known criteria in `ORDER`, unknown ones after them by name, refs last."""
+    if name in ("random", "dense"):
+        return (2, ORDER.index(name), name)
+    return (0, ORDER.index(name), name) if name in ORDER else (1, 0, name)
+
+
+def log_axis(ax, which: str = "x") -> None:
+    """Log scale with plain-number ticks (1, 2, 5 per decade over <= 2 decades, else decades
+    only) and no minor labels, so tick labels never collide."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    axis = ax.xaxis if which == "x" else ax.yaxis
+    (ax.set_xscale if which == "x" else ax.set_yscale)("log")
+    ax.autoscale_view()
+    lo, hi = axis.get_view_interval()
+    decades = np.log10(hi / lo) if lo > 0 and hi > lo else 99
+    axis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0) if decades <= 2 else (1.0,)))
+    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    axis.set_minor_formatter(NullFormatter())
 
 
 def rc_params(*, usetex: bool = False, font_size: float = 8.0) -> dict:

@@ -1,0 +1,194 @@
+"""Figure 2 (per-layer sparsity chosen by each criterion at one global sparsity) and figure 5
+(cost of one scoring pass: seconds and samples)."""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from saliency.plotting import data as D
+from saliency.plotting.style import (
+    criterion_style,
+    log_axis,
+    new_figure,
+    paper_style,
+    save_figure,
+)
+
+log = logging.getLogger(__name__)
+
+
+def natural_key(name: str):
+    """'features.10.weight' after 'features.2.weight' (model order, not string order)."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+def short_layer(name: str) -> str:
+    return name[: -len(".weight")] if name.endswith(".weight") else name
+
+
+def _one_mode(records: Sequence[dict]) -> tuple[str | None, list[dict]]:
+    ms = D.modes(records)
+    if not ms:
+        return None, []
+    return ms[0], [r for r in records if r.get("mode") == ms[0]]
+
+
+def plot_layer_sparsity(
+    records: Sequence[dict],
+    *,
+    sparsity: float | None = None,
+    width: str | float | None = None,
+    height: float = 2.3,
+):
+    """Grouped bars: the fraction of each layer pruned by each criterion at global `sparsity`
+    (default: the recorded target closest to 0.9), mean over seeds; dashed line = global target."""
+    recs = [
+        r
+        for r in records
+        if r.get("criterion") != "dense"
+        and isinstance(r.get("layer_sparsity"), dict)
+        and r["layer_sparsity"]
+    ]
+    mode, recs = _one_mode(recs)
+    if not recs:
+        log.info("layer_sparsity: no pruned records with layer_sparsity; skipped")
+        return None
+    s = (
+        sparsity
+        if sparsity is not None
+        else D.pick_sparsity(r.get("sparsity_target") for r in recs)
+    )
+    recs = [
+        r
+        for r in recs
+        if D.finite(r.get("sparsity_target")) and abs(r["sparsity_target"] - s) < 1e-6
+    ]
+    if not recs:
+        log.info("layer_sparsity: no records at sparsity %s; skipped", s)
+        return None
+    layers = sorted({n for r in recs for n in r["layer_sparsity"]}, key=natural_key)
+    groups = D.series(recs)
+    width = width or ("single" if len(layers) * len(groups) <= 16 else "double")
+    fig, axes = new_figure(width, height)
+    ax = axes[0, 0]
+    x = np.arange(len(layers))
+    bw = 0.8 / len(groups)
+    for i, ((crit, _), (label, rs)) in enumerate(groups.items()):
+        per_seed = defaultdict(lambda: defaultdict(list))
+        for r in rs:
+            for n, v in r["layer_sparsity"].items():
+                if D.finite(v):
+                    per_seed[n][r.get("seed")].append(v)
+        ys = [
+            np.mean([np.mean(v) for v in per_seed[n].values()]) if per_seed[n] else np.nan
+            for n in layers
+        ]
+        st = criterion_style(crit)
+        ax.bar(
+            x - 0.4 + bw * (i + 0.5),
+            ys,
+            bw,
+            label=label,
+            color=st["color"],
+            edgecolor="white",
+            linewidth=0.3,
+        )
+    ax.axhline(s, color="k", ls="--", lw=0.8, label=f"global s = {s:g}")
+    ax.set_xticks(x, [short_layer(n) for n in layers])
+    if len(layers) > 4 or max(len(short_layer(n)) for n in layers) > 8:
+        ax.tick_params(axis="x", labelrotation=40)
+        for t in ax.get_xticklabels():
+            t.set_horizontalalignment("right")
+            t.set_rotation_mode("anchor")
+    ax.set_ylim(0, 1.0)
+    ax.set_ylabel("Layer sparsity")
+    ax.grid(axis="x", visible=False)
+    ax.set_title(f"{D.MODE_TITLES.get(mode, mode)}, global sparsity {s:g}")
+    fig.legend(loc="outside lower center", ncol=min(len(groups) + 1, 5 if width != "single" else 3))
+    return fig
+
+
+def _costs(records: Sequence[dict]):
+    """{series: (label, crit, seconds per seed, samples per seed)}, one value per scoring pass."""
+    recs = [
+        r for r in records if r.get("criterion") != "dense" and D.finite(r.get("score_seconds"))
+    ]
+    mode, recs = _one_mode(recs)
+    out = {}
+    for key, (label, rs) in D.series(recs).items():
+        passes = {(r.get("seed"), r["score_seconds"], r.get("score_samples")): r for r in rs}
+        sec = D.by_seed_mean(passes.values(), "score_seconds")
+        smp = D.by_seed_mean(passes.values(), "score_samples")
+        out[key] = (label, key[0], sec, smp)
+    return mode, out
+
+
+def plot_cost(
+    records: Sequence[dict], *, width: str | float = "single", height: float | None = None
+):
+    """Horizontal bars: wall-clock seconds (log scale) and samples read per scoring pass, mean over
+    seeds with a std error bar."""
+    mode, costs = _costs(records)
+    if not costs:
+        log.info("cost: no records with score_seconds; skipped")
+        return None
+    n = len(costs)
+    fig, axes = new_figure(width, height or 0.9 + 0.2 * n, 1, 2, sharey=True)
+    y = np.arange(n)[::-1]
+    labels = [c[0] for c in costs.values()]
+    colors = [criterion_style(c[1])["color"] for c in costs.values()]
+    for ax, idx, title in (
+        (axes[0, 0], 2, "Seconds (log scale)"),
+        (axes[0, 1], 3, "Samples read"),
+    ):
+        vals = [c[idx] for c in costs.values()]
+        mean = np.array([np.mean(v) if v else np.nan for v in vals])
+        sd = np.array([np.std(v, ddof=1) if len(v) > 1 else 0.0 for v in vals])
+        ax.barh(y, np.nan_to_num(mean), xerr=sd, color=colors, height=0.7, error_kw={"lw": 0.6})
+        ax.set_xlabel(title)
+        ax.grid(axis="y", visible=False)
+        if idx == 2 and np.nanmin(mean) > 0:
+            log_axis(ax, "x")
+        for yi, m in zip(y, mean, strict=True):
+            if np.isfinite(m):
+                txt = f"{m:.2g}" if idx == 2 else (f"{m:.0f}" if m else "0 (data-free)")
+                ax.annotate(
+                    txt,
+                    (m, yi),
+                    xytext=(2, 0),
+                    textcoords="offset points",
+                    va="center",
+                    fontsize="x-small",
+                )
+        ax.margins(x=0.25)
+    axes[0, 0].set_yticks(y, labels)
+    fig.suptitle(f"Cost of one scoring pass, {D.MODE_SHORT.get(mode, mode)}")
+    return fig
+
+
+def layer_sparsity(
+    records, out_dir, *, sparsity=None, stem="layer_sparsity", usetex=False
+) -> list[Path]:
+    paths: list[Path] = []
+    with paper_style(usetex=usetex):
+        for suffix, recs, _ in D.split_settings(records):
+            fig = plot_layer_sparsity(recs, sparsity=sparsity)
+            if fig is not None:
+                paths += save_figure(fig, out_dir, stem + suffix)
+    return paths
+
+
+def cost(records, out_dir, *, stem="cost", usetex=False) -> list[Path]:
+    paths: list[Path] = []
+    with paper_style(usetex=usetex):
+        for suffix, recs, _ in D.split_settings(records):
+            fig = plot_cost(recs)
+            if fig is not None:
+                paths += save_figure(fig, out_dir, stem + suffix)
+    return paths
