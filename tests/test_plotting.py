@@ -386,3 +386,25 @@ def test_unknown_criterion_is_plotted(tmp_path):
     fig = plot_accuracy_vs_sparsity(make_records(criteria=["magnitude", "my_crit"]))
     line = {ln.get_label(): ln for ln in fig.axes[0].get_lines()}["my_crit"]
     assert line.get_color() == criterion_style("my_crit")["color"]
+
+
+def test_layer_sizes_give_model_order(results):
+    from saliency.plotting import plot_layer_sparsity
+    from saliency.plotting.agreement import layer_sizes
+
+    assert layer_sizes([results / "scores"]) == {"fc1.weight": 128, "fc2.weight": 64}
+    fig = plot_layer_sparsity(
+        read_records(results), layer_sizes={"fc2.weight": 64, "fc1.weight": 128}
+    )
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["fc2\n(64)", "fc1\n(128)"]
+
+
+def test_unknown_style_is_the_same_in_another_process():
+    import os
+    import subprocess
+    import sys
+
+    code = "from saliency.plotting.style import criterion_style as s; print(s('my_new_criterion'))"
+    env = dict(os.environ, PYTHONHASHSEED="12345")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.stdout.strip() == str(criterion_style("my_new_criterion"))

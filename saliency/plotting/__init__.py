@@ -12,7 +12,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from saliency.plotting.agreement import agreement, plot_agreement
+from saliency.plotting.agreement import agreement, layer_sizes, plot_agreement
 from saliency.plotting.bars import cost, layer_sparsity, plot_cost, plot_layer_sparsity
 from saliency.plotting.curves import (
     accuracy_vs_sparsity,
@@ -107,6 +107,11 @@ def _steps(records, dirs, out, *, sparsity, band, usetex):
         )
     s = 0.9 if s is None else s
 
+    def sizes():
+        # model order and sizes from saved scores, when they unambiguously match the records
+        models = {(r.get("dataset"), r.get("model")) for r in records}
+        return layer_sizes([dirs[0] / "scores"]) if len(dirs) == 1 and len(models) <= 1 else None
+
     def agree():
         paths = []
         for d in dirs:
@@ -119,7 +124,9 @@ def _steps(records, dirs, out, *, sparsity, band, usetex):
         "accuracy_vs_compression": lambda: accuracy_vs_sparsity(
             records, out, stem="accuracy_vs_compression", band=band, xaxis="compression", **kw
         ),
-        "layer_sparsity": lambda: layer_sparsity(records, out, sparsity=s, **kw),
+        "layer_sparsity": lambda: layer_sparsity(
+            records, out, sparsity=s, layer_sizes=sizes(), **kw
+        ),
         "agreement": agree,
         "loss_prediction": lambda: loss_prediction(records, out, **kw),
         "cost": lambda: cost(records, out, **kw),

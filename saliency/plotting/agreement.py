@@ -44,6 +44,18 @@ def find_scores(scores_roots: Sequence[str | os.PathLike], mode: str | None = No
     return mode, dict(found.get(mode, {}))
 
 
+def layer_sizes(scores_roots: Sequence[str | os.PathLike]) -> dict[str, int]:
+    """{param name: numel} in model order, from the first saved score file (torch.save keeps the
+    dict's insertion order, which is `named_parameters` order); {} when none was saved."""
+    _, seeds = find_scores(scores_roots)
+    for _, paths in sorted(seeds.items()):
+        for path in paths.values():
+            sd = _load(path)
+            if sd:
+                return {n: v.numel() for n, v in sd.items()}
+    return {}
+
+
 def _load(path: Path) -> dict[str, torch.Tensor] | None:
     sd = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(sd, Mapping) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
@@ -93,7 +105,8 @@ def agreement_matrices(scores: Mapping[str, Mapping[str, torch.Tensor]], sparsit
 
 
 def _heatmap(fig, ax, M, names, vmin, vmax, cmap, label):
-    im = ax.imshow(M, vmin=vmin, vmax=vmax, cmap=cmap)
+    # aspect 'auto': the image fills the axes, so the colorbar is exactly as tall as the map
+    im = ax.imshow(M, vmin=vmin, vmax=vmax, cmap=cmap, aspect="auto")
     ax.set_xticks(range(len(names)), names, rotation=45, ha="right", rotation_mode="anchor")
     ax.set_yticks(range(len(names)), names)
     ax.grid(False)
@@ -113,7 +126,7 @@ def _heatmap(fig, ax, M, names, vmin, vmax, cmap, label):
             fontsize=5 if small else 6,
             color="white" if dark else "black",
         )
-    fig.colorbar(im, ax=ax, shrink=0.8, label=label)
+    fig.colorbar(im, ax=ax, label=label, fraction=0.08, pad=0.03)
 
 
 def plot_agreement(
@@ -156,7 +169,7 @@ def plot_agreement(
         rho, jac = (rho_sum / count)[ix], (jac_sum / count)[ix]
     names = [crits[i] for i in keep]
     n = len(names)
-    fig, axes = new_figure(width, height or 1.3 + 0.28 * n, 1, 2)
+    fig, axes = new_figure(width, height or min(max(1.2 + 0.2 * n, 2.4), 3.8), 1, 2)
     _heatmap(fig, axes[0, 0], rho, names, -1, 1, "RdBu_r", "Spearman \u03c1")
     _heatmap(fig, axes[0, 1], jac, names, 0, 1, "viridis", "Jaccard")
     axes[0, 0].set_title("Rank correlation of scores")

@@ -32,6 +32,10 @@ def short_layer(name: str) -> str:
     return name[: -len(".weight")] if name.endswith(".weight") else name
 
 
+def _count(n: int) -> str:
+    return f"{n / 1e6:.3g}M" if n >= 1e6 else (f"{n / 1e3:.3g}k" if n >= 1e3 else str(n))
+
+
 def _one_mode(records: Sequence[dict]) -> tuple[str | None, list[dict]]:
     ms = D.modes(records)
     if not ms:
@@ -45,9 +49,12 @@ def plot_layer_sparsity(
     sparsity: float | None = None,
     width: str | float | None = None,
     height: float = 2.3,
+    layer_sizes: dict[str, int] | None = None,
 ):
     """Grouped bars: the fraction of each layer pruned by each criterion at global `sparsity`
-    (default: the recorded target closest to 0.9), mean over seeds; dashed line = global target."""
+    (default: the recorded target closest to 0.9), mean over seeds; dashed line = global target.
+    layer_sizes: {name: numel} in model order (see `agreement.layer_sizes`): orders the layers and
+    shows their sizes; without it layers are in natural name order."""
     recs = [
         r
         for r in records
@@ -72,7 +79,10 @@ def plot_layer_sparsity(
     if not recs:
         log.info("layer_sparsity: no records at sparsity %s; skipped", s)
         return None
-    layers = sorted({n for r in recs for n in r["layer_sparsity"]}, key=natural_key)
+    names = {n for r in recs for n in r["layer_sparsity"]}
+    sizes = dict(layer_sizes or {})
+    layers = [n for n in sizes if n in names]
+    layers += sorted(names - set(layers), key=natural_key)
     groups = D.series(recs)
     width = width or ("single" if len(layers) * len(groups) <= 16 else "double")
     fig, axes = new_figure(width, height)
@@ -100,8 +110,12 @@ def plot_layer_sparsity(
             linewidth=0.3,
         )
     ax.axhline(s, color="k", ls="--", lw=0.8, label=f"global s = {s:g}")
-    ax.set_xticks(x, [short_layer(n) for n in layers])
-    if len(layers) > 4 or max(len(short_layer(n)) for n in layers) > 8:
+    rotate = len(layers) > 4 or max(len(short_layer(n)) for n in layers) > 8
+    sep = " " if rotate else "\n"
+    ax.set_xticks(
+        x, [short_layer(n) + (f"{sep}({_count(sizes[n])})" if n in sizes else "") for n in layers]
+    )
+    if rotate:
         ax.tick_params(axis="x", labelrotation=40)
         for t in ax.get_xticklabels():
             t.set_horizontalalignment("right")
@@ -173,12 +187,12 @@ def plot_cost(
 
 
 def layer_sparsity(
-    records, out_dir, *, sparsity=None, stem="layer_sparsity", usetex=False
+    records, out_dir, *, sparsity=None, stem="layer_sparsity", layer_sizes=None, usetex=False
 ) -> list[Path]:
     paths: list[Path] = []
     with paper_style(usetex=usetex):
         for suffix, recs, _ in D.split_settings(records):
-            fig = plot_layer_sparsity(recs, sparsity=sparsity)
+            fig = plot_layer_sparsity(recs, sparsity=sparsity, layer_sizes=layer_sizes)
             if fig is not None:
                 paths += save_figure(fig, out_dir, stem + suffix)
     return paths

@@ -65,7 +65,7 @@ def plot_accuracy_vs_sparsity(
     if not modes:
         log.info("accuracy_vs_sparsity: no pruned %r records; skipped", metric)
         return None
-    ncols = min(len(modes), 3)
+    ncols = 2 if len(modes) == 4 else min(len(modes), 3)
     nrows = math.ceil(len(modes) / ncols)
     width = width or ("single" if ncols == 1 else "double")
     fig, axes = new_figure(width, height or 0.6 + 1.9 * nrows, nrows, ncols, sharey=True)

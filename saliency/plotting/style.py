@@ -7,7 +7,6 @@ Nothing here touches matplotlib's global state at import time. Figures are built
 
 from __future__ import annotations
 
-import colorsys
 import hashlib
 import os
 from collections.abc import Sequence
@@ -47,6 +46,17 @@ ORDER = (
     "random",
     "dense",
 )
+# for criteria not listed above: Tol colours distinct from the known ones, picked by hash
+_EXTRA_COLORS = (
+    "#117733",
+    "#999933",
+    "#AA4499",
+    "#661100",
+    "#6699CC",
+    "#DDAA33",
+    "#004488",
+    "#BB5566",
+)
 _MARKERS = ("o", "s", "D", "^", "v", "<", ">", "P", "X", "*", "h", "p")
 _LINESTYLES = ("-", "--", "-.", ":")
 
@@ -61,9 +71,7 @@ def criterion_style(name: str) -> dict[str, str]:
         color, marker, ls = _KNOWN[name]
     else:
         h = hashlib.sha256(name.encode()).digest()
-        hue = int.from_bytes(h[:2], "big") / 65536.0
-        r, g, b = colorsys.hsv_to_rgb(hue, 0.7, 0.45 + 0.35 * h[2] / 255)
-        color = f"#{int(r * 255):02x}{int(g * 255):02x}{int(b * 255):02x}"
+        color = _EXTRA_COLORS[h[0] % len(_EXTRA_COLORS)]
         marker = _MARKERS[h[3] % len(_MARKERS)]
         ls = _LINESTYLES[h[4] % len(_LINESTYLES)]
     return {"color": color, "marker": marker or "None", "linestyle": ls}
