@@ -13,6 +13,11 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+try:
+    import fcntl
+except ImportError:  # Windows: single-writer only
+    fcntl = None
+
 log = logging.getLogger(__name__)
 
 RECORDS_FILE = "records.jsonl"
@@ -25,13 +30,19 @@ def records_path(path: str | os.PathLike) -> Path:
 
 
 def append_records(path: str | os.PathLike, records: Iterable[dict[str, Any]]) -> None:
-    """Append records durably: each is one complete line, written with a single call and fsynced."""
+    """Append records durably: each is one complete line, written with a single call and fsynced.
+
+    An exclusive `flock` on the file makes concurrent appends from several processes (sweep
+    workers) safe: each call's lines land together, never interleaved.
+    """
     p = records_path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     lines = "".join(json.dumps(r, sort_keys=True, allow_nan=True) + "\n" for r in records)
     if not lines:
         return
     with open(p, "a+b") as f:
+        if fcntl is not None:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)  # released when the file is closed
         # a previous writer killed mid-line left no newline: start on a fresh line
         f.seek(0, os.SEEK_END)
         if f.tell() > 0:
@@ -71,4 +82,17 @@ def read_records(*paths: str | os.PathLike) -> list[dict[str, Any]]:
                 f"directory holding {RECORDS_FILE}, or a .jsonl file)"
             )
         out.extend(iter_records(path))
+    return out
+
+
+def save_scores(path: str | os.PathLike, group: str, label: str, scores: dict[str, Any]) -> Path:
+    """Save one scoring pass as a plain {param name: float32 tensor} dict, atomically, to
+    `path/scores/<group>/<label>.pt` (group is "<mode>-seed<seed>")."""
+    import torch
+
+    out = Path(path) / "scores" / group / f"{label}.pt"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(f".{os.getpid()}.tmp")
+    torch.save({n: s.detach().float().cpu() for n, s in scores.items()}, tmp)
+    os.replace(tmp, out)
     return out

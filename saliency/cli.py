@@ -1,0 +1,260 @@
+"""The `saliency` command: run sweeps, the offline demo, list criteria, report and plot results.
+
+saliency demo [--out DIR] [--workers N]
+saliency run CONFIG [--workers N] [--set key=value ...] [--out DIR] [--executor submitit]
+saliency criteria
+saliency report RESULTS... [--metric accuracy]
+saliency figs RESULTS... --out DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from importlib import resources
+from pathlib import Path
+
+EXACT_LIMIT = 20_000  # prunable parameters above which an exact (dense) Hessian is refused
+
+
+def _print(*args, **kw) -> None:
+    print(*args, **kw, flush=True)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="saliency", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run (or resume) a sweep from a TOML config")
+    run.add_argument("config", type=Path)
+    run.add_argument("--workers", type=int, default=1, help="parallel worker processes")
+    run.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key (dotted, TOML value), e.g. train.epochs=1",
+    )
+    run.add_argument(
+        "--out",
+        type=Path,
+        default=Path("results"),
+        help="results root; records go to OUT/<sweep name>/ (default: results)",
+    )
+    run.add_argument("--executor", choices=("local", "submitit"), default="local")
+    run.add_argument(
+        "--cluster",
+        default=None,
+        help="submitit cluster (default: Slurm if available; 'local' to test)",
+    )
+    run.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch intra-op threads of this process (default: torch's choice)",
+    )
+    run.add_argument(
+        "--keep-going", action="store_true", help="log a failing job and continue with the others"
+    )
+
+    demo = sub.add_parser("demo", help="the offline demo: every criterion on LeNet-300-100/MNIST")
+    demo.add_argument("--out", type=Path, default=Path("results"))
+    demo.add_argument("--workers", type=int, default=1)
+    demo.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (default 1: small models on shared cores run faster)",
+    )
+    demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+
+    sub.add_parser("criteria", help="list the registered criteria")
+
+    rep = sub.add_parser("report", help="mean ± std per criterion and sparsity, as Markdown")
+    rep.add_argument("results", nargs="+", type=Path, help="results directories or .jsonl files")
+    rep.add_argument("--metric", default=None, help="only this metric (accuracy, loss, mse)")
+
+    figs = sub.add_parser("figs", help="every figure the records support (PNG + PDF)")
+    figs.add_argument("results", nargs="+", type=Path)
+    figs.add_argument("--out", type=Path, required=True)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from saliency.sweep.config import ConfigError
+
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(args.threads)  # the application's choice, made once, at the top
+    try:
+        return {
+            "run": cmd_run,
+            "demo": cmd_demo,
+            "criteria": cmd_criteria,
+            "report": cmd_report,
+            "figs": cmd_figs,
+        }[args.command](args)
+    except (ConfigError, FileNotFoundError) as err:
+        print(f"saliency {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _finish_run(result, records) -> None:
+    from saliency.sweep.report import summary_table
+
+    _print()
+    _print(summary_table(records))
+    _print(
+        f"{result.ran} unit(s) run, {result.skipped} already done, of {result.units}, "
+        f"in {result.seconds:.1f} s"
+    )
+    for f in result.failures:
+        _print(f"FAILED {f['kind']} job ({f['criterion']}, seed {f['seed']}): {f['error']}")
+    _print(f"records: {result.records_path}")
+
+
+def cmd_run(args) -> int:
+    from saliency.sweep.config import load_config
+    from saliency.sweep.records import read_records
+    from saliency.sweep.runner import run_sweep
+
+    cfg = load_config(args.config, args.overrides)
+    result = run_sweep(
+        cfg,
+        args.out,
+        workers=args.workers,
+        executor=args.executor,
+        cluster=args.cluster,
+        progress=True,
+        on_error="skip" if args.keep_going else "raise",
+    )
+    _finish_run(result, read_records(result.out))
+    return 1 if result.failures else 0
+
+
+def demo_raw(overrides=()) -> dict:
+    from saliency.sweep.config import apply_overrides, tomllib
+
+    text = resources.files("saliency.sweep").joinpath("demo.toml").read_text()
+    return apply_overrides(tomllib.loads(text), overrides)
+
+
+def probe_criteria(raw: dict) -> dict[str, str]:
+    """{criterion: why it is skipped} for the registered criteria that cannot run in the demo:
+    a missing optional dependency or another error on a tiny model, or an exact Hessian too big
+    for the demo's model."""
+    import dataclasses
+
+    import torch
+
+    import saliency
+    from saliency.sweep.config import _fields
+    from saliency.sweep.jobs import dataset, new_model
+
+    class _Cfg:  # just what dataset() / new_model() read
+        dataset, data_root = raw["dataset"], raw.get("data_root")
+        model, model_kwargs = raw["model"], raw.get("model_kwargs", {})
+
+    ds = dataset(_Cfg)
+    n_params = sum(p.numel() for p in saliency.prunable_parameters(new_model(_Cfg, 0)).values())
+    x, y = ds.train.tensors[0][:16], ds.train.tensors[1][:16]
+    tiny = torch.nn.Sequential(
+        torch.nn.Flatten(),
+        torch.nn.Linear(x[0].numel(), 8),
+        torch.nn.ReLU(),
+        torch.nn.Linear(8, max(ds.num_classes or 1, 1)),
+    )
+    skipped = {}
+    for name in saliency.available_criteria():
+        given = raw.get("criterion_defaults", {}).get(name, {})
+        hp = {k: v for k, v in given.items() if k in _fields(name)}
+        try:
+            crit = saliency.get_criterion(name, **hp)
+            values = (
+                [getattr(crit, f.name) for f in dataclasses.fields(crit)]
+                if dataclasses.is_dataclass(crit)
+                else []
+            )
+            if "exact" in values and n_params > EXACT_LIMIT:
+                skipped[name] = (
+                    f"exact Hessian of {n_params:,} parameters needs {n_params:,}^2 "
+                    f"entries ({4 * n_params**2 / 2**30:,.0f} GiB)"
+                )
+                continue
+            saliency.score(tiny, crit, [(x, y)])
+        except ImportError as err:
+            skipped[name] = f"needs an optional package that is not installed ({err})"
+        except Exception as err:
+            skipped[name] = f"failed on a tiny model: {type(err).__name__}: {err}"
+    return skipped
+
+
+def cmd_demo(args) -> int:
+    from saliency.sweep.config import parse_config
+    from saliency.sweep.records import read_records
+    from saliency.sweep.runner import run_sweep
+
+    start = time.perf_counter()
+    raw = demo_raw(args.overrides)
+    skipped = probe_criteria(raw) if raw.get("criteria") == "all" else {}
+    raw["exclude_criteria"] = sorted(set(raw.get("exclude_criteria", [])) | set(skipped))
+    cfg = parse_config(raw, name="demo")
+    _print(
+        f"saliency demo: {cfg.model} on {cfg.dataset}, {len(cfg.criteria)} criteria "
+        f"({', '.join(c.label for c in cfg.criteria)}), sparsities "
+        f"{', '.join(f'{s:g}' for s in cfg.sparsities)}, seeds {list(cfg.seeds)}, modes "
+        f"{', '.join(cfg.modes)}"
+    )
+    for name, why in skipped.items():
+        _print(f"  skipped {name}: {why}")
+    result = run_sweep(cfg, args.out, workers=args.workers, progress=True, on_error="skip")
+    records = read_records(result.out)
+    _finish_run(result, records)
+    from saliency.plotting import accuracy_vs_sparsity
+
+    figures = accuracy_vs_sparsity(records, result.out / "figures")
+    for p in figures:
+        if p.suffix in (".png", ".pdf"):
+            _print(f"figure: {p}")
+    _print(
+        f"demo finished in {time.perf_counter() - start:.1f} s; "
+        f"more figures: saliency figs {result.out} --out {result.out / 'figures'}"
+    )
+    return 1 if result.failures else 0
+
+
+def cmd_criteria(args) -> int:
+    from saliency import describe_criteria
+
+    desc = describe_criteria()
+    w = max(map(len, desc), default=0)
+    for name, line in desc.items():
+        _print(f"{name:<{w}}  {line}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from saliency.sweep.records import read_records
+    from saliency.sweep.report import markdown
+
+    records = read_records(*args.results)
+    if args.metric:
+        records = [r for r in records if r.get("metric") == args.metric]
+    _print(markdown(records), end="")
+    return 0
+
+
+def cmd_figs(args) -> int:
+    from saliency.plotting import build_all
+
+    paths = build_all(args.results, args.out)
+    for p in paths:
+        _print(p)
+    _print(f"{len(paths)} file(s) written to {args.out}")
+    return 0

@@ -1,0 +1,317 @@
+"""Sweep configs: a TOML file -> a validated, frozen `SweepConfig`.
+
+Everything is checked before any work starts: an unknown key is an error that names the key and
+lists the accepted ones; unknown criteria (and their hyperparameters), models, datasets and modes,
+sparsities outside [0, 1) and a missing data directory are errors too. See `saliency/sweep/demo.toml`
+for a commented example.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import importlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+MODES = ("oneshot", "finetune", "gradual", "iterative", "init")
+
+# section -> {key: default}; None means "inherit" (finetune from train) or "computed"
+TRAIN = {
+    "epochs": 3,
+    "batch_size": 64,
+    "lr": 0.1,
+    "optimizer": "sgd",
+    "momentum": 0.9,
+    "weight_decay": 0.0,
+}
+SECTIONS: dict[str, dict[str, Any]] = {
+    "train": TRAIN,
+    "finetune": {
+        "epochs": 1,
+        "batch_size": None,
+        "lr": None,
+        "optimizer": None,
+        "momentum": None,
+        "weight_decay": None,
+    },
+    "gradual": {
+        "epochs": 2,
+        "initial_sparsity": 0.0,
+        "begin_step": 0,
+        "end_step": None,
+        "power": 3.0,
+        "frequency": None,
+    },
+    "iterative": {"rounds": 3, "epochs_per_round": 1},
+    "init": {"epochs": None},
+    "scoring": {"n_samples": 1024, "batch_size": 256},
+    "allocate": {"reduce": None, "block": None, "pooling": "avg", "max_layer_sparsity": None},
+    "targets": {"include": None, "exclude": None, "keep_output_dense": False},
+}
+TOP: dict[str, Any] = {
+    "name": None,
+    "model": None,
+    "model_kwargs": {},
+    "dataset": None,
+    "data_root": None,
+    "device": "cpu",
+    "seeds": [0],
+    "sparsities": None,
+    "modes": ["oneshot"],
+    "scope": "global",
+    "granularity": "element",
+    "criteria": None,
+    "criterion_defaults": {},
+    "exclude_criteria": [],
+    "save_scores": False,
+    "tensorboard": False,
+    "imports": [],
+    **{s: {} for s in SECTIONS},
+}
+
+
+class ConfigError(ValueError):
+    """A sweep config is invalid; the message names the key and what is accepted."""
+
+
+@dataclass(frozen=True)
+class CriterionSpec:
+    """One criterion of a sweep: registry name, hyperparameters as given, and a unique label."""
+
+    name: str
+    hparams: dict[str, Any] = field(default_factory=dict)
+    label: str = ""
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    name: str
+    model: str
+    dataset: str
+    sparsities: tuple[float, ...]
+    criteria: tuple[CriterionSpec, ...]
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    data_root: str | None = None
+    device: str = "cpu"
+    seeds: tuple[int, ...] = (0,)
+    modes: tuple[str, ...] = ("oneshot",)
+    scope: str = "global"
+    granularity: str = "element"
+    save_scores: bool = False
+    tensorboard: bool = False
+    imports: tuple[str, ...] = ()
+    train: dict[str, Any] = field(default_factory=dict)
+    finetune: dict[str, Any] = field(default_factory=dict)
+    gradual: dict[str, Any] = field(default_factory=dict)
+    iterative: dict[str, Any] = field(default_factory=dict)
+    init: dict[str, Any] = field(default_factory=dict)
+    scoring: dict[str, Any] = field(default_factory=dict)
+    allocate: dict[str, Any] = field(default_factory=dict)
+    targets: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @property
+    def config_hash(self) -> str:
+        return digest(self.as_dict())
+
+
+def canonical_json(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def digest(obj: Any, n: int = 12) -> str:
+    """First `n` hex chars of sha256 of canonical JSON (stable across processes, unlike hash())."""
+    return hashlib.sha256(canonical_json(obj).encode()).hexdigest()[:n]
+
+
+def _fail(msg: str) -> None:
+    raise ConfigError(msg)
+
+
+def _check_keys(table: Any, accepted: dict[str, Any], where: str) -> dict[str, Any]:
+    if not isinstance(table, dict):
+        _fail(f"{where or 'config'} must be a table; got {table!r}")
+    bad = sorted(set(table) - set(accepted))
+    if bad:
+        key = f"{where}.{bad[0]}" if where else bad[0]
+        _fail(
+            f"unknown key {key!r} in the sweep config; accepted{' in [' + where + ']' if where else ''}: "
+            f"{', '.join(sorted(accepted))}"
+        )
+    return {**copy.deepcopy(accepted), **table}
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text  # a bare string: --set model=lenet5
+
+
+def apply_overrides(
+    raw: dict[str, Any], overrides: list[str] | tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """Apply `key=value` overrides (dotted keys, TOML values: `train.epochs=1`, `seeds=[0,1]`)."""
+    raw = copy.deepcopy(raw)
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            _fail(f"--set expects key=value (e.g. train.epochs=1); got {item!r}")
+        *parents, last = key.strip().split(".")
+        node = raw
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                _fail(f"--set {key}: {p!r} is not a table")
+        node[last] = _parse_value(value.strip())
+    return raw
+
+
+def _criteria(raw: dict[str, Any]) -> tuple[CriterionSpec, ...]:
+    from saliency.criteria import available_criteria, get_criterion
+
+    entries = raw["criteria"]
+    if entries is None:
+        _fail('the sweep config needs `criteria`: a list of names, [[criteria]] tables, or "all"')
+    defaults = raw["criterion_defaults"]
+    if entries == "all":
+        known = set(available_criteria())
+        excluded = set(raw["exclude_criteria"])
+        if excluded - known:
+            _fail(
+                f"exclude_criteria names unknown criteria {sorted(excluded - known)}; "
+                f"available: {', '.join(sorted(known))}"
+            )
+        # defaults apply where the criterion has that field (criteria differ in their knobs)
+        defaults = {
+            n: {k: v for k, v in d.items() if k in _fields(n)}
+            for n, d in defaults.items()
+            if n in known
+        }
+        entries = sorted(known - excluded)
+    if not isinstance(entries, list) or not entries:
+        _fail(f'criteria must be a non-empty list or "all"; got {entries!r}')
+    specs, labels = [], set()
+    for i, e in enumerate(entries):
+        e = {"name": e} if isinstance(e, str) else dict(e)
+        if not isinstance(e.get("name"), str):
+            _fail(f"criteria[{i}] needs a `name` (a registered criterion); got {e!r}")
+        name, label = e.pop("name"), e.pop("label", None)
+        hparams = {**defaults.get(name, {}), **e}
+        try:
+            get_criterion(name, **hparams)
+        except (TypeError, ValueError) as err:
+            _fail(f"criteria[{i}] ({name}): {err}")
+        label = label or name
+        if label in labels:
+            _fail(
+                f"criterion label {label!r} appears twice: give each repeated criterion a "
+                "distinct `label`"
+            )
+        labels.add(label)
+        specs.append(CriterionSpec(name, hparams, label))
+    return tuple(specs)
+
+
+def _fields(name: str) -> set[str]:
+    from saliency.criteria import get_criterion
+
+    crit = get_criterion(name)
+    return {f.name for f in dataclasses.fields(crit)} if dataclasses.is_dataclass(crit) else set()
+
+
+def parse_config(
+    raw: dict[str, Any], *, name: str = "sweep", check_data: bool = True
+) -> SweepConfig:
+    """Validate a config mapping (as read from TOML) into a `SweepConfig`."""
+    raw = _check_keys(raw, TOP, "")
+    for mod in raw["imports"]:  # user modules that register criteria, models or datasets
+        try:
+            importlib.import_module(mod)
+        except ImportError as err:
+            _fail(f"imports: cannot import {mod!r}: {err}")
+    sections = {s: _check_keys(raw[s], SECTIONS[s], s) for s in SECTIONS}
+    for k, v in sections["finetune"].items():
+        if v is None and k in TRAIN:
+            sections["finetune"][k] = sections["train"][k]
+    from saliency import zoo
+
+    for key, avail in (("model", zoo.available_models()), ("dataset", zoo.available_datasets())):
+        if raw[key] not in avail:
+            _fail(f"unknown {key} {raw[key]!r}; available: {', '.join(sorted(avail))}")
+    if (
+        raw["data_root"] is not None
+        and check_data
+        and not Path(raw["data_root"]).expanduser().is_dir()
+    ):
+        _fail(
+            f"data_root {raw['data_root']!r} is not a directory (it should hold the dataset's "
+            f"files for {raw['dataset']!r})"
+        )
+    modes = raw["modes"]
+    if not isinstance(modes, list) or not modes or any(m not in MODES for m in modes):
+        _fail(f"modes must be a non-empty list from {', '.join(MODES)}; got {modes!r}")
+    sp = raw["sparsities"]
+    if not isinstance(sp, list) or not sp:
+        _fail(f"sparsities must be a non-empty list of numbers in [0, 1); got {sp!r}")
+    for s in sp:
+        if isinstance(s, bool) or not isinstance(s, (int, float)) or not 0.0 <= s < 1.0:
+            _fail(f"sparsities: {s!r} is outside [0, 1) (sparsity is the fraction of zeros)")
+    seeds = raw["seeds"]
+    if not isinstance(seeds, list) or not seeds or not all(type(s) is int for s in seeds):
+        _fail(f"seeds must be a non-empty list of ints; got {seeds!r}")
+    if raw["scope"] not in ("global", "layer"):
+        _fail(f"unknown scope {raw['scope']!r}; accepted: global, layer")
+    for key in ("epochs", "batch_size"):
+        if not isinstance(sections["train"][key], int) or sections["train"][key] < (
+            key == "batch_size"
+        ):
+            _fail(f"train.{key} must be a non-negative int; got {sections['train'][key]!r}")
+    block = sections["allocate"]["block"]
+    if block is not None:
+        sections["allocate"]["block"] = tuple(block)
+    return SweepConfig(
+        name=str(raw["name"] or name),
+        model=raw["model"],
+        dataset=raw["dataset"],
+        model_kwargs=dict(raw["model_kwargs"]),
+        data_root=None if raw["data_root"] is None else os.fspath(raw["data_root"]),
+        device=raw["device"],
+        sparsities=tuple(sorted({float(s) for s in sp})),
+        seeds=tuple(dict.fromkeys(seeds)),
+        modes=tuple(dict.fromkeys(modes)),
+        scope=raw["scope"],
+        granularity=str(raw["granularity"]),
+        criteria=_criteria(raw),
+        save_scores=bool(raw["save_scores"]),
+        tensorboard=bool(raw["tensorboard"]),
+        imports=tuple(raw["imports"]),
+        **sections,
+    )
+
+
+def load_config(
+    path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()
+) -> SweepConfig:
+    """Read a TOML sweep config, apply `--set key=value` overrides, and validate it."""
+    p = Path(path)
+    try:
+        with open(p, "rb") as f:
+            raw = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"no sweep config at {p}") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{p}: invalid TOML: {err}") from None
+    return parse_config(apply_overrides(raw, overrides), name=p.stem)

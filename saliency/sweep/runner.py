@@ -1,0 +1,256 @@
+"""Sweep runner: config -> units -> jobs -> records, resumable, serial or in parallel.
+
+A unit is (criterion, sparsity, seed, mode) with a run id hashed from its config. Units are
+grouped into jobs so that expensive work is shared: the dense model of a seed is trained once
+(and cached on disk), and in oneshot/finetune modes one scoring pass of a criterion serves every
+sparsity. Jobs run in this process (`workers=1`), in a spawned process pool (`workers>1`), or as
+submitit jobs (`executor="submitit"`); dense jobs first, then the pruning jobs. Workers append
+their own records under a file lock; re-running skips every unit whose run id is recorded.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import queue as queue_mod
+import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from saliency.sweep.config import SweepConfig
+from saliency.sweep.jobs import Job, Unit, cache_path, run_job, unit_run_id
+from saliency.sweep.records import iter_records, records_path
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SweepResult:
+    out: Path
+    units: int
+    skipped: int  # already recorded before this run
+    ran: int = 0
+    seconds: float = 0.0
+    failures: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def records_path(self) -> Path:
+        return records_path(self.out)
+
+
+def plan(cfg: SweepConfig) -> list[Job]:
+    """Every job of the sweep: one dense job per seed, then the pruning jobs."""
+    jobs = []
+    for seed in cfg.seeds:
+        jobs.append(
+            Job(
+                "dense",
+                seed,
+                None,
+                (Unit(unit_run_id(cfg, seed, "dense", None, 0.0), "dense", 0.0),),
+            )
+        )
+    for spec in cfg.criteria:
+        for seed in cfg.seeds:
+            shared = [
+                Unit(unit_run_id(cfg, seed, m, spec, s), m, s)
+                for s in cfg.sparsities
+                for m in cfg.modes
+                if m in ("oneshot", "finetune")
+            ]
+            if shared:
+                jobs.append(Job("oneshot", seed, spec, tuple(shared)))
+            for m in (m for m in cfg.modes if m not in ("oneshot", "finetune")):
+                for s in cfg.sparsities:
+                    jobs.append(
+                        Job(m, seed, spec, (Unit(unit_run_id(cfg, seed, m, spec, s), m, s),))
+                    )
+    return jobs
+
+
+def done_run_ids(out: str | os.PathLike) -> set[str]:
+    return {r["run_id"] for r in iter_records(out) if "run_id" in r}
+
+
+def _pending(cfg: SweepConfig, out: Path, jobs: list[Job], done: set[str]) -> list[Job]:
+    """Jobs with units left. A dense job also runs when its cache is gone but pruning needs it."""
+    needs_dense = {
+        j.seed
+        for j in jobs
+        if j.kind in ("oneshot", "gradual", "iterative")
+        and any(u.run_id not in done for u in j.units)
+    }
+    return [
+        j
+        for j in jobs
+        if any(u.run_id not in done for u in j.units)
+        or (
+            j.kind == "dense"
+            and j.seed in needs_dense
+            and not cache_path(cfg, out, j.seed).exists()
+        )
+    ]
+
+
+_QUEUE = None  # a worker's channel to the parent's progress bar
+
+
+def _worker_init(q, threads: int) -> None:
+    global _QUEUE
+    import torch
+
+    _QUEUE = q
+    torch.set_num_threads(
+        threads
+    )  # a worker process of our own: share the cores, don't oversubscribe
+
+
+def _notify(unit: Unit) -> None:
+    if _QUEUE is not None:
+        _QUEUE.put(1)
+
+
+def _worker_job(cfg: SweepConfig, job: Job, out: str, done: frozenset[str]) -> int:
+    return run_job(cfg, job, out, done, notify=_notify)
+
+
+def _failure(job: Job, err: BaseException) -> dict[str, Any]:
+    return {
+        "kind": job.kind,
+        "seed": job.seed,
+        "criterion": job.criterion.label if job.criterion else "dense",
+        "error": f"{type(err).__name__}: {err}",
+    }
+
+
+def run_sweep(
+    cfg: SweepConfig,
+    out_root: str | os.PathLike = "results",
+    *,
+    workers: int = 1,
+    executor: str = "local",
+    progress: bool = False,
+    on_error: str = "raise",
+    cluster: str | None = None,
+) -> SweepResult:
+    """Run (or resume) a sweep into `out_root/<cfg.name>/`; returns counts and failures.
+
+    executor: "local" (this process, or a pool of `workers` spawned processes) or "submitit"
+    (`cluster` as submitit's AutoExecutor: None picks Slurm when available, "local" runs locally).
+    on_error: "raise" stops at the first failing job; "skip" records it in `failures` and goes on.
+    progress: a tqdm bar with ETA on stderr.
+    """
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip'; got {on_error!r}")
+    if executor not in ("local", "submitit"):
+        raise ValueError(f"executor must be 'local' or 'submitit'; got {executor!r}")
+    if not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers must be a positive int; got {workers!r}")
+    from saliency.sweep.jobs import dataset, new_model
+
+    dataset(cfg)  # load the data and build the model before any work: errors surface now
+    new_model(cfg, cfg.seeds[0])
+    out = Path(out_root) / cfg.name
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(_config_json(cfg))
+    jobs = plan(cfg)
+    done = done_run_ids(out)
+    all_units = {u.run_id for j in jobs for u in j.units}
+    result = SweepResult(out, len(all_units), len(all_units & done))
+    pending = _pending(cfg, out, jobs, done)
+    start = time.perf_counter()
+    bar = _bar(result.units - result.skipped, progress)
+    try:
+        frozen = frozenset(done)
+        for phase in (
+            [j for j in pending if j.kind == "dense"],
+            [j for j in pending if j.kind != "dense"],
+        ):
+            if executor == "submitit":
+                _run_submitit(cfg, out, phase, frozen, result, bar, on_error, cluster)
+            elif workers > 1 and len(phase) > 1:
+                _run_pool(cfg, out, phase, frozen, result, bar, on_error, workers)
+            else:
+                for job in phase:
+                    try:
+                        result.ran += run_job(cfg, job, out, frozen, notify=lambda u: bar.update(1))
+                    except Exception as err:
+                        if on_error == "raise":
+                            raise
+                        log.exception("job failed: %s", job)
+                        result.failures.append(_failure(job, err))
+    finally:
+        bar.close()
+        result.seconds = time.perf_counter() - start
+    return result
+
+
+def _config_json(cfg: SweepConfig) -> str:
+    from saliency.sweep.config import canonical_json
+
+    return canonical_json(cfg.as_dict()) + "\n"
+
+
+def _bar(total: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="unit", disable=not enabled, dynamic_ncols=True, smoothing=0.1)
+
+
+def _run_pool(cfg, out, jobs, done, result, bar, on_error, workers) -> None:
+    ctx = mp.get_context("spawn")  # fork after torch has started threads can deadlock
+    q = ctx.Queue()
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    with ProcessPoolExecutor(
+        min(workers, len(jobs)), mp_context=ctx, initializer=_worker_init, initargs=(q, threads)
+    ) as pool:
+        futures = {pool.submit(_worker_job, cfg, j, str(out), done): j for j in jobs}
+        remaining = set(futures)
+        try:
+            while remaining:
+                finished, remaining = wait(remaining, timeout=0.2, return_when=FIRST_COMPLETED)
+                _drain(q, bar)
+                for f in finished:
+                    try:
+                        result.ran += f.result()
+                    except Exception as err:
+                        if on_error == "raise":
+                            raise
+                        result.failures.append(_failure(futures[f], err))
+        finally:
+            for f in remaining:
+                f.cancel()
+    _drain(q, bar)
+
+
+def _drain(q, bar) -> None:
+    while True:
+        try:
+            bar.update(q.get_nowait())
+        except queue_mod.Empty:
+            return
+
+
+def _run_submitit(cfg, out, jobs, done, result, bar, on_error, cluster) -> None:
+    try:
+        import submitit
+    except ImportError:
+        raise ImportError(
+            "executor='submitit' needs the submitit package: pip install saliency[cluster]"
+        ) from None
+    ex = submitit.AutoExecutor(folder=str(out / "submitit"), cluster=cluster)
+    ex.update_parameters(timeout_min=60 * 24)
+    running = {ex.submit(run_job, cfg, j, str(out), done): j for j in jobs}
+    for sub in submitit.helpers.as_completed(list(running)):
+        job = running[sub]
+        try:
+            n = sub.result()
+            result.ran += n
+            bar.update(n)
+        except Exception as err:
+            if on_error == "raise":
+                raise
+            result.failures.append(_failure(job, err))
