@@ -408,3 +408,19 @@ def test_unknown_style_is_the_same_in_another_process():
     env = dict(os.environ, PYTHONHASHSEED="12345")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert out.stdout.strip() == str(criterion_style("my_new_criterion"))
+
+
+def test_sweep_labels_name_series_and_variants_differ():
+    recs = make_records(criteria=["obd", "magnitude"], modes=("oneshot",))
+    for r in recs:
+        r["label"] = r["criterion"]
+    extra = [
+        dict(r, label="obd_true", hparams={"fisher": "true"})
+        for r in recs
+        if r["criterion"] == "obd"
+    ]
+    fig = plot_accuracy_vs_sparsity(recs + extra)
+    lines = {ln.get_label(): ln for ln in fig.axes[0].get_lines()}
+    assert set(lines) == {"obd", "obd_true", "magnitude", "dense"}
+    assert lines["obd"].get_color() == lines["obd_true"].get_color()
+    assert lines["obd"].get_linestyle() != lines["obd_true"].get_linestyle()

@@ -129,6 +129,6 @@ def _steps(records, dirs, out, *, sparsity, band, usetex):
         ),
         "agreement": agree,
         "loss_prediction": lambda: loss_prediction(records, out, **kw),
-        "cost": lambda: cost(records, out, **kw),
+        "cost": lambda: cost(records, out, sparsity=s, **kw),
         "table": lambda: metric_table(records, out),
     }

@@ -13,7 +13,6 @@ import numpy as np
 
 from saliency.plotting import data as D
 from saliency.plotting.style import (
-    criterion_style,
     log_axis,
     new_figure,
     paper_style,
@@ -89,7 +88,7 @@ def plot_layer_sparsity(
     ax = axes[0, 0]
     x = np.arange(len(layers))
     bw = 0.8 / len(groups)
-    for i, ((crit, _), (label, rs)) in enumerate(groups.items()):
+    for i, (label, rs, st) in enumerate(groups.values()):
         per_seed = defaultdict(lambda: defaultdict(list))
         for r in rs:
             for n, v in r["layer_sparsity"].items():
@@ -99,7 +98,6 @@ def plot_layer_sparsity(
             np.mean([np.mean(v) for v in per_seed[n].values()]) if per_seed[n] else np.nan
             for n in layers
         ]
-        st = criterion_style(crit)
         ax.bar(
             x - 0.4 + bw * (i + 0.5),
             ys,
@@ -108,6 +106,7 @@ def plot_layer_sparsity(
             color=st["color"],
             edgecolor="white",
             linewidth=0.3,
+            hatch="////" if "markerfacecolor" in st else None,  # a second variant of a criterion
         )
     ax.axhline(s, color="k", ls="--", lw=0.8, label=f"global s = {s:g}")
     rotate = len(layers) > 4 or max(len(short_layer(n)) for n in layers) > 8
@@ -128,27 +127,43 @@ def plot_layer_sparsity(
     return fig
 
 
-def _costs(records: Sequence[dict]):
-    """{series: (label, crit, seconds per seed, samples per seed)}, one value per scoring pass."""
+def _costs(records: Sequence[dict], sparsity: float | None):
+    """(mode, s, {series: (label, style, seconds per seed, samples per seed)}) at sparsity s."""
     recs = [
         r for r in records if r.get("criterion") != "dense" and D.finite(r.get("score_seconds"))
     ]
     mode, recs = _one_mode(recs)
+    s = (
+        sparsity
+        if sparsity is not None
+        else D.pick_sparsity(r.get("sparsity_target") for r in recs)
+    )
+    recs = [
+        r
+        for r in recs
+        if D.finite(r.get("sparsity_target")) and abs(r["sparsity_target"] - s) < 1e-6
+    ]
     out = {}
-    for key, (label, rs) in D.series(recs).items():
-        passes = {(r.get("seed"), r["score_seconds"], r.get("score_samples")): r for r in rs}
-        sec = D.by_seed_mean(passes.values(), "score_seconds")
-        smp = D.by_seed_mean(passes.values(), "score_samples")
-        out[key] = (label, key[0], sec, smp)
-    return mode, out
+    for key, (label, rs, st) in D.series(recs).items():
+        # one record per phase and metric carries the same cost: one value per seed
+        sec = D.by_seed_mean(rs, "score_seconds")
+        smp = D.by_seed_mean(rs, "score_samples")
+        out[key] = (label, st, sec, smp)
+    return mode, s, out
 
 
 def plot_cost(
-    records: Sequence[dict], *, width: str | float = "single", height: float | None = None
+    records: Sequence[dict],
+    *,
+    sparsity: float | None = None,
+    width: str | float = "single",
+    height: float | None = None,
 ):
-    """Horizontal bars: wall-clock seconds (log scale) and samples read per scoring pass, mean over
-    seeds with a std error bar."""
-    mode, costs = _costs(records)
+    """Horizontal bars: wall-clock seconds (log scale) and samples read by the scoring that
+    pruned to `sparsity` (default: the recorded target closest to 0.9), mean over seeds with a
+    std error bar. Single-pass criteria score once; multi-round ones (SynFlow, OBS with
+    recompute_steps) report the sum over their rounds, as the sweep records it."""
+    mode, s, costs = _costs(records, sparsity)
     if not costs:
         log.info("cost: no records with score_seconds; skipped")
         return None
@@ -156,7 +171,7 @@ def plot_cost(
     fig, axes = new_figure(width, height or 0.9 + 0.2 * n, 1, 2, sharey=True)
     y = np.arange(n)[::-1]
     labels = [c[0] for c in costs.values()]
-    colors = [criterion_style(c[1])["color"] for c in costs.values()]
+    colors = [c[1]["color"] for c in costs.values()]
     for ax, idx, title in (
         (axes[0, 0], 2, "Seconds (log scale)"),
         (axes[0, 1], 3, "Samples read"),
@@ -182,7 +197,7 @@ def plot_cost(
                 )
         ax.margins(x=0.25)
     axes[0, 0].set_yticks(y, labels)
-    fig.suptitle(f"Cost of one scoring pass, {D.MODE_SHORT.get(mode, mode)}")
+    fig.suptitle(f"Scoring cost, {D.MODE_SHORT.get(mode, mode)} to s = {s:g}")
     return fig
 
 
@@ -198,11 +213,11 @@ def layer_sparsity(
     return paths
 
 
-def cost(records, out_dir, *, stem="cost", usetex=False) -> list[Path]:
+def cost(records, out_dir, *, sparsity=None, stem="cost", usetex=False) -> list[Path]:
     paths: list[Path] = []
     with paper_style(usetex=usetex):
         for suffix, recs, _ in D.split_settings(records):
-            fig = plot_cost(recs)
+            fig = plot_cost(recs, sparsity=sparsity)
             if fig is not None:
                 paths += save_figure(fig, out_dir, stem + suffix)
     return paths

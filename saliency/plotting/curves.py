@@ -79,10 +79,9 @@ def plot_accuracy_vs_sparsity(
         mode = modes[i]
         phase = D.phase_for(recs, mode)
         sel = [r for r in recs if r.get("mode") == mode and r.get("phase") == phase]
-        for (crit, _), (label, rs) in D.series(sel).items():
+        for label, rs, st in D.series(sel).values():
             s, m, hw, _n = D.curve(rs, band)
             (m, k) = D.scale(metric, m)
-            st = criterion_style(crit)
             (line,) = ax.plot(_x(s, xaxis), m, label=label, **st)
             ax.fill_between(
                 _x(s, xaxis), m - hw * k, m + hw * k, color=st["color"], alpha=0.18, linewidth=0
@@ -207,9 +206,8 @@ def plot_loss_prediction(
     left, right = axes[0]
     allv = []
     groups = D.series([r for r, _, _ in rows])
-    for (crit, _), (label, rs) in groups.items():
+    for label, rs, st in groups.values():
         ids = {id(r) for r in rs}
-        st = criterion_style(crit)
         pts = defaultdict(lambda: ([], []))
         for r, p, m in rows:
             if id(r) in ids:
@@ -219,7 +217,7 @@ def plot_loss_prediction(
         pm = np.array([np.mean(pts[x][0]) for x in s])
         mm = np.array([np.mean(pts[x][1]) for x in s])
         allv += [pm, mm]
-        left.plot(s, mm, label=f"{label} measured", **st)
+        left.plot(s, mm, label=f"{label} measured", color=st["color"], marker=st["marker"], ls="-")
         left.plot(
             s,
             pm,
@@ -243,15 +241,8 @@ def plot_loss_prediction(
     right.set_ylabel("Measured loss increase")
     right.set_title("Calibration (mean over seeds)")
     proxies = [
-        Line2D(
-            [],
-            [],
-            color=criterion_style(c)["color"],
-            marker=criterion_style(c)["marker"],
-            ls="-",
-            label=lab,
-        )
-        for (c, _), (lab, _) in groups.items()
+        Line2D([], [], color=st["color"], marker=st["marker"], ls="-", label=lab)
+        for lab, _, st in groups.values()
     ]
     proxies += [
         Line2D([], [], color="k", ls="-", label="measured"),

@@ -101,30 +101,40 @@ def hparams_key(r: dict) -> str:
     return json.dumps(r.get("hparams") or {}, sort_keys=True, default=str)
 
 
-def series(records: Sequence[dict]) -> dict[tuple[str, str], tuple[str, list[dict]]]:
-    """{(criterion, hparams json): (legend label, records)}, in a stable order (known criteria
-    in the style order, unknown ones by name, then random). The label shows hyperparameters only when one
-    criterion appears with several settings of them."""
-    from saliency.plotting.style import order_key
+def series(records: Sequence[dict]) -> dict[tuple[str, str], tuple[str, list[dict], dict]]:
+    """{(criterion, variant key): (legend label, records, style)} in a stable order (known
+    criteria in the style order, unknown ones by name, random last).
+
+    Records with a `label` (the sweep's unique name for a criterion + hyperparameters) are grouped
+    and shown by it; otherwise by hyperparameters, shown only when one criterion appears with
+    several settings of them. A criterion's second, third... variant keeps its colour but gets
+    another line style and hollow markers.
+    """
+    from saliency.plotting.style import criterion_style, order_key
 
     groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
     for r in records:
-        groups[(r.get("criterion", "?"), hparams_key(r))].append(r)
+        v = f"label:{r['label']}" if r.get("label") else hparams_key(r)
+        groups[(r.get("criterion", "?"), v)].append(r)
     by_crit = defaultdict(list)
-    for c, h in groups:
-        by_crit[c].append(h)
+    for c, v in sorted(groups, key=lambda k: (order_key(k[0]), k[1])):
+        by_crit[c].append(v)
     out = {}
-    for c, h in sorted(groups, key=lambda k: (order_key(k[0]), k[1])):
-        label = c
-        if len(by_crit[c]) > 1:
-            hp = json.loads(h)
-            others = [json.loads(x) for x in by_crit[c] if x != h]
+    for c, v in sorted(groups, key=lambda k: (order_key(k[0]), k[1])):
+        variants = by_crit[c]
+        if v.startswith("label:"):
+            label = v[len("label:") :]
+        elif len(variants) > 1:
+            hp = json.loads(v)
+            others = [json.loads(x) for x in variants if x != v and not x.startswith("label:")]
             keys = sorted(set(hp).union(*others))
             diff = {
                 k: hp.get(k, "default") for k in keys if any(o.get(k) != hp.get(k) for o in others)
             }
-            label = f"{c} (" + ", ".join(f"{k}={v}" for k, v in diff.items()) + ")"
-        out[(c, h)] = (label, groups[(c, h)])
+            label = f"{c} (" + ", ".join(f"{k}={x}" for k, x in diff.items()) + ")"
+        else:
+            label = c
+        out[(c, v)] = (label, groups[(c, v)], criterion_style(c, variants.index(v)))
     return out
 
 

@@ -61,11 +61,13 @@ _MARKERS = ("o", "s", "D", "^", "v", "<", ">", "P", "X", "*", "h", "p")
 _LINESTYLES = ("-", "--", "-.", ":")
 
 
-def criterion_style(name: str) -> dict[str, str]:
+def criterion_style(name: str, variant: int = 0) -> dict[str, str]:
     """`{"color", "marker", "linestyle"}` for a criterion key, the same in every figure.
 
     Unknown keys get a stable style derived from sha256 of the name (never Python's `hash()`,
     which is salted per process), so a third-party criterion keeps its colour across runs.
+    variant > 0 (the same criterion with other hyperparameters): same colour, another line style
+    and marker, hollow markers.
     """
     if name in _KNOWN:
         color, marker, ls = _KNOWN[name]
@@ -74,6 +76,15 @@ def criterion_style(name: str) -> dict[str, str]:
         color = _EXTRA_COLORS[h[0] % len(_EXTRA_COLORS)]
         marker = _MARKERS[h[3] % len(_MARKERS)]
         ls = _LINESTYLES[h[4] % len(_LINESTYLES)]
+    if variant:
+        ls = _LINESTYLES[(_LINESTYLES.index(ls) + variant) % len(_LINESTYLES)]
+        marker = _MARKERS[(_MARKERS.index(marker) + variant) % len(_MARKERS)] if marker else ""
+        return {
+            "color": color,
+            "marker": marker or "None",
+            "linestyle": ls,
+            "markerfacecolor": "white",
+        }
     return {"color": color, "marker": marker or "None", "linestyle": ls}
 
 

@@ -44,7 +44,7 @@ def table_rows(records: Sequence[dict], metric: str, sparsities: Sequence[float]
         phase = D.phase_for(recs, mode)
         sel = [r for r in recs if r.get("mode") == mode and r.get("phase") == phase]
         rows = []
-        for _, (label, rs) in D.series(sel).items():
+        for label, rs, _ in D.series(sel).values():
             cells = []
             for s in sparsities:
                 vals = D.by_seed_mean(
