@@ -1,0 +1,163 @@
+"""A plain training and evaluation loop for the sweeps (and for users who want one).
+
+Masks attached with `saliency.attach` stay in force: the optimizer is created here, after
+attaching, and attach's hooks zero the pruned gradients and re-zero pruned weights before every
+forward, so SGD (momentum, weight decay), Adam and AdamW never move a pruned weight.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    Dataset,
+    RandomSampler,
+    SequentialSampler,
+    TensorDataset,
+)
+
+Task = Literal["classification", "regression"]
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """ "auto" -> CUDA when available, else CPU; "cuda" without CUDA is an error."""
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not isinstance(device, str) or device.split(":")[0] not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:i]'; got {device!r}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(
+            f"device {device!r} asked for but CUDA is not available; use 'cpu' or 'auto'"
+        )
+    return torch.device(device)
+
+
+def make_loader(ds: Dataset, batch_size: int, shuffle: bool, seed: int = 0) -> DataLoader:
+    """Batches of `ds`; shuffled with a generator seeded by `seed` (a new order every epoch,
+    the same sequence of orders for the same seed). A `TensorDataset` is indexed a whole batch
+    at a time (one gather instead of `batch_size` item look-ups and a collate)."""
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int; got {batch_size!r}")
+    g = torch.Generator().manual_seed(seed)
+    sampler = RandomSampler(ds, generator=g) if shuffle else SequentialSampler(ds)
+    if isinstance(ds, TensorDataset):
+        return DataLoader(
+            ds, sampler=BatchSampler(sampler, batch_size, drop_last=False), batch_size=None
+        )
+    return DataLoader(ds, batch_size=batch_size, sampler=sampler)
+
+
+def task_loss(task: Task) -> Callable[[Tensor, Tensor], Tensor]:
+    """Mean cross-entropy on logits (classification) or mean squared error (regression)."""
+    if task == "classification":
+        return F.cross_entropy
+    if task == "regression":
+        return lambda out, y: F.mse_loss(out.reshape(y.shape), y.to(out.dtype))
+    raise ValueError(f"task must be 'classification' or 'regression'; got {task!r}")
+
+
+def make_optimizer(params, optimizer: str, lr: float, momentum: float, weight_decay: float):
+    if optimizer == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    if optimizer == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    if optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    raise ValueError(f"optimizer must be 'sgd', 'adam' or 'adamw'; got {optimizer!r}")
+
+
+def train(
+    model: nn.Module,
+    train_ds: Dataset,
+    *,
+    epochs: int,
+    batch_size: int = 128,
+    lr: float = 1e-3,
+    optimizer: str = "adam",
+    momentum: float = 0.9,
+    weight_decay: float = 0.0,
+    seed: int = 0,
+    device: str | torch.device = "auto",
+    task: Task = "classification",
+    on_step: Callable[[int], object] | None = None,
+    loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
+) -> dict[str, list[float] | int]:
+    """Train `model` in place for `epochs` passes over `train_ds`; returns
+    {"epoch_loss": [mean training loss of each epoch], "steps": optimizer steps}.
+
+    The model is moved to `device` and left there, in the training mode it had before.
+    `on_step(step)` runs after every optimizer step with the 0-based index of that step (the
+    sweeps call `GradualPruner.step()` there). `loss_fn` defaults to the task's loss.
+    """
+    if not isinstance(epochs, int) or epochs < 0:
+        raise ValueError(f"epochs must be a non-negative int; got {epochs!r}")
+    dev = resolve_device(device)
+    loss_fn = loss_fn or task_loss(task)
+    model.to(dev)
+    opt = make_optimizer(
+        [p for p in model.parameters() if p.requires_grad], optimizer, lr, momentum, weight_decay
+    )
+    loader = make_loader(train_ds, batch_size, shuffle=True, seed=seed)
+    was_training, step, history = model.training, 0, []
+    model.train()
+    try:
+        for _ in range(epochs):
+            total, n = 0.0, 0
+            for x, y in loader:
+                x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+                loss = loss_fn(model(x), y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                if on_step is not None:
+                    on_step(step)
+                step += 1
+                total += float(loss.detach()) * len(y)
+                n += len(y)
+            history.append(total / max(n, 1))
+    finally:
+        model.train(was_training)
+        opt.zero_grad(set_to_none=True)  # leave no .grad behind
+    return {"epoch_loss": history, "steps": step}
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    ds: Dataset,
+    *,
+    task: Task = "classification",
+    batch_size: int = 1024,
+    device: str | torch.device = "auto",
+) -> dict[str, float]:
+    """Test metrics: {"accuracy" (fraction correct), "loss" (mean cross-entropy)} for
+    classification, {"mse"} for regression. Restores the model's training mode."""
+    dev = resolve_device(device)
+    loss_fn = task_loss(task)
+    model.to(dev)
+    was_training = model.training
+    model.eval()
+    try:
+        loss_sum, correct, n = 0.0, 0, 0
+        for x, y in make_loader(ds, batch_size, shuffle=False):
+            x, y = x.to(dev), y.to(dev)
+            out = model(x)
+            loss_sum += float(loss_fn(out, y)) * len(y)
+            if task == "classification":
+                correct += int((out.argmax(1) == y).sum())
+            n += len(y)
+    finally:
+        model.train(was_training)
+    if n == 0:
+        raise ValueError("evaluate: the dataset is empty")
+    if task == "regression":
+        return {"mse": loss_sum / n}
+    return {"accuracy": correct / n, "loss": loss_sum / n}

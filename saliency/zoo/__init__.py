@@ -1,0 +1,24 @@
+"""Datasets (offline, or from a user's directory; never downloads) and models, by name.
+
+Not imported by the core: `import saliency` never loads this package.
+"""
+
+from saliency.zoo.datasets import (
+    Dataset,
+    available_datasets,
+    get_dataset,
+    read_idx,
+    register_dataset,
+)
+from saliency.zoo.models import available_models, get_model, register_model
+
+__all__ = [
+    "Dataset",
+    "available_datasets",
+    "available_models",
+    "get_dataset",
+    "get_model",
+    "read_idx",
+    "register_dataset",
+    "register_model",
+]
