@@ -22,12 +22,17 @@ Conventions (used by every function here and by the OBD/OBS criteria):
 from __future__ import annotations
 
 import contextlib
+import copy
+import warnings
 from collections.abc import Callable, Iterator
+from typing import Literal
 
 import torch
 import torch.nn.functional as F_
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
+
+from saliency.criteria.base import default_loss, iter_batches, model_device
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 _CLOSED_FORM = (nn.Linear, nn.Conv1d, nn.Conv2d)
@@ -263,11 +268,42 @@ def sum_grad_squared(
     return sq
 
 
+def _fast_losses(loss_fn: LossFn):
+    """Batched per-sample losses for the common losses (equal to ``loss_fn`` on one sample,
+    whatever its reduction), or None: vmap works for any loss but costs milliseconds per call."""
+    ce = loss_fn in (default_loss, F_.cross_entropy) or (
+        type(loss_fn) is nn.CrossEntropyLoss and loss_fn.weight is None and loss_fn.ignore_index < 0
+    )
+    smoothing = getattr(loss_fn, "label_smoothing", 0.0)
+    if ce:
+        return lambda o, t: (
+            F_.cross_entropy(o, t, reduction="none", label_smoothing=smoothing)
+            .reshape(len(o), -1)
+            .mean(1)
+        )
+    if loss_fn is F_.mse_loss or type(loss_fn) is nn.MSELoss:
+        per = "sum" if getattr(loss_fn, "reduction", "mean") == "sum" else "mean"
+        return lambda o, t: getattr(F_.mse_loss(o, t, reduction="none").reshape(len(o), -1), per)(1)
+    return None
+
+
 def _loss_phi(loss_fn: LossFn) -> Callable[[Tensor, Tensor], Tensor]:
-    return lambda o, t: loss_fn(o.unsqueeze(0), t.unsqueeze(0))
+    phi = lambda o, t: loss_fn(o.unsqueeze(0), t.unsqueeze(0))
+    phi.batched = _fast_losses(loss_fn)
+    return phi
+
+
+def _dot(o: Tensor, t: Tensor) -> Tensor:
+    return (o * t).sum()
+
+
+_dot.batched = lambda out, t: (out * t).reshape(len(out), -1).sum(1)
 
 
 def _vmap_or_loop(phi, out: Tensor, t: Tensor) -> Tensor:
+    """``[phi(out[n], t[n]) for n]``, batched when ``phi.batched`` exists, else vmapped."""
+    if getattr(phi, "batched", None) is not None:
+        return phi.batched(out, t)
     try:
         return vmap(phi)(out, t)
     except Exception:  # functions that vmap cannot trace (data-dependent control flow)
@@ -374,3 +410,419 @@ def _generic_phi_grads(model, params, names, x, t, phi, chunk_size) -> dict[str,
         return phi(functional_call(model, p, (xn.unsqueeze(0),))[0], tn)
 
     return vmap(grad(one), in_dims=(None, 0, 0), chunk_size=chunk_size)(values, x, t)
+
+
+# ----------------------------------------------------------------------------- diagonal curvatures
+
+Likelihood = Literal["auto", "categorical", "gaussian"]
+
+
+def _setup(model, params, data, loss_fn, n_samples):
+    _check_params(model, params)
+    check_per_sample(model)
+    if n_samples is not None and (not isinstance(n_samples, int) or n_samples < 1):
+        raise ValueError(f"n_samples must be a positive int or None (all data); got {n_samples!r}")
+    loss_fn = default_loss if loss_fn is None else loss_fn
+    return loss_fn, iter_batches(data, n_samples, device=model_device(model))
+
+
+def _generator(seed: int, device: torch.device) -> torch.Generator:
+    if not isinstance(seed, int):
+        raise TypeError(f"seed must be an int; got {seed!r}")
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def _finish(acc, params, N, passes, divide_by=1) -> DiagCurvature:
+    out = DiagCurvature(samples=N, backward_passes=passes)
+    for n, p in params.items():
+        out[n] = (acc[n] / (N * divide_by)).to(p.dtype) if n in acc else torch.zeros_like(p)
+    return out
+
+
+def _gaussian_scale(loss_fn: LossFn, out: Tensor) -> float:
+    """``c`` such that ``loss_fn(f, y) = c ||f - y||^2`` for one sample; refuses other losses."""
+    o = out[:1].detach()
+    e = torch.zeros_like(o)
+    e.view(-1)[0] = 1.0
+    e2 = torch.zeros_like(o)
+    e2.view(-1)[-1] = 1.0
+    c = float(loss_fn(o + e, o))
+    ok = c > 0 and abs(float(loss_fn(o + 2 * e, o)) - 4 * c) <= 1e-4 * c
+    ok = ok and abs(float(loss_fn(o + e2, o)) - c) <= 1e-4 * c and abs(float(loss_fn(o, o))) <= 1e-6
+    if not ok:
+        raise ValueError(
+            "likelihood='gaussian' needs a squared-error loss_fn(f, y) = c ||f - y||^2 per sample "
+            "(e.g. F.mse_loss); for classification losses use likelihood='categorical'"
+        )
+    return c
+
+
+def _sample_targets(out: Tensor, y: Tensor, loss_fn, likelihood: str, gen) -> Tensor:
+    """Targets drawn from the model's predictive distribution: labels ~ softmax over dim 1
+    (categorical), or ``f + sigma eps`` with ``sigma^2 = 1 / (2c)`` (gaussian), so that
+    ``exp(-loss_fn)`` is the likelihood and the expected Fisher is the GGN."""
+    if likelihood == "auto":
+        likelihood = "gaussian" if y.is_floating_point() else "categorical"
+    if likelihood == "categorical":
+        if out.dim() < 2:
+            raise ValueError(
+                f"categorical sampling needs [N, C, ...] logits; got {tuple(out.shape)}"
+            )
+        p = torch.softmax(out.float(), dim=1).movedim(1, -1)
+        draw = torch.multinomial(p.reshape(-1, p.shape[-1]), 1, generator=gen)
+        return draw.reshape(p.shape[:-1])
+    if likelihood == "gaussian":
+        sigma = (2 * _gaussian_scale(loss_fn, out)) ** -0.5
+        return out + sigma * torch.randn(
+            out.shape, generator=gen, device=out.device, dtype=out.dtype
+        )
+    raise ValueError(f"likelihood must be 'auto', 'categorical' or 'gaussian'; got {likelihood!r}")
+
+
+def diag_fisher(
+    model: nn.Module,
+    params: dict[str, Tensor],
+    data,
+    loss_fn: LossFn | None = None,
+    *,
+    kind: Literal["empirical", "true"] = "empirical",
+    n_samples: int | None = None,
+    mc_samples: int = 1,
+    seed: int = 0,
+    likelihood: Likelihood = "auto",
+    chunk_size: int | None = 64,
+) -> DiagCurvature:
+    """Diagonal Fisher ``F = (1/N) sum_n g_n * g_n`` over the first ``n_samples`` of ``data``.
+
+    ``kind="empirical"``: ``g_n`` is the gradient of sample n's own loss at its true label
+    (the "empirical Fisher"; Martens 2020 discusses how it differs from the Fisher).
+    ``kind="true"``: the Fisher of the model's predictive distribution,
+    ``(1/N) sum_n E_{y ~ p(y|x_n)} [g_n(y)^2]``, estimated with ``mc_samples`` labels per sample drawn
+    with ``seed``: categorical (softmax over dim 1) for integer targets, Gaussian ``N(f, 1/(2c))``
+    for float targets with a squared-error loss ``c ||f - y||^2`` (``likelihood`` forces either).
+    Scaling: ``g_n`` is the gradient of the per-sample loss, so ``F`` does not depend on the batch
+    size or on the loss reduction. Sums of squares use the closed forms of ``sum_grad_squared``.
+    The result carries ``samples`` and ``backward_passes`` (one per batch and MC sample).
+    """
+    if kind not in ("empirical", "true"):
+        raise ValueError(f"kind must be 'empirical' or 'true'; got {kind!r}")
+    if not isinstance(mc_samples, int) or mc_samples < 1:
+        raise ValueError(f"mc_samples must be a positive int; got {mc_samples!r}")
+    loss_fn, batches = _setup(model, params, data, loss_fn, n_samples)
+    gen = _generator(seed, model_device(model))
+    acc, N, passes = {}, 0, 0
+    for x, y in batches:
+        _check_batch(x, y)
+        if kind == "empirical":
+            make = lambda out, y=y: [y]
+        else:
+            make = lambda out, y=y: [
+                _sample_targets(out, y, loss_fn, likelihood, gen) for _ in range(mc_samples)
+            ]
+        sq, p = _passes(model, params, x, _loss_phi(loss_fn), make, chunk_size, "sq")
+        for n, v in sq.items():
+            _add(acc, n, v)
+        N, passes = N + len(x), passes + p
+    return _finish(acc, params, N, passes, 1 if kind == "empirical" else mc_samples)
+
+
+def _loss_hessian_sqrt(loss_fn, out: Tensor, y: Tensor) -> Tensor:
+    """``S [B, D, D]`` with ``S_n S_n^T = H_n``, the Hessian of ``l_n`` w.r.t. the flattened
+    output ``f_n``; columns with no curvature in any sample are dropped (CE: the constant one)."""
+    phi = _loss_phi(loss_fn)
+    shape = out.shape[1:]
+    flat = lambda o, t: phi(o.reshape(shape), t)
+    H = _vmap_or_loop(torch.func.hessian(flat), out.detach().reshape(len(out), -1), y)
+    lam, V = torch.linalg.eigh(H)  # eigenvalues ascending
+    lam = lam.clamp(min=0)
+    keep = lam.max(0).values > 1e-10 * float(lam.max().clamp(min=1e-30))
+    return (V * lam.sqrt().unsqueeze(1))[:, :, keep]
+
+
+def diag_ggn(
+    model: nn.Module,
+    params: dict[str, Tensor],
+    data,
+    loss_fn: LossFn | None = None,
+    *,
+    exact: bool = True,
+    n_samples: int | None = None,
+    mc_samples: int = 1,
+    seed: int = 0,
+    max_outputs: int = 1000,
+    backend: Literal["auto", "backpack", "torch"] = "auto",
+    chunk_size: int | None = 64,
+) -> DiagCurvature:
+    """Diagonal generalized Gauss-Newton ``G = (1/N) sum_n J_n^T H_n J_n`` (Schraudolph 2002),
+    ``J_n`` the Jacobian of the outputs w.r.t. the weights, ``H_n`` the Hessian of ``l_n`` w.r.t.
+    the outputs (any twice-differentiable ``loss_fn``: cross-entropy, MSE, ...).
+
+    ``exact=True``: ``H_n = S_n S_n^T`` by eigendecomposition and one backward per column of
+    ``S`` (``C - 1`` for C-class cross-entropy), ``G_qq = (1/N) sum_{n,k} (J_n^T s_nk)_q^2``, as
+    BackPACK's ``DiagGGNExact`` does. ``exact=False``: ``mc_samples`` backwards of ``S_n eps``
+    with Rademacher ``eps`` (unbiased, as ``DiagGGNMC``). Refuses more than ``max_outputs``
+    outputs per sample in exact mode. ``backend``: in exact mode, ``"auto"`` uses BackPACK's
+    ``DiagGGNExact`` (one extended backward per batch) where ``backpack_unsupported`` finds nothing
+    against it, ``"torch"`` never does, ``"backpack"`` insists.
+
+    For networks piecewise linear in their weights' inputs (ReLU, max-pool, no BatchNorm in train
+    mode) with a loss convex in the outputs, the second-derivative term of the Hessian vanishes
+    almost everywhere, so the exact Hessian diagonal equals this GGN diagonal.
+    """
+    if not isinstance(mc_samples, int) or mc_samples < 1:
+        raise ValueError(f"mc_samples must be a positive int; got {mc_samples!r}")
+    if backend not in ("auto", "backpack", "torch"):
+        raise ValueError(f"backend must be 'auto', 'backpack' or 'torch'; got {backend!r}")
+    loss_fn, batches = _setup(model, params, data, loss_fn, n_samples)
+    if exact and backend != "torch":
+        why = backpack_unsupported(model, loss_fn)
+        if backend == "backpack" and why:
+            raise ValueError(f"backend='backpack' cannot be used: {why}")
+        if why is None:
+            return _backpack_diag(model, params, batches, loss_fn, "DiagGGNExact")
+    gen = _generator(seed, model_device(model))
+    acc, N, passes = {}, 0, 0
+    for x, y in batches:
+        _check_batch(x, y)
+
+        def make(out, y=y):
+            if exact and out[0].numel() > max_outputs:
+                raise ValueError(
+                    f"diag_ggn(exact=True) needs one backward per output: {out[0].numel()} "
+                    f"outputs per sample > max_outputs={max_outputs}; use exact=False (Monte Carlo)"
+                )
+            S = _loss_hessian_sqrt(loss_fn, out, y)
+            if exact:
+                return [S[:, :, k].reshape(out.shape) for k in range(S.shape[2])]
+            ts = []
+            for _ in range(mc_samples):
+                eps = torch.randint(0, 2, S.shape[::2], generator=gen, device=S.device)
+                ts.append(
+                    torch.einsum("bij,bj->bi", S, 2.0 * eps.to(S.dtype) - 1).reshape(out.shape)
+                )
+            return ts
+
+        sq, p = _passes(model, params, x, _dot, make, chunk_size, "sq")
+        for n, v in sq.items():
+            _add(acc, n, v)
+        N, passes = N + len(x), passes + p
+    return _finish(acc, params, N, passes, 1 if exact else mc_samples)
+
+
+def diag_hessian_hutchinson(
+    model: nn.Module,
+    params: dict[str, Tensor],
+    data,
+    loss_fn: LossFn | None = None,
+    *,
+    n_probes: int = 16,
+    n_samples: int | None = None,
+    seed: int = 0,
+) -> DiagCurvature:
+    """Hutchinson's estimate of the Hessian diagonal of ``(1/N) sum_n l_n``:
+    ``diag(H) ~ (1/K) sum_k z_k * (H z_k)`` with ``K = n_probes`` Rademacher probes per batch
+    (Bekas, Kokiopoulou & Saad 2007), ``H z`` by double backward.
+
+    A fallback only: its variance is large (entries can come out negative), while the exact GGN
+    diagonal costs about as much as a few probes. Cost per batch: one backward with
+    ``create_graph`` plus one double-backward per probe (``backward_passes`` counts 1 + K).
+    """
+    if not isinstance(n_probes, int) or n_probes < 1:
+        raise ValueError(f"n_probes must be a positive int; got {n_probes!r}")
+    loss_fn, batches = _setup(model, params, data, loss_fn, n_samples)
+    gen = _generator(seed, model_device(model))
+    names = list(params)
+    acc, N, passes = {}, 0, 0
+    with _requiring_grad(params):
+        for x, y in batches:
+            _check_batch(x, y)
+            L = per_sample_losses(loss_fn, model(x), y).sum()
+            g = torch.autograd.grad(
+                L, [params[n] for n in names], create_graph=True, allow_unused=True
+            )
+            live = [
+                (n, gi)
+                for n, gi in zip(names, g, strict=True)
+                if gi is not None and gi.requires_grad
+            ]
+            for _ in range(n_probes):
+                zs = [
+                    2.0
+                    * torch.randint(0, 2, gi.shape, generator=gen, device=gi.device).to(gi.dtype)
+                    - 1
+                    for _, gi in live
+                ]
+                Hz = torch.autograd.grad(
+                    [gi for _, gi in live],
+                    [params[n] for n, _ in live],
+                    grad_outputs=zs,
+                    retain_graph=True,
+                    allow_unused=True,
+                )
+                for (n, _), z, h in zip(live, zs, Hz, strict=True):
+                    if h is not None:
+                        _add(acc, n, z * h)
+            N, passes = N + len(x), passes + 1 + n_probes
+    return _finish(acc, params, N, passes, n_probes)
+
+
+# ----------------------------------------------------------------------------- exact diagonals
+
+_BACKPACK_LAYERS = (
+    nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ReLU, nn.Sigmoid, nn.Tanh, nn.LeakyReLU,
+    nn.ELU, nn.SELU, nn.LogSigmoid, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d,
+    nn.AvgPool2d, nn.AvgPool3d, nn.Flatten, nn.Dropout, nn.ZeroPad2d,
+)  # fmt: skip
+
+
+def _backpack_loss(loss_fn, out: Tensor):
+    """The BackPACK loss module (sum-reduced) and the factor turning its curvature into
+    ``sum_n`` of the per-sample loss's, or None when ``loss_fn`` is not one BackPACK knows."""
+    if loss_fn in (default_loss, F_.cross_entropy):
+        return nn.CrossEntropyLoss(reduction="sum"), 1.0
+    if loss_fn is F_.mse_loss:
+        return nn.MSELoss(reduction="sum"), 1.0 / out[0].numel()
+    if (
+        type(loss_fn) is nn.CrossEntropyLoss
+        and loss_fn.weight is None
+        and not loss_fn.label_smoothing
+    ):
+        return nn.CrossEntropyLoss(reduction="sum"), 1.0
+    if type(loss_fn) is nn.MSELoss and loss_fn.reduction in ("mean", "sum"):
+        return nn.MSELoss(reduction="sum"), 1.0 / out[
+            0
+        ].numel() if loss_fn.reduction == "mean" else 1.0
+    return None
+
+
+def backpack_unsupported(model: nn.Module, loss_fn: LossFn | None = None) -> str | None:
+    """Why BackPACK cannot compute second-order quantities for this model and loss (None if it
+    can): it needs backpack-for-pytorch, an ``nn.Sequential`` of layers it supports (a custom
+    ``forward`` with functional ops would silently be skipped), and cross-entropy or MSE."""
+    try:
+        import backpack  # noqa: F401
+    except ImportError:
+        return "backpack-for-pytorch is not installed (pip install backpack-for-pytorch)"
+    loss_fn = default_loss if loss_fn is None else loss_fn
+    for name, m in model.named_modules():
+        if any(True for _ in m.children()):
+            if type(m) is not nn.Sequential:
+                return f"BackPACK needs an nn.Sequential model; {name or 'the model'} is a {type(m).__name__}"
+        elif type(m) not in _BACKPACK_LAYERS:
+            return f"BackPACK has no second-order rule for layer {name!r} ({type(m).__name__})"
+    if _backpack_loss(loss_fn, torch.zeros(1, 1)) is None:
+        return f"BackPACK supports cross-entropy and MSE losses, not {loss_fn!r}"
+    return None
+
+
+def _backpack_diag(model, params, batches, loss_fn, extension: str) -> DiagCurvature:
+    """Sum BackPACK's ``extension`` (DiagHessian, DiagGGNExact, SumGradSquared) over batches on a
+    deep copy of the model (``extend`` adds hooks and attributes we must not leave behind)."""
+    import backpack
+    from backpack import extensions
+
+    ext = getattr(extensions, extension)
+    field = {
+        "DiagHessian": "diag_h",
+        "DiagGGNExact": "diag_ggn_exact",
+        "SumGradSquared": "sum_grad_squared",
+    }[extension]
+    twin = backpack.extend(copy.deepcopy(model))
+    tp = dict(twin.named_parameters())
+    for n, p in tp.items():
+        p.requires_grad_(n in params)
+        p.grad = None
+    acc, N, passes = {}, 0, 0
+    with torch.enable_grad():
+        for x, y in batches:
+            _check_batch(x, y)
+            out = twin(x)
+            lossmod, scale = _backpack_loss(loss_fn, out)
+            with backpack.backpack(ext()), warnings.catch_warnings():
+                # BackPACK's module hooks warn when the inputs do not require grad: harmless here
+                warnings.filterwarnings("ignore", message="Full backward hook is firing")
+                backpack.extend(lossmod)(out, y).backward()
+            for n in params:
+                _add(acc, n, getattr(tp[n], field).detach() * scale)
+                tp[n].grad = None
+            N, passes = N + len(x), passes + 1
+    return _finish(acc, params, N, passes)
+
+
+def _autograd_diag_hessian(model, params, batches, loss_fn, chunk_size) -> DiagCurvature:
+    names = list(params)
+    acc, N, passes = {}, 0, 0
+    with _requiring_grad(params):
+        for x, y in batches:
+            _check_batch(x, y)
+            L = per_sample_losses(loss_fn, model(x), y).sum()
+            g = torch.autograd.grad(
+                L, [params[n] for n in names], create_graph=True, allow_unused=True
+            )
+            for n, gi in zip(names, g, strict=True):
+                if gi is None or not gi.requires_grad:
+                    continue  # the loss is linear (or constant) in this parameter
+                P, p = gi.numel(), params[n]
+                d = torch.empty(P, dtype=gi.dtype, device=gi.device)
+                for i0 in range(0, P, chunk_size):
+                    idx = torch.arange(i0, min(P, i0 + chunk_size), device=gi.device)
+                    rows = torch.arange(len(idx), device=gi.device)
+                    V = torch.zeros(len(idx), P, dtype=gi.dtype, device=gi.device)
+                    V[rows, idx] = 1
+                    (h,) = torch.autograd.grad(
+                        gi,
+                        p,
+                        grad_outputs=V.view(len(idx), *p.shape),
+                        retain_graph=True,
+                        is_grads_batched=True,
+                        allow_unused=True,
+                        materialize_grads=True,
+                    )
+                    d[idx] = h.reshape(len(idx), P)[rows, idx]
+                _add(acc, n, d.view_as(p))
+                passes += P  # one Hessian-vector product per weight (vmapped in chunks)
+            N = N + len(x)
+    return _finish(acc, params, N, passes)
+
+
+def diag_hessian_exact(
+    model: nn.Module,
+    params: dict[str, Tensor],
+    data,
+    loss_fn: LossFn | None = None,
+    *,
+    n_samples: int | None = None,
+    backend: Literal["auto", "backpack", "autograd"] = "auto",
+    max_params: int = 20_000,
+    chunk_size: int = 256,
+) -> DiagCurvature:
+    """Exact Hessian diagonal ``H_qq`` of ``(1/N) sum_n l_n`` (per-sample losses, as everywhere).
+
+    ``backend="backpack"``: BackPACK's ``DiagHessian`` (Dangel, Kunstner & Hennig 2020), one
+    extended backward per batch, for ``nn.Sequential`` models of layers it supports and
+    cross-entropy / MSE losses. ``backend="autograd"``: the reference, one Hessian-vector product
+    per weight (double backward with ``is_grads_batched``, ``chunk_size`` rows at a time), refused
+    above ``max_params`` weights because its cost grows with their number. ``"auto"`` takes
+    BackPACK when it can and the autograd reference otherwise.
+
+    For networks piecewise linear in their weights' inputs (ReLU, max-pool, no BatchNorm in
+    train mode) with cross-entropy or MSE, the exact Hessian diagonal equals the GGN diagonal
+    (``diag_ggn``), which is much cheaper: use that for large models.
+    """
+    if backend not in ("auto", "backpack", "autograd"):
+        raise ValueError(f"backend must be 'auto', 'backpack' or 'autograd'; got {backend!r}")
+    loss_fn, batches = _setup(model, params, data, loss_fn, n_samples)
+    why = backpack_unsupported(model, loss_fn) if backend != "autograd" else "backend='autograd'"
+    if backend == "backpack" and why:
+        raise ValueError(f"backend='backpack' cannot be used: {why}")
+    if why is None:
+        return _backpack_diag(model, params, batches, loss_fn, "DiagHessian")
+    total = sum(p.numel() for p in params.values())
+    if total > max_params:
+        raise ValueError(
+            f"the autograd Hessian diagonal needs one Hessian-vector product per weight: "
+            f"{total:,} weights > max_params={max_params:,}. BackPACK cannot be used ({why}). "
+            "Raise max_params if you can wait, or use diag_ggn (equal to the exact diagonal for "
+            "piecewise-linear networks) or diag_hessian_hutchinson"
+        )
+    return _autograd_diag_hessian(model, params, batches, loss_fn, chunk_size)
