@@ -175,6 +175,8 @@ def test_accuracy_vs_sparsity_files(results, tmp_path):
 
     h, w = imread(tmp_path / "out" / "acc.png").shape[:2]
     assert w == round(6.75 * 200)  # double column (two panels) at 200 dpi
+    again = accuracy_vs_sparsity(read_records(results), tmp_path / "again", stem="acc")
+    assert again[1].read_bytes() == paths[1].read_bytes()  # reproducible PDF (no timestamp)
 
 
 def test_compression_axis_is_log(results):
@@ -182,6 +184,12 @@ def test_compression_axis_is_log(results):
     ax = fig.axes[0]
     assert ax.get_xscale() == "log"
     assert math.isclose(max(ax.get_lines()[0].get_xdata()), 1 / (1 - 0.95))
+    assert [t.get_text() for t in ax.get_xticklabels()] == [
+        "2\u00d7",
+        "5\u00d7",
+        "10\u00d7",
+        "20\u00d7",
+    ]
 
 
 def test_regression_uses_mse(tmp_path):

@@ -184,6 +184,9 @@ def plot_cost(
         ax.grid(axis="y", visible=False)
         if idx == 2 and np.nanmin(mean) > 0:
             log_axis(ax, "x")
+        if idx == 3 and not np.nan_to_num(mean).any():
+            ax.set_xlim(0, 1)  # all data-free: no meaningless +-0.05 axis
+            ax.set_xticks([0])
         for yi, m in zip(y, mean, strict=True):
             if np.isfinite(m):
                 txt = f"{m:.2g}" if idx == 2 else (f"{m:.0f}" if m else "0 (data-free)")

@@ -31,10 +31,9 @@ def _x(s: np.ndarray, xaxis: str) -> np.ndarray:
     return 1.0 / (1.0 - s) if xaxis == "compression" else s
 
 
-def _format_x(ax, xaxis: str) -> None:
+def _format_x(ax, xaxis: str, xs) -> None:
     if xaxis == "compression":
-        ax.set_xscale("log")
-        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}\u00d7"))
+        log_axis(ax, "x", ticks=sorted(set(np.round(xs, 6))), fmt="{:g}\u00d7")
         ax.set_xlabel("Compression ratio 1/(1\u2212s)")
     else:
         ax.set_xlabel("Sparsity s")
@@ -79,6 +78,9 @@ def plot_accuracy_vs_sparsity(
         mode = modes[i]
         phase = D.phase_for(recs, mode)
         sel = [r for r in recs if r.get("mode") == mode and r.get("phase") == phase]
+        xs = {
+            round(float(r["sparsity_target"]), 6) for r in sel if D.finite(r.get("sparsity_target"))
+        }
         for label, rs, st in D.series(sel).values():
             s, m, hw, _n = D.curve(rs, band)
             (m, k) = D.scale(metric, m)
@@ -98,7 +100,7 @@ def plot_accuracy_vs_sparsity(
             )
             handles.setdefault("dense", line)
         ax.set_title(D.MODE_TITLES.get(mode, str(mode)))
-        _format_x(ax, xaxis)
+        _format_x(ax, xaxis, _x(np.array(sorted(xs)), xaxis))
         if i % ncols == 0:
             ax.set_ylabel(D.METRIC_LABELS.get(metric, metric))
     fig.legend(

@@ -95,18 +95,22 @@ def order_key(name: str) -> tuple:
     return (0, ORDER.index(name), name) if name in ORDER else (1, 0, name)
 
 
-def log_axis(ax, which: str = "x") -> None:
-    """Log scale with plain-number ticks (1, 2, 5 per decade over <= 2 decades, else decades
-    only) and no minor labels, so tick labels never collide."""
-    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+def log_axis(ax, which: str = "x", *, ticks=None, fmt: str = "{:g}") -> None:
+    """Log scale with plain-number tick labels that never collide: at `ticks` when given (at
+    most 8), else at each decade (plus 2 and 5 when the axis spans less than one decade);
+    minor ticks unlabelled."""
+    from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, NullFormatter
 
     axis = ax.xaxis if which == "x" else ax.yaxis
     (ax.set_xscale if which == "x" else ax.set_yscale)("log")
-    ax.autoscale_view()
-    lo, hi = axis.get_view_interval()
-    decades = np.log10(hi / lo) if lo > 0 and hi > lo else 99
-    axis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0) if decades <= 2 else (1.0,)))
-    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    if ticks is not None and 0 < len(ticks) <= 8:
+        axis.set_major_locator(FixedLocator(sorted(ticks)))
+    else:
+        ax.autoscale_view()
+        lo, hi = axis.get_view_interval()
+        decades = np.log10(hi / lo) if lo > 0 and hi > lo else 99
+        axis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0) if decades < 0.8 else (1.0,)))
+    axis.set_major_formatter(FuncFormatter(lambda v, _: fmt.format(v)))
     axis.set_minor_formatter(NullFormatter())
 
 
