@@ -63,6 +63,20 @@ def test_on_step_gets_every_step_index():
     assert seen == list(range(9))
 
 
+def test_on_epoch_can_stop_training():
+    seen = []
+    hist = train(
+        small_mlp(),
+        blobs(40),
+        epochs=10,
+        batch_size=16,
+        device="cpu",
+        on_epoch=lambda e, loss: seen.append((e, loss)) or e == 2,
+    )
+    assert [e for e, _ in seen] == [0, 1, 2] and hist["steps"] == 9
+    assert [loss for _, loss in seen] == hist["epoch_loss"]
+
+
 def test_restores_training_mode():
     m = small_mlp().eval()
     train(m, blobs(16), epochs=1, batch_size=8, device="cpu")
@@ -103,6 +117,41 @@ def test_gradual_pruning_through_on_step():
     )
     train(m, ds, epochs=3, batch_size=16, device="cpu", on_step=lambda s: pruner.step())
     assert pruner.masks.sparsity == pytest.approx(0.8, abs=0.01)
+    params = dict(m.named_parameters())
+    assert all(torch.all(params[n][~k] == 0) for n, k in pruner.masks.items())
+
+
+def test_masks_returned_by_on_step_clear_optimizer_state():
+    """Pruning mid-training with Adam: the moments of newly pruned weights are zeroed, so the
+    weights stay exactly 0 after every step, not only at the next forward."""
+    ds = blobs()
+    m = small_mlp()
+    pruner = saliency.GradualPruner(
+        m, "magnitude", saliency.PolynomialDecay(0.3, 0.7, 2, 8, frequency=3)
+    )
+    params = dict(m.named_parameters())
+    bad = []
+
+    def on_step(step):
+        masks = pruner.step()
+        return masks
+
+    def check(step):
+        if pruner.masks is not None:
+            bad.extend(n for n, k in pruner.masks.items() if torch.any(params[n][~k] != 0))
+
+    # check right after the optimizer step that follows a pruning step, before any forward
+    seen = []
+    train(
+        m,
+        ds,
+        epochs=2,
+        batch_size=16,
+        lr=0.05,
+        device="cpu",
+        on_step=lambda s: (check(s), seen.append(s), on_step(s))[-1],
+    )
+    assert seen and not bad
 
 
 def test_evaluate_against_a_manual_loop():

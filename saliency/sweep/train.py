@@ -22,6 +22,9 @@ from torch.utils.data import (
     TensorDataset,
 )
 
+from saliency.apply import clear_optimizer_state
+from saliency.masks import Masks
+
 Task = Literal["classification", "regression"]
 
 
@@ -89,13 +92,16 @@ def train(
     task: Task = "classification",
     on_step: Callable[[int], object] | None = None,
     loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
+    on_epoch: Callable[[int, float], bool | None] | None = None,
 ) -> dict[str, list[float] | int]:
     """Train `model` in place for `epochs` passes over `train_ds`; returns
     {"epoch_loss": [mean training loss of each epoch], "steps": optimizer steps}.
 
     The model is moved to `device` and left there, in the training mode it had before.
     `on_step(step)` runs after every optimizer step with the 0-based index of that step (the
-    sweeps call `GradualPruner.step()` there). `loss_fn` defaults to the task's loss.
+    sweeps call `GradualPruner.step()` there); when it returns new `Masks` (as
+    `GradualPruner.step()` does), the optimizer state at their pruned entries is cleared. `on_epoch(epoch, mean_loss)` runs after every
+    epoch; returning True stops training (early stopping). `loss_fn` defaults to the task's loss.
     """
     if not isinstance(epochs, int) or epochs < 0:
         raise ValueError(f"epochs must be a non-negative int; got {epochs!r}")
@@ -106,7 +112,7 @@ def train(
         [p for p in model.parameters() if p.requires_grad], optimizer, lr, momentum, weight_decay
     )
     loader = make_loader(train_ds, batch_size, shuffle=True, seed=seed)
-    was_training, step, history = model.training, 0, []
+    was_training, step, history, last_masks = model.training, 0, [], None
     model.train()
     try:
         for _ in range(epochs):
@@ -118,11 +124,18 @@ def train(
                 loss.backward()
                 opt.step()
                 if on_step is not None:
-                    on_step(step)
+                    masks = on_step(step)
+                    if isinstance(masks, Masks) and masks is not last_masks:
+                        # pruned mid-training (GradualPruner.step() returns the masks in force):
+                        # clear the optimizer's stale momentum at newly pruned entries
+                        clear_optimizer_state(opt, model, masks)
+                        last_masks = masks
                 step += 1
                 total += float(loss.detach()) * len(y)
                 n += len(y)
             history.append(total / max(n, 1))
+            if on_epoch is not None and on_epoch(len(history) - 1, history[-1]):
+                break
     finally:
         model.train(was_training)
         opt.zero_grad(set_to_none=True)  # leave no .grad behind
