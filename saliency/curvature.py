@@ -139,24 +139,29 @@ def _unfold(m: nn.Module, x: Tensor) -> Tensor:
     return F_.unfold(x, k, dilation=d, stride=s)
 
 
-def _layer_terms(m: nn.Module, x: Tensor, delta: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-sample (input, output-gradient) factors such that g_n = delta_n @ a_n^T:
-    ``a [B, T, in]``, ``d [B, T, out]`` for Linear (T = product of extra dims);
-    ``a [B, G, in/G * k, L]``, ``d [B, G, out/G, L]`` for grouped convolutions."""
+def _input_factor(m: nn.Module, x: Tensor) -> Tensor:
+    """Per-sample input factor ``a``: ``[B, T, in]`` for Linear (T = product of extra dims),
+    ``[B, G, in/G * k, L]`` unfolded patches for convolutions with G groups."""
     B = x.shape[0]
     if isinstance(m, nn.Linear):
         if x.dim() < 2:
             raise ValueError(f"{m} got unbatched input of shape {tuple(x.shape)}")
-        return x.reshape(B, -1, x.shape[-1]), delta.reshape(B, -1, delta.shape[-1])
+        return x.reshape(B, -1, x.shape[-1])
     if x.dim() != (3 if isinstance(m, nn.Conv1d) else 4):
         raise ValueError(
             f"{m} got input of shape {tuple(x.shape)}; per-sample gradients need a batch"
         )
     a = _unfold(m, x)
-    G = m.groups
-    a = a.reshape(B, G, a.shape[1] // G, a.shape[2])
-    d = delta.reshape(B, G, delta.shape[1] // G, -1)
-    return a, d
+    return a.reshape(B, m.groups, a.shape[1] // m.groups, a.shape[2])
+
+
+def _delta_factor(m: nn.Module, delta: Tensor) -> Tensor:
+    """Output gradient as ``[B, T, out]`` (Linear) or ``[B, G, out/G, L]`` (convolutions), so
+    that ``g_n = d_n^T a_n`` summed over T or L."""
+    B = delta.shape[0]
+    if isinstance(m, nn.Linear):
+        return delta.reshape(B, -1, delta.shape[-1])
+    return delta.reshape(B, m.groups, delta.shape[1] // m.groups, -1)
 
 
 def _grads_from_terms(m: nn.Module, a: Tensor, d: Tensor) -> tuple[Tensor, Tensor]:
@@ -210,8 +215,11 @@ class _Capture:
 
     def terms(self, m: nn.Module):
         """(a, d) factor pairs of the last backward pass, one per call of layer m."""
-        ds = self.deltas[m]
-        pairs = [_layer_terms(m, x, ds[i]) for i, x in enumerate(self.inputs[m]) if i in ds]
+        ds, xs = self.deltas[m], self.inputs[m]
+        for i, x in enumerate(xs):  # unfold each input once, however many backward passes
+            if i in ds and not isinstance(x, tuple):
+                xs[i] = (_input_factor(m, x),)
+        pairs = [(xs[i][0], _delta_factor(m, ds[i])) for i in range(len(xs)) if i in ds]
         ds.clear()
         return pairs
 
@@ -268,21 +276,32 @@ def sum_grad_squared(
     return sq
 
 
+def _loss_kind(loss_fn: LossFn) -> str | None:
+    """ "ce", "mse_mean", "mse_sum" for the losses with closed forms here, else None."""
+    if loss_fn in (default_loss, F_.cross_entropy) or (
+        type(loss_fn) is nn.CrossEntropyLoss and loss_fn.weight is None and loss_fn.ignore_index < 0
+    ):
+        return "ce"
+    if loss_fn is F_.mse_loss or (type(loss_fn) is nn.MSELoss and loss_fn.reduction == "mean"):
+        return "mse_mean"
+    if type(loss_fn) is nn.MSELoss and loss_fn.reduction == "sum":
+        return "mse_sum"
+    return None
+
+
 def _fast_losses(loss_fn: LossFn):
     """Batched per-sample losses for the common losses (equal to ``loss_fn`` on one sample,
     whatever its reduction), or None: vmap works for any loss but costs milliseconds per call."""
-    ce = loss_fn in (default_loss, F_.cross_entropy) or (
-        type(loss_fn) is nn.CrossEntropyLoss and loss_fn.weight is None and loss_fn.ignore_index < 0
-    )
-    smoothing = getattr(loss_fn, "label_smoothing", 0.0)
-    if ce:
+    kind = _loss_kind(loss_fn)
+    if kind == "ce":
+        eps = getattr(loss_fn, "label_smoothing", 0.0)
         return lambda o, t: (
-            F_.cross_entropy(o, t, reduction="none", label_smoothing=smoothing)
+            F_.cross_entropy(o, t, reduction="none", label_smoothing=eps)
             .reshape(len(o), -1)
             .mean(1)
         )
-    if loss_fn is F_.mse_loss or type(loss_fn) is nn.MSELoss:
-        per = "sum" if getattr(loss_fn, "reduction", "mean") == "sum" else "mean"
+    if kind is not None:
+        per = "mean" if kind == "mse_mean" else "sum"
         return lambda o, t: getattr(F_.mse_loss(o, t, reduction="none").reshape(len(o), -1), per)(1)
     return None
 
@@ -529,10 +548,19 @@ def diag_fisher(
 def _loss_hessian_sqrt(loss_fn, out: Tensor, y: Tensor) -> Tensor:
     """``S [B, D, D]`` with ``S_n S_n^T = H_n``, the Hessian of ``l_n`` w.r.t. the flattened
     output ``f_n``; columns with no curvature in any sample are dropped (CE: the constant one)."""
-    phi = _loss_phi(loss_fn)
-    shape = out.shape[1:]
-    flat = lambda o, t: phi(o.reshape(shape), t)
-    H = _vmap_or_loop(torch.func.hessian(flat), out.detach().reshape(len(out), -1), y)
+    out = out.detach()
+    B, D = len(out), out[0].numel()
+    kind = _loss_kind(loss_fn)
+    if kind == "ce" and out.dim() == 2:  # softmax cross-entropy: diag(p) - p p^T, any target
+        p = torch.softmax(out, 1)
+        H = torch.diag_embed(p) - p.unsqueeze(2) * p.unsqueeze(1)
+    elif kind in ("mse_mean", "mse_sum"):  # c ||f - y||^2: 2c I
+        c = 1.0 / D if kind == "mse_mean" else 1.0
+        return (2 * c) ** 0.5 * torch.eye(D, dtype=out.dtype, device=out.device).expand(B, D, D)
+    else:
+        phi = _loss_phi(loss_fn)
+        flat = lambda o, t: phi(o.reshape(out.shape[1:]), t)
+        H = _vmap_or_loop(torch.func.hessian(flat), out.reshape(B, -1), y)
     lam, V = torch.linalg.eigh(H)  # eigenvalues ascending
     lam = lam.clamp(min=0)
     keep = lam.max(0).values > 1e-10 * float(lam.max().clamp(min=1e-30))
