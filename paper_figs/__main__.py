@@ -6,18 +6,10 @@ import argparse
 import logging
 import sys
 
-FIGURES = (
-    "accuracy_vs_sparsity",
-    "accuracy_vs_compression",
-    "layer_sparsity",
-    "agreement",
-    "loss_prediction",
-    "cost",
-    "table",
-)
-
 
 def parse(argv=None) -> argparse.Namespace:
+    from saliency.plotting import FIGURES
+
     p = argparse.ArgumentParser(
         prog="python -m paper_figs",
         description="Build every paper figure (PDF + PNG 200 dpi) and table (LaTeX + Markdown) "
@@ -31,6 +23,13 @@ def parse(argv=None) -> argparse.Namespace:
         type=float,
         help="global sparsity for the per-layer and agreement figures "
         "(default: the recorded target closest to 0.9)",
+    )
+    p.add_argument(
+        "--table-sparsities",
+        type=float,
+        nargs="+",
+        metavar="S",
+        help="columns of the table (default: every recorded target, at most six)",
     )
     p.add_argument(
         "--band",
@@ -59,6 +58,7 @@ def main(argv=None) -> int:
             band=args.band,
             usetex=args.usetex,
             only=args.only,
+            table_sparsities=args.table_sparsities,
         )
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -46,12 +46,23 @@ def test_cli_builds_everything(tmp_path):
 
 def test_cli_only_and_missing_dir(tmp_path):
     d = write_results(tmp_path, scores=False)
-    r = run(d, "--out", tmp_path / "f", "--only", "table", "agreement")
+    r = run(
+        d,
+        "--out",
+        tmp_path / "f",
+        "--only",
+        "table",
+        "agreement",
+        "--table-sparsities",
+        "0.5",
+        "0.9",
+    )
     assert r.returncode == 0, r.stderr
     assert sorted(Path(x).name for x in r.stdout.split()) == [
         "table_accuracy.md",
         "table_accuracy.tex",
     ]
     assert "agreement" in r.stderr  # skipped with its reason
+    assert "| criterion | s = 0.5 | s = 0.9 |" in (tmp_path / "f" / "table_accuracy.md").read_text()
     r = run(tmp_path / "nope", "--out", tmp_path / "f")
     assert r.returncode == 2 and "no records" in r.stderr

@@ -213,8 +213,11 @@ def test_bad_arguments(results):
 
 
 def test_build_all_writes_every_figure(results, tmp_path):
+    from saliency.plotting import FIGURES
+
     paths = build_all([results], tmp_path / "figs")
     stems = {p.stem for p in paths}
+    assert stems == (set(FIGURES) - {"table"}) | {"table_accuracy"}
     assert {"accuracy_vs_sparsity", "accuracy_vs_compression", "loss_prediction"} <= stems
     assert all(p.exists() for p in paths)
 

@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "DOUBLE_COLUMN",
+    "FIGURES",
     "SINGLE_COLUMN",
     "accuracy_vs_sparsity",
     "agreement",
@@ -62,13 +63,15 @@ def build_all(
     band: str = "std",
     usetex: bool = False,
     only: Sequence[str] | None = None,
+    table_sparsities: Sequence[float] | None = None,
 ) -> list[Path]:
     """Every figure and table from the records in `results_dirs`; returns the files written.
 
     A figure the records cannot support (no scores saved, no OBD/OBS records, ...) is skipped
     with a logged reason, and one that fails is logged with its error: the build never stops.
     sparsity: the global sparsity for the per-layer and agreement figures (default: the
-    recorded target closest to 0.9). only: names of the steps to run (see `STEPS`).
+    recorded target closest to 0.9). only: names of the figures to build (`FIGURES`).
+    table_sparsities: the table's columns (default: every recorded target, at most six).
     """
     from saliency.sweep.records import read_records
 
@@ -77,7 +80,15 @@ def build_all(
     dirs = [Path(d) for d in results_dirs]
     records = read_records(*dirs)
     out = Path(out_dir)
-    steps = _steps(records, dirs, out, sparsity=sparsity, band=band, usetex=usetex)
+    steps = _steps(
+        records,
+        dirs,
+        out,
+        sparsity=sparsity,
+        band=band,
+        usetex=usetex,
+        table_sparsities=table_sparsities,
+    )
     unknown = set(only or ()) - set(steps)
     if unknown:
         raise ValueError(f"unknown figure names {sorted(unknown)}; known: {list(steps)}")
@@ -96,7 +107,18 @@ def build_all(
     return paths
 
 
-def _steps(records, dirs, out, *, sparsity, band, usetex):
+FIGURES = (
+    "accuracy_vs_sparsity",
+    "accuracy_vs_compression",
+    "layer_sparsity",
+    "agreement",
+    "loss_prediction",
+    "cost",
+    "table",
+)
+
+
+def _steps(records, dirs, out, *, sparsity, band, usetex, table_sparsities):
     from saliency.plotting.data import pick_sparsity
 
     kw = {"usetex": usetex}
@@ -130,5 +152,5 @@ def _steps(records, dirs, out, *, sparsity, band, usetex):
         "agreement": agree,
         "loss_prediction": lambda: loss_prediction(records, out, **kw),
         "cost": lambda: cost(records, out, sparsity=s, **kw),
-        "table": lambda: metric_table(records, out),
+        "table": lambda: metric_table(records, out, sparsities=table_sparsities),
     }

@@ -68,8 +68,18 @@ def plot_accuracy_vs_sparsity(
     nrows = math.ceil(len(modes) / ncols)
     width = width or ("single" if ncols == 1 else "double")
     fig, axes = new_figure(width, height or 0.6 + 1.9 * nrows, nrows, ncols, sharey=True)
-    dense_vals = D.by_seed_mean(r for r in dense if r.get("metric") == metric)
-    dense_mean = float(np.mean(dense_vals)) if dense_vals else None
+    dense_mean, dense_hw, dense_n = D.summarize(
+        D.by_seed_mean(r for r in dense if r.get("metric") == metric), band
+    )
+    # one factor for the whole figure: accuracy fractions shown in percent
+    k = D.scale(
+        metric,
+        [
+            r["value"]
+            for r in [*recs, *dense]
+            if r.get("metric") == metric and D.finite(r.get("value"))
+        ],
+    )[1]
     handles: dict[str, Line2D] = {}
     for i, ax in enumerate(axes.flat):
         if i >= len(modes):
@@ -83,16 +93,23 @@ def plot_accuracy_vs_sparsity(
         }
         for label, rs, st in D.series(sel).values():
             s, m, hw, _n = D.curve(rs, band)
-            (m, k) = D.scale(metric, m)
-            (line,) = ax.plot(_x(s, xaxis), m, label=label, **st)
+            (line,) = ax.plot(_x(s, xaxis), m * k, label=label, **st)
             ax.fill_between(
-                _x(s, xaxis), m - hw * k, m + hw * k, color=st["color"], alpha=0.18, linewidth=0
+                _x(s, xaxis), (m - hw) * k, (m + hw) * k, color=st["color"], alpha=0.18, linewidth=0
             )
             handles.setdefault(label, line)
-        if dense_mean is not None:
-            dm, _ = D.scale(metric, [dense_mean])
+        if dense_n:
+            if dense_hw > 0:
+                ax.axhspan(
+                    (dense_mean - dense_hw) * k,
+                    (dense_mean + dense_hw) * k,
+                    color="0.5",
+                    alpha=0.15,
+                    lw=0,
+                    zorder=0,
+                )
             line = ax.axhline(
-                dm[0],
+                dense_mean * k,
                 label="dense",
                 lw=0.9,
                 zorder=1,
@@ -121,7 +138,8 @@ def caption(records: Sequence[dict], band: str, metric: str) -> str:
     )
     return (
         f"Test {metric} vs sparsity (fraction of prunable weights set to zero). Lines: mean over "
-        f"{len(seeds)} seed(s); shaded: {what}; dashed black: dense baseline. One-shot is "
+        f"{len(seeds)} seed(s); shaded: {what}; dashed black: dense baseline (grey: its "
+        f"{what} over seeds). One-shot is "
         f"evaluated right after pruning; other modes after training."
     )
 
