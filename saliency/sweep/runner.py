@@ -243,8 +243,9 @@ def _run_submitit(cfg, out, jobs, done, result, bar, on_error, cluster) -> None:
         ) from None
     ex = submitit.AutoExecutor(folder=str(out / "submitit"), cluster=cluster)
     ex.update_parameters(timeout_min=60 * 24)
+    poll = 0.25 if cluster in ("local", "debug") else 10.0  # seconds between status checks
     running = {ex.submit(run_job, cfg, j, str(out), done): j for j in jobs}
-    for sub in submitit.helpers.as_completed(list(running)):
+    for sub in submitit.helpers.as_completed(list(running), poll_frequency=poll):
         job = running[sub]
         try:
             n = sub.result()

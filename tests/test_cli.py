@@ -1,0 +1,174 @@
+"""The `saliency` command: run, demo (shrunk to the tiny model), criteria, report, figs."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from importlib import resources
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import sweep_helpers  # noqa: E402
+
+from saliency.cli import main, probe_criteria  # noqa: E402
+from saliency.sweep.config import tomllib  # noqa: E402
+from saliency.sweep.records import read_records  # noqa: E402
+
+TINY_DEMO = [
+    'imports=["sweep_helpers"]',
+    "model=tiny_mlp",
+    "dataset=tiny_blobs",
+    "sparsities=[0.5, 0.9]",
+    "train.epochs=1",
+    "scoring.n_samples=32",
+]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)  # the CLI sets the thread count of its process: restore it
+
+
+def sets(items):
+    return [a for s in items for a in ("--set", s)]
+
+
+def test_run_report_and_bad_config(tmp_path, capsys):
+    cfg = sweep_helpers.write_config(tmp_path)
+    assert (
+        main(
+            [
+                "run",
+                str(cfg),
+                "--out",
+                str(tmp_path / "r"),
+                "--threads",
+                "1",
+                *sets(["seeds=[0]", 'modes=["oneshot"]']),
+            ]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "### oneshot: accuracy (%)" in out and "| magnitude |" in out
+    assert "5 unit(s) run, 0 already done, of 5" in out
+    assert f"records: {tmp_path / 'r' / 'tiny' / 'records.jsonl'}" in out
+    assert main(["report", str(tmp_path / "r" / "tiny")]) == 0
+    md = capsys.readouterr().out
+    assert "| criterion | 0.5 | 0.9 |" in md and "### dense: loss" in md
+    assert main(["report", str(tmp_path / "r" / "tiny"), "--metric", "loss"]) == 0
+    assert "accuracy" not in capsys.readouterr().out
+    # a bad key fails before any work, naming the key; nothing is written
+    assert main(["run", str(cfg), "--out", str(tmp_path / "bad"), *sets(["train.epoch=3"])]) == 2
+    err = capsys.readouterr().err
+    assert "'train.epoch'" in err and "accepted" in err and "epochs" in err
+    bad = cfg.read_text().replace('criteria = ["magnitude", "random"]', 'criteria = ["nope"]')
+    (tmp_path / "bad.toml").write_text(bad)
+    assert main(["run", str(tmp_path / "bad.toml"), "--out", str(tmp_path / "bad")]) == 2
+    assert "unknown criterion 'nope'" in capsys.readouterr().err
+    assert (
+        main(["run", str(cfg), "--out", str(tmp_path / "bad"), *sets(["sparsities=[0.5, 1.0]"])])
+        == 2
+    )
+    assert "sparsities: 1.0 is outside [0, 1)" in capsys.readouterr().err
+    assert (
+        main(["run", str(cfg), "--out", str(tmp_path / "bad"), *sets(['data_root="/no/such/dir"'])])
+        == 2
+    )
+    assert "data_root '/no/such/dir' is not a directory" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+    assert main(["report", str(tmp_path / "nothing")]) == 2
+
+
+def test_criteria_lists_names_with_descriptions(capsys):
+    assert main(["criteria"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    magnitude = [line for line in lines if line.startswith("magnitude ")]
+    assert magnitude and "Han et al" in magnitude[0]
+    assert any(line.startswith("random ") for line in lines)
+
+
+def test_python_dash_m_entry_point():
+    out = subprocess.run(
+        [sys.executable, "-m", "saliency", "--help"], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0 and "demo" in out.stdout and "report" in out.stdout
+
+
+def test_demo_config_is_package_data_and_valid():
+    text = resources.files("saliency.sweep").joinpath("demo.toml").read_text()
+    raw = tomllib.loads(text)
+    assert raw["model"] == "lenet300" and raw["dataset"] == "mnist5k"
+    assert raw["modes"] == ["oneshot", "finetune"] and raw["save_scores"] is True
+    assert raw["sparsities"][0] == 0.5 and raw["sparsities"][-1] == 0.98 and len(raw["seeds"]) == 2
+
+
+def test_probe_skips_exact_hessians_on_big_models_and_failing_criteria():
+    from dataclasses import dataclass
+    from typing import ClassVar
+
+    from saliency.criteria import _REGISTRY, Scores, register_criterion
+
+    @dataclass(frozen=True)
+    class ExactThing:
+        """Test: an exact-Hessian criterion."""
+
+        name: ClassVar[str] = "t_exact"
+        hessian: str = "exact"
+
+        def score(self, model, params, data, loss_fn):
+            return Scores({n: p.detach().abs() for n, p in params.items()})
+
+    @dataclass(frozen=True)
+    class NeedsPackage:
+        """Test: a criterion whose optional dependency is missing."""
+
+        name: ClassVar[str] = "t_needs"
+
+        def score(self, model, params, data, loss_fn):
+            raise ImportError("no module named 'fancy'")
+
+    register_criterion(ExactThing, overwrite=True)
+    register_criterion(NeedsPackage, overwrite=True)
+    try:
+        raw = tomllib.loads(sweep_helpers.TINY)
+        raw["model_kwargs"] = {"hidden": 4000}  # 6*4000 + 4000*3 = 36,000 > the exact limit
+        skipped = probe_criteria(raw)
+        assert (
+            "exact Hessian" in skipped["t_exact"]
+            and "needs an optional package" in skipped["t_needs"]
+        )
+        assert "magnitude" not in skipped
+        raw["model_kwargs"] = {}
+        assert "t_exact" not in probe_criteria(raw)
+    finally:
+        _REGISTRY.pop("t_exact", None)
+        _REGISTRY.pop("t_needs", None)
+
+
+def test_demo_shrunk_to_the_tiny_model_writes_records_and_figure(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path), *sets(TINY_DEMO)]) == 0
+    out = capsys.readouterr().out
+    assert "saliency demo: tiny_mlp on tiny_blobs" in out
+    for suffix in (".png", ".pdf"):
+        path = tmp_path / "demo" / "figures" / f"accuracy_vs_sparsity{suffix}"
+        assert f"figure: {path}" in out and path.stat().st_size > 0
+    records = read_records(tmp_path / "demo")
+    import saliency
+
+    assert {r["criterion"] for r in records} == {"dense", *saliency.available_criteria()} - set(
+        line.split()[1].rstrip(":")
+        for line in out.splitlines()
+        if line.strip().startswith("skipped")
+    )
+    assert {r["mode"] for r in records} == {"dense", "oneshot", "finetune"}
+    assert "demo finished in" in out
+    assert list((tmp_path / "demo" / "scores" / "oneshot-seed1").glob("*.pt"))
+    # figs: every figure the records support
+    assert main(["figs", str(tmp_path / "demo"), "--out", str(tmp_path / "figs")]) == 0
+    assert list((tmp_path / "figs").glob("*.png"))

@@ -1,0 +1,302 @@
+"""The sweep runner end to end on a tiny dataset and model (seconds): records, caching,
+score reuse, update / schedule criteria, predicted loss increase, workers, submitit."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import sweep_helpers  # noqa: E402
+
+import saliency  # noqa: E402
+from saliency.criteria import _REGISTRY, Scores, register_criterion  # noqa: E402
+from saliency.sweep.config import parse_config, tomllib  # noqa: E402
+from saliency.sweep.records import read_records  # noqa: E402
+from saliency.sweep.report import markdown, summarize  # noqa: E402
+from saliency.sweep.runner import plan, run_sweep  # noqa: E402
+
+SCHEMA = {
+    "run_id",
+    "sweep",
+    "config_hash",
+    "model",
+    "dataset",
+    "task",
+    "criterion",
+    "hparams",
+    "seed",
+    "mode",
+    "scope",
+    "granularity",
+    "sparsity_target",
+    "sparsity",
+    "layer_sparsity",
+    "phase",
+    "split",
+    "metric",
+    "value",
+    "params_total",
+    "params_remaining",
+    "flops_dense",
+    "flops_nonzero",
+    "gzip_bytes",
+    "score_seconds",
+    "score_samples",
+    "score_backward_passes",
+    "predicted_loss_increase",
+    "time",
+    "saliency_version",
+    "label",
+}
+CALLS: Counter = Counter()
+
+
+@dataclass(frozen=True)
+class HalfSquare:
+    """Test criterion: 0.5 w^2 in loss units, counting its scoring passes, with an update."""
+
+    name: ClassVar[str] = "t_halfsq"
+    loss_units: ClassVar[bool] = True
+    bump: float = 0.0
+
+    def score(self, model, params, data, loss_fn):
+        CALLS[self.name] += 1
+        s = Scores({n: 0.5 * p.detach() ** 2 for n, p in params.items()})
+        s.cost.samples, s.cost.backward_passes = 0, 0
+        return s
+
+    def update(self, model, params, masks, scores):
+        with torch.no_grad():  # shift the kept weights: visible if the dense copy leaked
+            for n, p in params.items():
+                p.add_(self.bump * masks[n])
+
+
+@dataclass(frozen=True)
+class Rounds:
+    """Test criterion with a 3-round schedule (like SynFlow's), counting its passes."""
+
+    name: ClassVar[str] = "t_rounds"
+
+    def schedule(self, sparsity):
+        return [sparsity / 3, 2 * sparsity / 3, sparsity]
+
+    def score(self, model, params, data, loss_fn):
+        CALLS[self.name] += 1
+        return Scores({n: p.detach().abs() for n, p in params.items()})
+
+
+@dataclass(frozen=True)
+class Broken:
+    """Test criterion that always fails."""
+
+    name: ClassVar[str] = "t_broken"
+
+    def score(self, model, params, data, loss_fn):
+        raise RuntimeError("boom")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models on a shared 2-core machine: one intra-op thread is ~10x faster."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def test_criteria():
+    classes = [HalfSquare, Rounds, Broken]
+    for c in classes:
+        register_criterion(c, overwrite=True)
+    CALLS.clear()
+    yield
+    for c in classes:
+        _REGISTRY.pop(c.name, None)
+
+
+def cfg_of(**changes):
+    raw = tomllib.loads(sweep_helpers.TINY)
+    for k, v in changes.items():
+        if isinstance(v, dict) and isinstance(raw.get(k), dict):
+            raw[k] = {**raw[k], **v}
+        else:
+            raw[k] = v
+    return parse_config(raw)
+
+
+def by_unit(records):
+    units = {}
+    for r in records:
+        units.setdefault(r["run_id"], []).append(r)
+    return units
+
+
+def test_tiny_sweep_all_modes_end_to_end(tmp_path):
+    cfg = cfg_of(
+        modes=["oneshot", "finetune", "gradual", "iterative", "init"],
+        gradual={"epochs": 1},
+        iterative={"rounds": 2},
+        save_scores=True,
+    )
+    res = run_sweep(cfg, tmp_path)
+    records = read_records(res.out)
+    n_units = len({u.run_id for j in plan(cfg) for u in j.units})
+    assert res.units == n_units == 2 + 2 * 2 * 2 * 5 and res.ran == n_units and not res.failures
+    units = by_unit(records)
+    assert len(units) == n_units
+    for r in records:
+        assert set(r) == SCHEMA, set(r) ^ SCHEMA
+        assert r["sweep"] == "tiny" and r["split"] == "test" and r["task"] == "classification"
+        assert abs(r["sparsity"] - r["sparsity_target"]) < 0.02
+        assert r["params_total"] == 6 * 12 + 12 * 3
+        assert r["params_remaining"] == round(r["params_total"] * (1 - r["sparsity"]))
+        assert r["flops_nonzero"] <= r["flops_dense"] == 6 * 12 + 12 * 3
+        assert r["gzip_bytes"] > 0 and r["metric"] in ("accuracy", "loss")
+    phases = Counter((r["mode"], r["phase"]) for r in records if r["metric"] == "accuracy")
+    assert phases == {
+        ("dense", "dense"): 2,
+        ("oneshot", "pruned"): 8,
+        ("finetune", "pruned"): 8,
+        ("finetune", "final"): 8,
+        ("gradual", "final"): 8,
+        ("iterative", "final"): 8,
+        ("init", "pruned"): 8,
+        ("init", "final"): 8,
+    }
+    dense = [r for r in records if r["criterion"] == "dense"]
+    assert {(r["mode"], r["sparsity_target"], r["score_seconds"]) for r in dense} == {
+        ("dense", 0.0, None)
+    }
+    # the dense model is trained once per seed and cached; scores saved per criterion and seed
+    assert len(list((res.out / "cache").glob("dense-seed*.pt"))) == 2
+    saved = torch.load(res.out / "scores" / "oneshot-seed1" / "magnitude.pt")
+    assert set(saved) == {"1.weight", "3.weight"} and saved["1.weight"].dtype == torch.float32
+    # magnitude keeps the largest weights: at least as good as random on average, pruned
+    acc = {
+        (r["mode"], r["label"], r["sparsity"]): r["mean"] for r in summarize(records, ("accuracy",))
+    }
+    assert acc[("oneshot", "magnitude", 0.5)] >= acc[("oneshot", "random", 0.5)] - 0.05
+    # rerunning is a no-op
+    again = run_sweep(cfg, tmp_path)
+    assert again.ran == 0 and again.skipped == n_units
+    assert len(read_records(res.out)) == len(records)
+
+
+def test_one_scoring_pass_per_curve_update_on_copies_and_predicted_loss(tmp_path, test_criteria):
+    cfg = cfg_of(
+        criteria=[{"name": "t_halfsq", "bump": 0.25}, "t_rounds"], sparsities=[0.3, 0.6, 0.9]
+    )
+    run_sweep(cfg, tmp_path)
+    # one pass of t_halfsq per seed for 3 sparsities x 2 modes; t_rounds re-scores every round
+    assert CALLS["t_halfsq"] == 2
+    assert CALLS["t_rounds"] == 2 * 3 * 3
+    records = read_records(tmp_path / "tiny")
+    dense_model = saliency.sweep.jobs.dense_model(cfg, tmp_path / "tiny", 0)
+    params = saliency.prunable_parameters(dense_model)
+    full = torch.cat([0.5 * p.detach().flatten() ** 2 for p in params.values()]).sort().values
+    for r in records:
+        if r["criterion"] == "t_halfsq" and r["seed"] == 0 and r["phase"] == "pruned":
+            k = round(r["sparsity_target"] * full.numel())
+            assert r["predicted_loss_increase"] == pytest.approx(float(full[:k].sum()), rel=1e-5)
+            assert r["hparams"] == {"bump": 0.25}
+        if r["criterion"] == "t_rounds":
+            assert r["predicted_loss_increase"] is None
+    # the update ran on a copy per sparsity: pruned loss differs from a no-update run, and
+    # each sparsity started from the same dense weights (cache untouched)
+    loss = {
+        (r["criterion"], r["sparsity_target"]): r["value"]
+        for r in records
+        if r["seed"] == 0
+        and r["phase"] == "pruned"
+        and r["metric"] == "loss"
+        and r["mode"] == "oneshot"
+    }
+    cfg2 = cfg_of(criteria=[{"name": "t_halfsq", "bump": 0.0}], sparsities=[0.3, 0.6, 0.9])
+    run_sweep(cfg2, tmp_path / "b")
+    loss2 = {
+        r["sparsity_target"]: r["value"]
+        for r in read_records(tmp_path / "b" / "tiny")
+        if r["seed"] == 0
+        and r["phase"] == "pruned"
+        and r["metric"] == "loss"
+        and r["mode"] == "oneshot"
+    }
+    assert all(loss[("t_halfsq", s)] != pytest.approx(loss2[s]) for s in (0.3, 0.6, 0.9))
+    after = saliency.sweep.jobs.dense_model(cfg, tmp_path / "tiny", 0).state_dict()
+    assert all(torch.equal(after[k], v) for k, v in dense_model.state_dict().items())
+
+
+def test_failing_criterion_is_skipped_or_raised(tmp_path, test_criteria):
+    cfg = cfg_of(criteria=["t_broken", "magnitude"], seeds=[0])
+    with pytest.raises(RuntimeError, match="boom"):
+        run_sweep(cfg, tmp_path / "a")
+    res = run_sweep(cfg, tmp_path / "b", on_error="skip")
+    assert [(f["criterion"], f["error"]) for f in res.failures] == [
+        ("t_broken", "RuntimeError: boom")
+    ]
+    crits = {r["criterion"] for r in read_records(res.out)}
+    assert crits == {"dense", "magnitude"}
+
+
+def test_report_markdown_mean_and_std(tmp_path):
+    res = run_sweep(cfg_of(modes=["oneshot"]), tmp_path)
+    md = markdown(read_records(res.out))
+    assert "### oneshot: accuracy (%), mean ± std over 2 seed(s)" in md
+    assert "| criterion | 0.5 | 0.9 |" in md and "| magnitude |" in md and "±" in md
+    assert "### dense: loss" in md
+
+
+def test_tensorboard_logging(tmp_path):
+    pytest.importorskip("tensorboard")
+    res = run_sweep(cfg_of(modes=["oneshot"], seeds=[0], tensorboard=True), tmp_path)
+    assert list((res.out / "tensorboard" / "magnitude" / "oneshot-seed0").glob("events.*"))
+
+
+def test_workers_give_the_same_records(tmp_path):
+    cfg = cfg_of(modes=["oneshot", "finetune"])
+    serial = read_records(run_sweep(cfg, tmp_path / "s").out)
+    res = run_sweep(cfg, tmp_path / "p", workers=2)
+    parallel = read_records(res.out)
+    assert res.ran == res.units and len(parallel) == len(serial)
+
+    def key(r):
+        return (r["run_id"], r["phase"], r["metric"])
+
+    a = {key(r): r["value"] for r in serial}
+    b = {key(r): r["value"] for r in parallel}
+    assert a.keys() == b.keys() and len(b) == len(parallel)  # no duplicates
+    assert all(a[k] == pytest.approx(b[k], abs=1e-5) for k in a)
+
+
+def test_submitit_local_executor(tmp_path, monkeypatch):
+    pytest.importorskip("submitit")
+    # submitit's local jobs are fresh interpreters: they import sweep_helpers from PYTHONPATH
+    here = str(Path(__file__).parent)
+    monkeypatch.setenv("PYTHONPATH", here + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    cfg = cfg_of(modes=["oneshot"], seeds=[0], criteria=["magnitude"])
+    res = run_sweep(cfg, tmp_path, executor="submitit", cluster="local")
+    assert res.ran == res.units == 3 and not res.failures
+    assert len(read_records(res.out)) == 3 * 2
+
+
+def test_run_sweep_argument_errors(tmp_path):
+    cfg = cfg_of()
+    for kw, match in [
+        ({"workers": 0}, "workers"),
+        ({"on_error": "ignore"}, "on_error"),
+        ({"executor": "ray"}, "executor"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            run_sweep(cfg, tmp_path, **kw)
+    assert not (tmp_path / "tiny").exists()
+    assert dataclasses.is_dataclass(cfg)
