@@ -1,0 +1,139 @@
+"""First-order Taylor expansion on activations (Molchanov, Tyree, Karras, Aila & Kautz 2017)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from saliency.criteria import Scores, register_criterion
+from saliency.criteria.base import default_loss, iter_batches, model_device
+from saliency.criteria.snip import check_counts, scoring_mode
+
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def _owners(model: nn.Module, params) -> dict[str, tuple[nn.Module, int]]:
+    """{name: (layer whose weight it is, channel dim of that layer's output)}."""
+    layers = {}
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            layers[id(m.weight)] = (m, -1)
+        elif isinstance(m, _CONV):
+            layers[id(m.weight)] = (m, 1)
+    out = {}
+    for n, p in params.items():
+        if id(p) not in layers:
+            raise ValueError(
+                f"taylor scores the output channels of Linear and Conv1d/2d/3d layers; {n!r} "
+                "is not the weight of one (use 'taylor_weight' for other parameters)"
+            )
+        out[n] = layers[id(p)]
+    return out
+
+
+@register_criterion
+@dataclass(frozen=True)
+class Taylor:
+    """First-order Taylor on activations |mean_m a_m dL/da_m| per channel (Molchanov et al. 2017, ICLR).
+
+    For each output channel (neuron of a Linear layer, feature map of a convolution) with
+    output activation ``a`` over positions m = 1..M, and each example n, the paper's eq. (8)
+    ``Theta_n = |1/M sum_m a_m dl_n/da_m|`` estimates (up to the factor M) the change of the
+    example's loss ``l_n`` when the channel's activation is zeroed; scores average ``Theta_n``
+    over the ``n_samples`` examples read. With ``normalize`` (default, the paper's eq. 9) each
+    layer's scores are divided by their L2 norm over its channels.
+
+    ``a`` is the output of the layer that owns the weight, before any nonlinearity after it
+    (with a bias, pruning the channel's weights alone leaves the bias). Per-example gradients are read
+    as ``B * dL/da`` from the batch's mean loss, exact when examples do not interact, hence
+    ``eval_mode=True`` by default (BatchNorm on running statistics). Activations and their
+    gradients are captured by forward hooks removed in all cases; mode, ``.grad``,
+    ``requires_grad`` and buffers are restored.
+
+    These are channel scores: each channel's score is broadcast over its weights, and
+    ``channel_reduce = "mean"`` gives back the exact channel score at granularity "channel".
+    A layer called more than once per forward (weight sharing) is refused.
+    """
+
+    name: ClassVar[str] = "taylor"
+    channel_reduce: ClassVar[str] = "mean"
+
+    n_samples: int | None = 1024
+    n_batches: int | None = None
+    normalize: bool = True
+    eval_mode: bool = True
+
+    def __post_init__(self) -> None:
+        check_counts(self.n_samples, self.n_batches)
+
+    def channel_scores(
+        self, model, params, data, loss_fn=None
+    ) -> tuple[dict[str, Tensor], int, int]:
+        """({name: [out_channels] scores}, samples, batches); call inside `scoring_mode`."""
+        loss_fn = default_loss if loss_fn is None else loss_fn
+        owners = _owners(model, params)
+        names = list(params)
+        outs: dict[str, list[Tensor]] = {n: [] for n in names}
+        totals: dict[str, Tensor] = {}
+        samples = batches = 0
+
+        def capture(n):
+            return lambda module, inputs, output: outs[n].append(output)
+
+        handles = []
+        try:
+            for n in names:
+                handles.append(owners[n][0].register_forward_hook(capture(n)))
+            device = model_device(model)
+            for i, (x, y) in enumerate(iter_batches(data, self.n_samples, device=device)):
+                if self.n_batches is not None and i >= self.n_batches:
+                    break
+                for v in outs.values():
+                    v.clear()
+                loss = loss_fn(model(x), y)
+                for n in names:
+                    if len(outs[n]) != 1:
+                        raise ValueError(
+                            f"taylor needs each scored layer to run once per forward; the layer of "
+                            f"{n!r} ran {len(outs[n])} times"
+                        )
+                acts = [outs[n][0] for n in names]
+                grads = torch.autograd.grad(loss, acts, allow_unused=True)
+                for n, a, g in zip(names, acts, grads, strict=True):
+                    dim = owners[n][1]
+                    if g is None:
+                        g = torch.zeros_like(a)
+                    # B * dL/da = dl_n/da for a mean-reduced loss; [B, C, positions]
+                    prod = (a.detach() * g * len(x)).movedim(dim, 1)
+                    prod = prod.reshape(prod.shape[0], prod.shape[1], -1)
+                    theta = prod.double().mean(2).abs().sum(0)
+                    totals[n] = totals[n] + theta if n in totals else theta
+                samples, batches = samples + len(x), batches + 1
+        finally:
+            for h in handles:
+                h.remove()
+            outs.clear()
+        scores = {}
+        for n in names:
+            s = totals[n] / samples
+            if self.normalize:
+                norm = s.norm()
+                s = s / norm if norm > 0 else s
+            scores[n] = s.float()
+        return scores, samples, batches
+
+    def score(self, model, params, data, loss_fn=None) -> Scores:
+        with scoring_mode(model, params, eval_mode=self.eval_mode):
+            ch, samples, batches = self.channel_scores(model, params, data, loss_fn)
+        scores = Scores(
+            {
+                n: ch[n].view(-1, *[1] * (p.dim() - 1)).expand(p.shape).clone()
+                for n, p in params.items()
+            }
+        )
+        scores.cost.samples = samples
+        scores.cost.backward_passes = batches
+        return scores
