@@ -145,13 +145,12 @@ def _damping(diag_sum: Tensor, alive: Tensor, m: int, damp: float, damp_absolute
     return damp * mean + damp_absolute
 
 
-def _invert(F: Tensor, name: str) -> Tensor:
+def _invert(F: Tensor, name: str, hint: str) -> Tensor:
     L, info = torch.linalg.cholesky_ex(F)
     if bool((info != 0).any()):
         raise ValueError(
             f"the damped curvature of {name!r} is not positive definite in "
-            f"{int((info != 0).sum())} block(s): raise damp (relative) or damp_absolute, or use "
-            "more samples than the block size"
+            f"{int((info != 0).sum())} block(s): raise damp (relative) or damp_absolute, {hint}"
         )
     return torch.cholesky_inverse(L)
 
@@ -228,7 +227,7 @@ def block_inverse_fisher(
             lam = _damping(torch.diagonal(F, dim1=1, dim2=2) * m, blk.alive, m, damp, damp_absolute)
             d = torch.where(blk.alive, lam[:, None], torch.ones_like(lam)[:, None])
             F += torch.diag_embed(d.to(dt))
-            blk.Hinv, blk.damping = _invert(F, n), lam
+            blk.Hinv, blk.damping = _invert(F, n, "or use more samples than the block size"), lam
     else:
         sq = {
             n: torch.zeros(blk.alive.shape, dtype=dt, device=params[n].device)
@@ -303,5 +302,5 @@ def exact_inverse_hessian(
     H = H * (a[:, None] & a[None, :])
     lam = _damping(torch.diagonal(H)[None] * m, blk.alive, m, damp, damp_absolute)
     H = H + torch.diag(torch.where(a, lam, torch.ones_like(lam)))
-    blk.Hinv, blk.damping = _invert(H[None], "+".join(names)), lam
+    blk.Hinv, blk.damping = _invert(H[None], "+".join(names), "or reach a minimum first"), lam
     return InverseCurvature([blk], m, total, "exact", _fingerprint(params))
