@@ -120,7 +120,7 @@ def _heatmap(fig, ax, M, names, vmin, vmax, cmap, label):
         ax.text(
             j,
             i,
-            f"{v:.2f}" if np.isfinite(v) else "\u2013",
+            f"{v:.2f}".replace("-0.00", "0.00") if np.isfinite(v) else "\u2013",
             ha="center",
             va="center",
             fontsize=5 if small else 6,

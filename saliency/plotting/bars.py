@@ -187,13 +187,14 @@ def plot_cost(
         if idx == 3 and not np.nan_to_num(mean).any():
             ax.set_xlim(0, 1)  # all data-free: no meaningless +-0.05 axis
             ax.set_xticks([0])
-        for yi, m in zip(y, mean, strict=True):
+        for yi, m, e in zip(y, mean, sd, strict=True):
             if np.isfinite(m):
                 txt = f"{m:.2g}" if idx == 2 else (f"{m:.0f}" if m else "0 (data-free)")
+                # right of the error bar, so a bar's cap never reads as a minus sign
                 ax.annotate(
                     txt,
-                    (m, yi),
-                    xytext=(2, 0),
+                    (m + e, yi),
+                    xytext=(3, 0),
                     textcoords="offset points",
                     va="center",
                     fontsize="x-small",
