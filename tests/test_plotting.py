@@ -294,6 +294,8 @@ def test_agreement_matrices_against_brute_force():
     keep_b = set(np.argsort(-fb, kind="stable")[:k].tolist())
     assert jac[0, 1] == pytest.approx(len(keep_a & keep_b) / len(keep_a | keep_b))
     assert jac[0, 2] == 0.0 and jac[0, 3] == 1.0
+    _, rho_sub, jac_sub = agreement_matrices({"a": a, "b": b}, 0.5, max_elements=40)
+    assert jac_sub[0, 1] == jac[0, 1] and abs(rho_sub[0, 1] - rho[0, 1]) < 0.2
 
 
 def test_agreement_figure(results):

@@ -80,14 +80,28 @@ def ranks(x: np.ndarray) -> np.ndarray:
     return r
 
 
-def agreement_matrices(scores: Mapping[str, Mapping[str, torch.Tensor]], sparsity: float):
-    """(names, Spearman matrix, Jaccard matrix) for {criterion: scores} of one seed."""
+def agreement_matrices(
+    scores: Mapping[str, Mapping[str, torch.Tensor]],
+    sparsity: float,
+    *,
+    max_elements: int = 2_000_000,
+):
+    """(names, Spearman matrix, Jaccard matrix) for {criterion: scores} of one seed.
+
+    Jaccard is exact. Spearman uses every weight up to `max_elements`, else a fixed random subset
+    of that size (seed 0; the standard error of rho is then below 1e-3), to bound memory on
+    large models.
+    """
     from saliency import allocate
 
     names = list(scores)
     common = sorted(set.intersection(*(set(s) for s in scores.values())))
-    flat = {c: torch.cat([scores[c][n].flatten() for n in common]).double().numpy() for c in names}
-    R = np.array([ranks(flat[c]) for c in names])
+    flat = {c: torch.cat([scores[c][n].flatten() for n in common]).float().numpy() for c in names}
+    total = next(iter(flat.values())).size
+    idx = None
+    if total > max_elements:
+        idx = np.sort(np.random.default_rng(0).choice(total, max_elements, replace=False))
+    R = np.array([ranks(flat[c] if idx is None else flat[c][idx]) for c in names])
     with np.errstate(invalid="ignore", divide="ignore"):
         rho = np.corrcoef(R) if len(names) > 1 else np.ones((1, 1))
     keep = {}
