@@ -28,8 +28,10 @@ def test_cli_builds_figures(tmp_path, capsys):
         "accuracy_vs_sparsity.txt",
         "agreement.png",
         "agreement.pdf",
+        "agreement.txt",
     }
     assert "95% Student-t" in (out / "accuracy_vs_sparsity.txt").read_text()
+    assert "global sparsity 0.8" in (out / "agreement.txt").read_text()
 
 
 def test_cli_only_skips_and_missing_dir(tmp_path, capsys, caplog):

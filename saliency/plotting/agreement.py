@@ -203,4 +203,10 @@ def agreement(
 ) -> list[Path]:
     with paper_style(usetex=usetex):
         fig = plot_agreement(scores_roots, sparsity, mode=mode)
-        return [] if fig is None else save_figure(fig, out_dir, stem)
+        cap = (
+            f"Agreement between criteria. Left: Spearman rank correlation of the scores over all "
+            f"prunable weights. Right: Jaccard overlap |A \u2229 B| / |A \u222a B| of the weights "
+            f"each criterion keeps at global sparsity {sparsity:g} (element granularity). Both "
+            f"from the first scoring pass of the trained dense model, averaged over seeds."
+        )
+        return [] if fig is None else save_figure(fig, out_dir, stem, caption=cap)

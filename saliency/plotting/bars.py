@@ -213,7 +213,11 @@ def layer_sparsity(
         for suffix, recs, _ in D.split_settings(records):
             fig = plot_layer_sparsity(recs, sparsity=sparsity, layer_sizes=layer_sizes)
             if fig is not None:
-                paths += save_figure(fig, out_dir, stem + suffix)
+                cap = (
+                    "Fraction of each layer's weights pruned by each criterion at one global "
+                    "sparsity (dashed), mean over seeds; layer sizes in parentheses when known."
+                )
+                paths += save_figure(fig, out_dir, stem + suffix, caption=cap)
     return paths
 
 
@@ -223,5 +227,11 @@ def cost(records, out_dir, *, sparsity=None, stem="cost", usetex=False) -> list[
         for suffix, recs, _ in D.split_settings(records):
             fig = plot_cost(recs, sparsity=sparsity)
             if fig is not None:
-                paths += save_figure(fig, out_dir, stem + suffix)
+                cap = (
+                    "Scoring cost per criterion: wall-clock seconds (log scale) and training "
+                    "samples read, mean over seeds (error bar: std). Single-pass criteria score "
+                    "once; multi-round criteria (e.g. SynFlow, OBS with recomputation) report the "
+                    "sum over their rounds. Data-free criteria read no samples."
+                )
+                paths += save_figure(fig, out_dir, stem + suffix, caption=cap)
     return paths

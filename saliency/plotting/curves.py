@@ -272,6 +272,16 @@ def plot_loss_prediction(
     return fig
 
 
+LOSS_CAPTION = (
+    "Predicted vs measured loss increase after one-shot pruning, for criteria whose scores are "
+    "predicted loss increases (OBD, OBS). Predicted: the sum of the scores of the pruned weights "
+    "(quadratic model; for multi-round pruning, summed over rounds). Measured: test loss right "
+    "after pruning minus the dense test loss of the same seed. Mean over seeds; log scale "
+    "(symmetric log when a measured increase is not positive). Points above y = x: the "
+    "quadratic model underestimates the damage."
+)
+
+
 def loss_prediction(
     records: Sequence[dict], out_dir, *, stem: str = "loss_prediction", usetex: bool = False
 ) -> list[Path]:
@@ -281,5 +291,5 @@ def loss_prediction(
         for suffix, recs, dense in D.split_settings(records):
             fig = plot_loss_prediction(recs, dense)
             if fig is not None:
-                paths += save_figure(fig, out_dir, stem + suffix)
+                paths += save_figure(fig, out_dir, stem + suffix, caption=LOSS_CAPTION)
     return paths

@@ -178,9 +178,14 @@ def new_figure(width: str | float, height: float, nrows: int = 1, ncols: int = 1
 
 
 def save_figure(
-    fig: Figure, out_dir: str | os.PathLike, stem: str, formats: Sequence[str] = ("png", "pdf")
+    fig: Figure,
+    out_dir: str | os.PathLike,
+    stem: str,
+    formats: Sequence[str] = ("png", "pdf"),
+    caption: str | None = None,
 ) -> list[Path]:
-    """Write `out_dir/stem.{png,pdf}` (PNG at 200 dpi, PDF vector) and return the paths."""
+    """Write `out_dir/stem.{png,pdf}` (PNG at 200 dpi, PDF vector), and `stem.txt` holding
+    `caption` when given (what the marks mean, for the paper's caption); return the paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -188,6 +193,9 @@ def save_figure(
         p = out / f"{stem}.{fmt}"
         fig.savefig(p, dpi=DPI, format=fmt, metadata=_metadata(fmt))
         paths.append(p)
+    if caption:
+        paths.append(out / f"{stem}.txt")
+        paths[-1].write_text(caption.strip() + "\n")
     return paths
 
 
