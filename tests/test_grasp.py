@@ -83,3 +83,18 @@ def test_grasp_temperature_matters_and_validates(tiny_mlp, tiny_data):
     assert not torch.allclose(a["0.weight"], b["0.weight"])
     with pytest.raises(ValueError, match="temperature must be positive"):
         saliency.get_criterion("grasp", temperature=0)
+
+
+def test_grasp_channel_scores_are_sums(tiny_mlp, tiny_data):
+    """Channel granularity ranks channels by the summed (signed) score: the first-order change
+    of the gradient flow when the whole channel goes."""
+    s = saliency.score(tiny_mlp, "grasp", data=tiny_data)
+    masks = saliency.prune(
+        tiny_mlp, "grasp", 0.4, data=tiny_data, granularity="channel", scope="layer", keep=False
+    )
+    for n, m in masks.items():
+        ch = s[n].double().sum(1)
+        kept = m.all(1)
+        expect = torch.ones_like(kept)
+        expect[torch.sort(ch, stable=True).indices[: round(0.4 * len(ch))]] = False
+        assert torch.equal(kept, expect), n

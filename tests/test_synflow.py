@@ -123,3 +123,18 @@ def test_synflow_needs_an_input_shape(tiny_mlp):
         saliency.get_criterion("synflow", input_shape=(0, 3))
     s = saliency.score(tiny_mlp, "synflow", input_shape=[6])  # a TOML list is fine
     assert s["0.weight"].shape == (5, 6)
+
+
+def test_synflow_reprunes_a_masked_model_and_channels(tiny_cnn, cnn_data):
+    first = saliency.prune(tiny_cnn, "synflow", 0.5, data=cnn_data, rounds=4)
+    second = saliency.prune(tiny_cnn, "synflow", 0.8, data=cnn_data, rounds=4)
+    assert second.sparsity == pytest.approx(0.8, abs=1e-3)
+    assert all(not bool((second[n] & ~first[n]).any()) for n in first), "monotone"
+    saliency.remove(tiny_cnn)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
+    masks = saliency.prune(
+        model, "synflow", 0.5, input_shape=(6,), granularity="channel", rounds=5, keep=False
+    )
+    for n, m in masks.items():
+        assert bool((m.all(1) | ~m.any(1)).all()), n

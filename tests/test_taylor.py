@@ -164,3 +164,18 @@ def test_taylor_weight_channels_ranked_by_summed_squares(tiny_cnn, cnn_data):
         expect = torch.ones_like(kept)
         expect[torch.sort(I_S, stable=True).indices[: round(0.5 * len(I_S))]] = False
         assert torch.equal(kept, expect), n
+
+
+def test_taylor_batchnorm_modes_restore_running_stats(cnn_data):
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(), nn.Linear(108, 3)
+    )
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for name in ("taylor", "taylor_weight"):
+        for eval_mode in (True, False):
+            s = saliency.score(model, name, data=cnn_data, eval_mode=eval_mode)
+            assert all(torch.isfinite(v).all() for v in s.values())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(m.training for m in model.modules())
