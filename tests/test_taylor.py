@@ -1,4 +1,4 @@
-"""Taylor on activations against gated per-example autograd; Taylor on weights against torch.func."""
+"""Taylor on activations against gated per-example autograd; on weights against torch.func."""
 
 import pytest
 import torch

@@ -37,7 +37,7 @@ def _owners(model: nn.Module, params) -> dict[str, tuple[nn.Module, int]]:
 @register_criterion
 @dataclass(frozen=True)
 class Taylor:
-    """First-order Taylor on activations |mean_m a_m dL/da_m| per channel (Molchanov et al. 2017, ICLR).
+    """Taylor on activations: per channel |mean_m a_m dL/da_m| (Molchanov et al. 2017, ICLR).
 
     For each output channel (neuron of a Linear layer, feature map of a convolution) with
     output activation ``a`` over positions m = 1..M, and each example n, the paper's eq. (8)
@@ -47,9 +47,9 @@ class Taylor:
     layer's scores are divided by their L2 norm over its channels.
 
     ``a`` is the output of the layer that owns the weight, before any nonlinearity after it
-    (with a bias, pruning the channel's weights alone leaves the bias). Per-example gradients are read
-    as ``B * dL/da`` from the batch's mean loss, exact when examples do not interact, hence
-    ``eval_mode=True`` by default (BatchNorm on running statistics). Activations and their
+    (with a bias, pruning the channel's weights alone leaves the bias). Per-example gradients
+    are read as ``B * dL/da`` from the batch's mean loss, exact when examples do not interact,
+    hence ``eval_mode=True`` by default (BatchNorm on running statistics). Activations and their
     gradients are captured by forward hooks removed in all cases; mode, ``.grad``,
     ``requires_grad`` and buffers are restored.
 
