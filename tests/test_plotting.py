@@ -435,3 +435,14 @@ def test_sweep_labels_name_series_and_variants_differ():
     assert set(lines) == {"obd", "obd_true", "magnitude", "dense"}
     assert lines["obd"].get_color() == lines["obd_true"].get_color()
     assert lines["obd"].get_linestyle() != lines["obd_true"].get_linestyle()
+
+
+def test_loss_prediction_symlog_when_loss_drops(results):
+    from saliency.plotting import plot_loss_prediction
+
+    recs = read_records(results)
+    for r in recs:  # pruning at s = 0.5 lowers the loss below the dense one
+        if r["metric"] == "loss" and r["criterion"] != "dense" and r["sparsity_target"] == 0.5:
+            r["value"] = 0.1
+    fig = plot_loss_prediction(recs, [r for r in recs if r["criterion"] == "dense"])
+    assert fig.axes[0].get_yscale() == "symlog" and fig.axes[1].get_yscale() == "symlog"
