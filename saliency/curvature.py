@@ -169,26 +169,69 @@ def _delta_factor(m: nn.Module, delta: Tensor) -> Tensor:
     return delta.reshape(B, m.groups, delta.shape[1] // m.groups, -1)
 
 
-def _grads_from_terms(m: nn.Module, a: Tensor, d: Tensor) -> tuple[Tensor, Tensor]:
+_CHUNK_ELEMENTS = 2**23  # per-chunk budget (elements) of per-sample gradients and patches
+
+
+def _grads_from_factors(m: nn.Module, a: Tensor, d: Tensor) -> tuple[Tensor, Tensor]:
     """Materialized per-sample weight and bias gradients ``[B, *shape]``."""
-    B = a.shape[0]
     if isinstance(m, nn.Linear):
         return torch.einsum("bto,bti->boi", d, a), d.sum(1)
-    gw = torch.einsum("bgol,bgil->bgoi", d, a).reshape(B, *m.weight.shape)
-    return gw, d.sum(-1).reshape(B, -1)
+    gw = torch.matmul(d, a.transpose(-1, -2))  # [B, G, out/G, in/G * k]
+    return gw.reshape(len(a), *m.weight.shape), d.sum(-1).reshape(len(a), -1)
 
 
-def _sq_from_terms(m: nn.Module, a: Tensor, d: Tensor, chunk: int) -> tuple[Tensor, Tensor]:
-    """``sum_n g_n^2`` for weight and bias; one matmul ``(delta^2)^T (x^2)`` when the Linear
-    input has no extra dims, otherwise per-sample gradients materialized ``chunk`` at a time."""
-    if isinstance(m, nn.Linear) and a.shape[1] == 1:
-        a2, d2 = a[:, 0] ** 2, d[:, 0] ** 2
-        return d2.T @ a2, d2.sum(0)
-    sw = sb = 0
-    for i in range(0, a.shape[0], chunk):
-        gw, gb = _grads_from_terms(m, a[i : i + chunk], d[i : i + chunk])
-        sw, sb = sw + (gw**2).sum(0), sb + (gb**2).sum(0)
-    return sw, sb
+def _layer_stats(m: nn.Module, pairs, want: str):
+    """From the (input, output gradient) of each call of layer m in one backward pass:
+    ``(w, b, w_sum, b_sum)`` with ``w, b`` the per-sample gradients ``[B, *shape]``
+    (``want="grads"``) or ``sum_n g_n^2`` (``want="sq"``), and ``w_sum, b_sum = sum_n g_n`` to
+    check against autograd (``w_sum`` is None when only a projection is cheap).
+
+    ``sum_n g_n^2`` of a Linear layer on ``[B, in]`` inputs is one matmul ``(delta^2)^T (x^2)``;
+    otherwise per-sample gradients are materialized a chunk of samples at a time (patches
+    unfolded per chunk, so memory stays within ``_CHUNK_ELEMENTS``)."""
+    x0 = pairs[0][0]
+    if want == "sq" and isinstance(m, nn.Linear) and len(pairs) == 1 and x0.dim() == 2:
+        d = pairs[0][1]
+        d2 = d * d
+        return d2.T @ (x0 * x0), d2.sum(0), None, d.sum(0)
+    B = len(x0)
+    patch = x0[0].numel() * (1 if isinstance(m, nn.Linear) else math.prod(m.kernel_size))
+    chunk = max(1, min(B, _CHUNK_ELEMENTS // (m.weight.numel() + patch)))
+    w, b, w_sum, b_sum = [], [], 0, 0
+    for i in range(0, B, chunk):
+        gw = gb = 0
+        for x, d in pairs:
+            a, dd = _input_factor(m, x[i : i + chunk]), _delta_factor(m, d[i : i + chunk])
+            cw, cb = _grads_from_factors(m, a, dd)
+            gw, gb = gw + cw, gb + cb
+        w_sum, b_sum = w_sum + gw.sum(0), b_sum + gb.sum(0)
+        if want == "sq":
+            gw, gb = (gw * gw).sum(0), (gb * gb).sum(0)
+        w.append(gw)
+        b.append(gb)
+    if want == "sq":
+        return sum(w), sum(b), w_sum, b_sum
+    return torch.cat(w), torch.cat(b), w_sum, b_sum
+
+
+def _explains(m: nn.Module, pairs, stats, gw: Tensor | None, gb: Tensor | None) -> bool:
+    """Do the hooked per-sample gradients sum to the batch gradient autograd found? They do not
+    when the parameter is also used outside its layer's forward (``x @ layer.weight.T``
+    elsewhere): then the caller falls back to the generic path."""
+    if gw is None:
+        return not pairs
+    if not pairs:
+        return False
+    close = lambda u, v: torch.allclose(u, v, rtol=1e-3, atol=1e-5 * float(v.abs().max()) + 1e-12)
+    _, _, w_sum, b_sum = stats
+    if w_sum is None:  # Linear closed form: compare one random projection (sum_n g_n) r
+        x, d = pairs[0]
+        r = torch.randn(x.shape[1], generator=torch.Generator().manual_seed(0), dtype=x.dtype)
+        r = r.to(x.device)
+        ok = close(d.T @ (x @ r), gw @ r)
+    else:
+        ok = close(w_sum.reshape(gw.shape), gw)
+    return ok and (gb is None or close(b_sum.reshape(gb.shape), gb))
 
 
 class _Capture:
@@ -218,13 +261,10 @@ class _Capture:
             # a tensor hook sees the gradient w.r.t. this value even if a later op is in-place
             out.register_hook(lambda g, m=m, i=i: self.deltas[m].__setitem__(i, g.detach()))
 
-    def terms(self, m: nn.Module):
-        """(a, d) factor pairs of the last backward pass, one per call of layer m."""
+    def terms(self, m: nn.Module) -> list[tuple[Tensor, Tensor]]:
+        """(input, output gradient) of each call of layer m in the last backward pass."""
         ds, xs = self.deltas[m], self.inputs[m]
-        for i, x in enumerate(xs):  # unfold each input once, however many backward passes
-            if i in ds and not isinstance(x, tuple):
-                xs[i] = (_input_factor(m, x),)
-        pairs = [(xs[i][0], _delta_factor(m, ds[i])) for i in range(len(xs)) if i in ds]
+        pairs = [(xs[i], ds[i]) for i in range(len(xs)) if i in ds]
         ds.clear()
         return pairs
 
@@ -274,7 +314,8 @@ def sum_grad_squared(
 
     For ``nn.Linear`` on ``[B, in]`` inputs this is one matmul, ``(delta^2)^T (x^2)``, without
     materializing ``g_n``; convolutions and Linear layers on inputs with extra dims materialize
-    ``g_n`` ``chunk_size`` samples at a time; other parameters go through ``vmap(grad)``.
+    ``g_n`` a memory-bounded chunk of samples at a time; other parameters go through
+    ``vmap(grad)``, ``chunk_size`` samples at a time.
     """
     _check_batch(x, y)
     sq, _ = _passes(model, params, x, _loss_phi(loss_fn), lambda out: [y], chunk_size, "sq")
@@ -334,29 +375,6 @@ def _vmap_or_loop(phi, out: Tensor, t: Tensor) -> Tensor:
         return torch.stack([phi(out[i], t[i]) for i in range(len(out))])
 
 
-def _explains(m: nn.Module, pairs, gw: Tensor | None, gb: Tensor | None) -> bool:
-    """Do the hooked factors sum to the batch gradient autograd found? They do not when the
-    parameter is also used outside its layer's forward (``x @ layer.weight.T`` elsewhere);
-    checked cheaply through one random projection ``(sum_n g_n) r``."""
-    if gw is None:
-        return not pairs
-    r = torch.randn(gw[0].numel(), generator=torch.Generator().manual_seed(0), dtype=gw.dtype)
-    r = r.to(gw.device)
-    if isinstance(m, nn.Linear):
-        proj = sum(torch.einsum("bto,bt->o", d, a @ r) for a, d in pairs)
-    else:
-        proj = sum(
-            torch.einsum("bgol,bgl->go", d, torch.einsum("bgil,i->bgl", a, r)) for a, d in pairs
-        ).reshape(-1)
-    want = gw.reshape(gw.shape[0], -1) @ r
-    ok = torch.allclose(proj, want, rtol=1e-3, atol=1e-5 * float(want.abs().max()) + 1e-12)
-    if gb is not None:
-        got_b = sum(d.sum(1) if isinstance(m, nn.Linear) else d.sum(-1) for a, d in pairs)
-        got_b = got_b.sum(0).reshape(-1)
-        ok = ok and torch.allclose(got_b, gb, rtol=1e-3, atol=1e-5 * float(gb.abs().max()) + 1e-12)
-    return ok
-
-
 def _passes(model, params, x, phi, make_targets, chunk_size, want):
     """One forward, then one backward per target tensor ``t`` from ``make_targets(outputs)``:
     per-sample gradients ``d phi(f(x_n), t_n) / dw`` either materialized (``want="grads"``, one
@@ -384,10 +402,13 @@ def _passes(model, params, x, phi, make_targets, chunk_size, want):
                     pairs = cap.terms(m)
                     names = hooked[m]
                     gw, gb = (batch.get(id(m._parameters[a])) for a in ("weight", "bias"))
-                    if not _explains(m, pairs, gw, gb if "bias" in names else None):
+                    stats = _layer_stats(m, pairs, want) if pairs else None
+                    if not _explains(m, pairs, stats, gw, gb if "bias" in names else None):
                         generic += list(hooked.pop(m).values())  # fall back to the generic path
                         continue
-                    _accumulate(acc, m, names, pairs, params, len(x), chunk_size, want)
+                    for attr, n in names.items():
+                        if stats is not None:
+                            _add(acc, n, stats[0] if attr == "weight" else stats[1])
             if generic:
                 for n, g in _generic_phi_grads(
                     model, params, generic, x, t, phi, chunk_size
@@ -409,20 +430,6 @@ def _zeros(p: Tensor, B: int, want: str) -> Tensor:
 
 def _add(acc: dict[str, Tensor], n: str, v: Tensor) -> None:
     acc[n] = acc[n] + v if n in acc else v
-
-
-def _accumulate(acc, m, names, pairs, params, B, chunk_size, want) -> None:
-    if not pairs:  # the layer was not on the path to the loss: zero gradients
-        return
-    if want == "sq" and len(pairs) == 1:
-        gw, gb = _sq_from_terms(m, *pairs[0], chunk_size or B)
-    else:  # materialize; a layer called several times gets its calls summed before squaring
-        gs = [_grads_from_terms(m, a, d) for a, d in pairs]
-        gw, gb = sum(g[0] for g in gs), sum(g[1] for g in gs)
-        if want == "sq":
-            gw, gb = gw.pow(2).sum(0), gb.pow(2).sum(0)
-    for attr, n in names.items():
-        _add(acc, n, gw if attr == "weight" else gb)
 
 
 def _generic_phi_grads(model, params, names, x, t, phi, chunk_size) -> dict[str, Tensor]:

@@ -51,7 +51,9 @@ def mixed():
     return model, x, y
 
 
-def test_per_sample_grads_match_loop(mixed):
+@pytest.mark.parametrize("chunk_elements", [2**23, 60])
+def test_per_sample_grads_match_loop(mixed, chunk_elements, monkeypatch):
+    monkeypatch.setattr(C, "_CHUNK_ELEMENTS", chunk_elements)  # 60: one sample per chunk
     model, x, y = mixed
     params = dict(model.named_parameters())
     hooked, generic = C._split(model, params)
