@@ -446,3 +446,15 @@ def test_loss_prediction_symlog_when_loss_drops(results):
             r["value"] = 0.1
     fig = plot_loss_prediction(recs, [r for r in recs if r["criterion"] == "dense"])
     assert fig.axes[0].get_yscale() == "symlog" and fig.axes[1].get_yscale() == "symlog"
+
+
+def test_build_all_finds_sweeps_in_a_parent_and_skips_missing(tmp_path, caplog):
+    d = write_results(tmp_path, scores=False)  # tmp_path/results/synthetic
+    with caplog.at_level("INFO"):
+        paths = build_all([d.parent, tmp_path / "missing"], tmp_path / "f", only=["table"])
+    assert [p.name for p in paths] == ["table_accuracy.tex", "table_accuracy.md"]
+    assert "missing" in caplog.text
+    with pytest.raises(FileNotFoundError, match="no records"):
+        build_all([tmp_path / "missing"], tmp_path / "f")
+    with pytest.raises(ValueError, match="unknown figure"):
+        build_all([d], tmp_path / "f", only=["acuracy"])

@@ -75,9 +75,12 @@ def build_all(
     """
     from saliency.sweep.records import read_records
 
+    unknown = set(only or ()) - set(FIGURES)
+    if unknown:
+        raise ValueError(f"unknown figure names {sorted(unknown)}; known: {list(FIGURES)}")
     if isinstance(results_dirs, (str, os.PathLike)):
         results_dirs = [results_dirs]
-    dirs = [Path(d) for d in results_dirs]
+    dirs = _results_dirs(results_dirs)
     records = read_records(*dirs)
     out = Path(out_dir)
     steps = _steps(
@@ -89,9 +92,6 @@ def build_all(
         usetex=usetex,
         table_sparsities=table_sparsities,
     )
-    unknown = set(only or ()) - set(steps)
-    if unknown:
-        raise ValueError(f"unknown figure names {sorted(unknown)}; known: {list(steps)}")
     paths: list[Path] = []
     for name, make in steps.items():
         if only and name not in only:
@@ -105,6 +105,28 @@ def build_all(
             log.info("figure %s: nothing written (see the reason logged above)", name)
         paths += got
     return paths
+
+
+def _results_dirs(given) -> list[Path]:
+    """Directories holding records.jsonl: each given one, or the sweeps inside a parent
+    directory (`saliency demo --out results` writes results/demo/). Missing ones are skipped
+    with a warning; FileNotFoundError when none is left."""
+    from saliency.sweep.records import records_path
+
+    dirs: list[Path] = []
+    for d in map(Path, given):
+        if records_path(d).exists():
+            dirs.append(d)
+        elif d.is_dir() and (found := sorted(p.parent for p in d.glob("*/records.jsonl"))):
+            log.info("%s holds no records.jsonl; using the sweeps in it: %s", d, found)
+            dirs += found
+        else:
+            log.warning("no records at %s; skipped", d)
+    if not dirs:
+        raise FileNotFoundError(
+            f"no records.jsonl in {[str(d) for d in given]} (nor in their subdirectories)"
+        )
+    return dirs
 
 
 FIGURES = (
