@@ -62,7 +62,12 @@ def _parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="the offline demo: every criterion on LeNet-300-100/MNIST")
     demo.add_argument("--out", type=Path, default=Path("results"))
-    demo.add_argument("--workers", type=int, default=1)
+    demo.add_argument(
+        "--workers",
+        type=int,
+        default=2,
+        help="worker processes (default 2: one per core of a small machine)",
+    )
     demo.add_argument(
         "--threads",
         type=int,

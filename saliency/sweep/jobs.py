@@ -235,8 +235,9 @@ def make_records(
     from saliency.sweep.metrics import count_flops, gzip_size, params_count
 
     ds = dataset(cfg)
-    plain = copy.deepcopy(model).cpu()
-    saliency.remove(plain)
+    plain = model
+    if saliency.attached_masks(model) is not None:
+        plain = saliency.remove(copy.deepcopy(model))
     flops_dense, flops_nonzero = count_flops(plain, ds.input_shape)
     total, remaining = params_count(plain, masks)
     spec = job.criterion

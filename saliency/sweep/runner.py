@@ -98,14 +98,15 @@ def _pending(cfg: SweepConfig, out: Path, jobs: list[Job], done: set[str]) -> li
 _QUEUE = None  # a worker's channel to the parent's progress bar
 
 
-def _worker_init(q, threads: int) -> None:
+def _worker_init(q, threads: int, datasets: dict) -> None:
     global _QUEUE
     import torch
 
+    from saliency.sweep import jobs
+
     _QUEUE = q
-    torch.set_num_threads(
-        threads
-    )  # a worker process of our own: share the cores, don't oversubscribe
+    jobs._DATA.update(datasets)  # loaded once by the parent: no re-parsing in every worker
+    torch.set_num_threads(threads)  # a worker process of our own: share the cores
 
 
 def _notify(unit: Unit) -> None:
@@ -201,11 +202,16 @@ def _bar(total: int, enabled: bool):
 
 
 def _run_pool(cfg, out, jobs, done, result, bar, on_error, workers) -> None:
+    from saliency.sweep.jobs import _DATA as jobs_data
+
     ctx = mp.get_context("spawn")  # fork after torch has started threads can deadlock
     q = ctx.Queue()
     threads = max(1, (os.cpu_count() or 1) // workers)
     with ProcessPoolExecutor(
-        min(workers, len(jobs)), mp_context=ctx, initializer=_worker_init, initargs=(q, threads)
+        min(workers, len(jobs)),
+        mp_context=ctx,
+        initializer=_worker_init,
+        initargs=(q, threads, dict(jobs_data)),
     ) as pool:
         futures = {pool.submit(_worker_job, cfg, j, str(out), done): j for j in jobs}
         remaining = set(futures)
