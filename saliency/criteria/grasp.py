@@ -32,7 +32,8 @@ class GraSP:
     the first-order change of the gradient flow when the whole channel is removed.
 
     ``eval_mode=False`` (default) scores in train mode as the official code does at
-    initialization; mode, ``.grad``, ``requires_grad`` and buffers are restored afterwards.
+    initialization (dropout, if any, is active: ``eval_mode=True`` for deterministic scores);
+    mode, ``.grad``, ``requires_grad`` and buffers are restored afterwards.
     """
 
     name: ClassVar[str] = "grasp"

@@ -112,7 +112,8 @@ class SNIP:
     Meant for pruning at initialization (then train), usable on trained models.
 
     Mode: ``eval_mode=False`` (default) scores in train mode as the reference implementations
-    do at initialization (BatchNorm on batch statistics); running statistics are restored
+    do at initialization (BatchNorm on batch statistics; dropout, if any, is active, so pass
+    ``eval_mode=True`` for deterministic scores); running statistics are restored
     afterwards, as are the mode, ``.grad`` and ``requires_grad``. Channel scores (granularity
     "channel") sum the sensitivities of each output channel's weights.
     """
