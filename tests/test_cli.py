@@ -152,7 +152,7 @@ def test_probe_skips_exact_hessians_on_big_models_and_failing_criteria():
 
 
 def test_demo_shrunk_to_the_tiny_model_writes_records_and_figure(tmp_path, capsys):
-    assert main(["demo", "--out", str(tmp_path), *sets(TINY_DEMO)]) == 0
+    assert main(["demo", "--out", str(tmp_path), "--workers", "1", *sets(TINY_DEMO)]) == 0
     out = capsys.readouterr().out
     assert "saliency demo: tiny_mlp on tiny_blobs" in out
     for suffix in (".png", ".pdf"):

@@ -298,5 +298,25 @@ def test_run_sweep_argument_errors(tmp_path):
     ]:
         with pytest.raises(ValueError, match=match):
             run_sweep(cfg, tmp_path, **kw)
+    # what allocation or the model would refuse is refused before any work, naming it
+    from saliency.sweep.config import ConfigError
+
+    for change, match in [
+        ({"granularity": "blocks"}, "unknown granularity 'blocks'"),
+        ({"granularity": "block"}, "block=\\(h, w\\)"),
+        ({"granularity": "block", "allocate": {"block": [2, 2], "pooling": "min"}}, "pooling"),
+        ({"targets": {"include": "nothing.*"}}, "nothing"),
+        ({"model_kwargs": {"width": 3}}, "width"),
+        ({"device": "tpu"}, "device"),
+    ]:
+        with pytest.raises((ConfigError, TypeError, ValueError), match=match):
+            run_sweep(cfg_of(**change), tmp_path)
     assert not (tmp_path / "tiny").exists()
     assert dataclasses.is_dataclass(cfg)
+
+
+def test_report_separates_sweeps(tmp_path):
+    run_sweep(cfg_of(modes=["oneshot"], seeds=[0]), tmp_path)
+    run_sweep(cfg_of(modes=["oneshot"], seeds=[0], name="other"), tmp_path)
+    md = markdown(read_records(tmp_path / "tiny", tmp_path / "other"))
+    assert "### tiny, oneshot: accuracy" in md and "### other, oneshot: accuracy" in md

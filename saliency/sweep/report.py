@@ -20,7 +20,7 @@ def _label(r: dict[str, Any]) -> str:
 
 
 def summarize(records: list[dict[str, Any]], metrics: tuple[str, ...] | None = None) -> list[dict]:
-    """Rows {label, mode, phase, metric, sparsity, mean, std, n} grouped over seeds.
+    """Rows {sweep, mode, label, phase, metric, sparsity, mean, std, n} grouped over seeds.
 
     Per unit only its last phase counts (final over pruned); the dense baseline is one row per
     metric. Sorted by mode, label, metric, sparsity.
@@ -34,13 +34,21 @@ def summarize(records: list[dict[str, Any]], metrics: tuple[str, ...] | None = N
     for r in records:
         if r.get("phase") != last.get(r.get("run_id")) or (metrics and r["metric"] not in metrics):
             continue
-        key = (r["mode"], _label(r), r["phase"], r["metric"], float(r["sparsity_target"]))
+        key = (
+            r.get("sweep", ""),
+            r["mode"],
+            _label(r),
+            r["phase"],
+            r["metric"],
+            float(r["sparsity_target"]),
+        )
         groups[key].append(float(r["value"]))
     rows = []
-    for (mode, label, phase, metric, s), vals in groups.items():
+    for (sweep, mode, label, phase, metric, s), vals in groups.items():
         finite = [v for v in vals if math.isfinite(v)]
         rows.append(
             {
+                "sweep": sweep,
                 "mode": mode,
                 "label": label,
                 "phase": phase,
@@ -54,6 +62,7 @@ def summarize(records: list[dict[str, Any]], metrics: tuple[str, ...] | None = N
     order = {"dense": 0, "oneshot": 1, "finetune": 2, "gradual": 3, "iterative": 4, "init": 5}
     rows.sort(
         key=lambda r: (
+            r["sweep"],
             order.get(r["mode"], 9),
             r["label"] != "dense",
             r["label"],
@@ -75,16 +84,18 @@ def markdown(records: list[dict[str, Any]]) -> str:
     Accuracy is in percent; every cell is mean ± std over seeds (n seeds in the header)."""
     rows = summarize(records)
     out = []
-    by: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    by: dict[tuple[str, str, str], list[dict]] = defaultdict(list)
     for r in rows:
-        by[(r["mode"], r["metric"])].append(r)
-    for (mode, metric), group in by.items():
+        by[(r["sweep"], r["mode"], r["metric"])].append(r)
+    several = len({k[0] for k in by}) > 1
+    for (sweep, mode, metric), group in by.items():
         sps = sorted({r["sparsity"] for r in group})
         labels = list(dict.fromkeys(r["label"] for r in group))
         cells = {(r["label"], r["sparsity"]): r for r in group}
         n = max(r["n"] for r in group)
         unit = " (%)" if metric == "accuracy" else ""
-        out.append(f"### {mode}: {metric}{unit}, mean ± std over {n} seed(s)\n")
+        where = f"{sweep}, " if several else ""
+        out.append(f"### {where}{mode}: {metric}{unit}, mean ± std over {n} seed(s)\n")
         out.append("| criterion | " + " | ".join(f"{s:g}" for s in sps) + " |")
         out.append("|---|" + "---:|" * len(sps))
         for lab in labels:

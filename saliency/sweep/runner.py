@@ -150,10 +150,7 @@ def run_sweep(
         raise ValueError(f"executor must be 'local' or 'submitit'; got {executor!r}")
     if not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers must be a positive int; got {workers!r}")
-    from saliency.sweep.jobs import dataset, new_model
-
-    dataset(cfg)  # load the data and build the model before any work: errors surface now
-    new_model(cfg, cfg.seeds[0])
+    _preflight(cfg)
     out = Path(out_root) / cfg.name
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(_config_json(cfg))
@@ -166,27 +163,51 @@ def run_sweep(
     bar = _bar(result.units - result.skipped, progress)
     try:
         frozen = frozenset(done)
-        for phase in (
-            [j for j in pending if j.kind == "dense"],
-            [j for j in pending if j.kind != "dense"],
-        ):
-            if executor == "submitit":
+        dense = [j for j in pending if j.kind == "dense"]
+        rest = [j for j in pending if j.kind != "dense"]
+        if executor == "submitit":
+            for phase in (dense, rest):
                 _run_submitit(cfg, out, phase, frozen, result, bar, on_error, cluster)
-            elif workers > 1 and len(phase) > 1:
-                _run_pool(cfg, out, phase, frozen, result, bar, on_error, workers)
-            else:
-                for job in phase:
-                    try:
-                        result.ran += run_job(cfg, job, out, frozen, notify=lambda u: bar.update(1))
-                    except Exception as err:
-                        if on_error == "raise":
-                            raise
-                        log.exception("job failed: %s", job)
-                        result.failures.append(_failure(job, err))
+        elif workers > 1 and len(pending) > 1:
+            _run_pool(cfg, out, dense, rest, frozen, result, bar, on_error, workers)
+        else:
+            for job in dense + rest:
+                try:
+                    result.ran += run_job(cfg, job, out, frozen, notify=lambda u: bar.update(1))
+                except Exception as err:
+                    if on_error == "raise":
+                        raise
+                    log.exception("job failed: %s", job)
+                    result.failures.append(_failure(job, err))
     finally:
         bar.close()
         result.seconds = time.perf_counter() - start
     return result
+
+
+def _preflight(cfg: SweepConfig) -> None:
+    """Everything that can fail without training fails now: the data loads, the model builds,
+    the device exists, the targets resolve, and allocation accepts the scope, granularity and
+    allocate options at every sparsity of the sweep."""
+    import torch
+
+    from saliency.allocate import allocate
+    from saliency.sweep.config import ConfigError
+    from saliency.sweep.jobs import dataset, new_model, targets
+    from saliency.sweep.train import resolve_device
+
+    dataset(cfg)
+    try:
+        resolve_device(cfg.device)
+        params = targets(cfg, new_model(cfg, cfg.seeds[0]))
+        scores = {
+            n: torch.rand(p.shape, generator=torch.Generator().manual_seed(0))
+            for n, p in params.items()
+        }
+        for s in cfg.sparsities:
+            allocate(scores, s, scope=cfg.scope, granularity=cfg.granularity, **cfg.allocate)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"sweep {cfg.name!r}: {err}") from err
 
 
 def _config_json(cfg: SweepConfig) -> str:
@@ -201,31 +222,40 @@ def _bar(total: int, enabled: bool):
     return tqdm(total=total, unit="unit", disable=not enabled, dynamic_ncols=True, smoothing=0.1)
 
 
-def _run_pool(cfg, out, jobs, done, result, bar, on_error, workers) -> None:
+def _run_pool(cfg, out, dense, rest, done, result, bar, on_error, workers) -> None:
+    """One pool of spawned workers; the pruning jobs of a seed start when its dense job ends."""
     from saliency.sweep.jobs import _DATA as jobs_data
 
     ctx = mp.get_context("spawn")  # fork after torch has started threads can deadlock
     q = ctx.Queue()
     threads = max(1, (os.cpu_count() or 1) // workers)
+    waiting = {seed: [j for j in rest if j.seed == seed] for seed in {j.seed for j in dense}}
+    ready = [j for j in rest if j.seed not in waiting]
     with ProcessPoolExecutor(
-        min(workers, len(jobs)),
+        min(workers, len(dense) + len(rest)),
         mp_context=ctx,
         initializer=_worker_init,
         initargs=(q, threads, dict(jobs_data)),
     ) as pool:
-        futures = {pool.submit(_worker_job, cfg, j, str(out), done): j for j in jobs}
+        futures = {pool.submit(_worker_job, cfg, j, str(out), done): j for j in dense + ready}
         remaining = set(futures)
         try:
             while remaining:
                 finished, remaining = wait(remaining, timeout=0.2, return_when=FIRST_COMPLETED)
                 _drain(q, bar)
                 for f in finished:
+                    job = futures[f]
                     try:
                         result.ran += f.result()
                     except Exception as err:
                         if on_error == "raise":
                             raise
-                        result.failures.append(_failure(futures[f], err))
+                        result.failures.append(_failure(job, err))
+                    if job.kind == "dense":  # a failed dense job still lets its jobs report
+                        for j in waiting.pop(job.seed, []):
+                            nf = pool.submit(_worker_job, cfg, j, str(out), done)
+                            futures[nf] = j
+                            remaining.add(nf)
         finally:
             for f in remaining:
                 f.cancel()

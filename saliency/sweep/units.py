@@ -1,0 +1,275 @@
+"""The pieces of a sweep unit: its run id, data, models (dense cache), pruning with cost, records.
+
+Everything here runs in any process from picklable inputs (`SweepConfig`, `Job`, a directory);
+`jobs.py` strings them together per mode.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+import saliency
+from saliency.criteria import Cost, get_criterion
+from saliency.masks import Masks
+from saliency.prune import prune_step, score
+from saliency.sweep.config import CriterionSpec, SweepConfig, digest
+
+_DATA: dict[tuple, Any] = {}  # per-process cache of loaded datasets
+
+
+@dataclass(frozen=True)
+class Unit:
+    run_id: str
+    mode: str
+    sparsity: float
+
+
+@dataclass(frozen=True)
+class Job:
+    """`kind` "dense" (train and cache the dense model of `seed`), "oneshot" (one scoring pass
+    for every oneshot/finetune unit of a criterion and seed), or "gradual"/"iterative"/"init"
+    (one unit each)."""
+
+    kind: str
+    seed: int
+    criterion: CriterionSpec | None = None
+    units: tuple[Unit, ...] = field(default_factory=tuple)
+
+
+def dataset(cfg: SweepConfig):
+    from saliency import zoo
+
+    key = (cfg.dataset, cfg.data_root)
+    if key not in _DATA:
+        _DATA[key] = zoo.get_dataset(cfg.dataset, data_root=cfg.data_root, seed=0)
+    return _DATA[key]
+
+
+def loss_fn_for(task: str) -> Callable:
+    if task == "regression":
+        return lambda out, y: torch.nn.functional.mse_loss(out.reshape(y.shape), y)
+    return torch.nn.functional.cross_entropy
+
+
+def dense_key(cfg: SweepConfig, seed: int) -> dict[str, Any]:
+    return {
+        "model": cfg.model,
+        "model_kwargs": cfg.model_kwargs,
+        "dataset": cfg.dataset,
+        "train": cfg.train,
+        "seed": seed,
+    }
+
+
+def unit_run_id(
+    cfg: SweepConfig, seed: int, mode: str, spec: CriterionSpec | None, s: float
+) -> str:
+    """sha256 of the unit's canonical config: what determines its result, nothing else."""
+    unit = {**dense_key(cfg, seed), "mode": mode}
+    if spec is not None:
+        unit.update(
+            criterion=spec.name,
+            hparams=spec.hparams,
+            sparsity=s,
+            scope=cfg.scope,
+            granularity=cfg.granularity,
+            allocate=cfg.allocate,
+            targets=cfg.targets,
+            scoring=cfg.scoring,
+        )
+        if mode in ("finetune", "iterative"):
+            unit["finetune"] = cfg.finetune
+        if mode in ("gradual", "iterative", "init"):
+            unit[mode] = getattr(cfg, mode)
+    return digest(unit)
+
+
+def new_model(cfg: SweepConfig, seed: int) -> torch.nn.Module:
+    from saliency import zoo
+
+    ds = dataset(cfg)
+    with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG
+        torch.manual_seed(seed)
+        return zoo.get_model(
+            cfg.model, input_shape=ds.input_shape, num_classes=ds.num_classes, **cfg.model_kwargs
+        )
+
+
+def train_model(cfg, model, seed, settings, *, on_step=None) -> None:
+    from saliency.sweep.train import resolve_device, train
+
+    ds = dataset(cfg)
+    keys = ("epochs", "batch_size", "lr", "optimizer", "momentum", "weight_decay")
+    train(
+        model,
+        ds.train,
+        **{k: settings[k] for k in keys},
+        seed=seed,
+        device=resolve_device(cfg.device),
+        task=ds.task,
+        on_step=on_step,
+    )
+
+
+def cache_path(cfg: SweepConfig, out: Path, seed: int) -> Path:
+    return out / "cache" / f"dense-seed{seed}-{digest(dense_key(cfg, seed))}.pt"
+
+
+def dense_model(cfg: SweepConfig, out: Path, seed: int) -> torch.nn.Module:
+    """The trained dense model of `seed`, from the cache, or trained now and cached atomically."""
+    path = cache_path(cfg, out, seed)
+    model = new_model(cfg, seed)
+    if path.exists():
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    else:
+        train_model(cfg, model, seed, cfg.train)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
+        os.replace(tmp, path)
+    return model.to("cpu")
+
+
+def scoring_data(cfg: SweepConfig, seed: int) -> DataLoader:
+    """The first `scoring.n_samples` training samples of a seeded permutation."""
+    x, y = dataset(cfg).train.tensors[:2]
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(len(x), generator=g)[: cfg.scoring["n_samples"] or len(x)]
+    return DataLoader(TensorDataset(x[idx], y[idx]), batch_size=cfg.scoring["batch_size"])
+
+
+def targets(cfg: SweepConfig, model) -> dict[str, torch.nn.Parameter]:
+    return saliency.prunable_parameters(model, **cfg.targets)
+
+
+def hparams_of(crit) -> dict[str, Any]:
+    if not dataclasses.is_dataclass(crit):
+        return {}
+    raw = {f.name: getattr(crit, f.name) for f in dataclasses.fields(crit)}
+    return json.loads(json.dumps(raw, default=str))
+
+
+def prune_with_cost(cfg, model, crit, sparsity, data, loss_fn, *, current=None, scores=None):
+    """Score -> allocate -> update -> apply over the criterion's rounds (or with given `scores`).
+
+    Returns (masks, cost summed over rounds, predicted loss increase or None). The predicted
+    increase of `loss_units` criteria sums, round by round, the scores of the newly pruned entries.
+    """
+    params = targets(cfg, model)
+    rounds = crit.schedule(sparsity) if callable(getattr(crit, "schedule", None)) else [sparsity]
+    if scores is not None:
+        rounds = [sparsity]
+    total, predicted, masks = Cost(backward_passes=0), 0.0, current
+    for s in rounds:
+        sc = scores if scores is not None else score(model, crit, data, loss_fn, params=params)
+        before = masks
+        masks = prune_step(
+            model,
+            crit,
+            params,
+            sc,
+            s,
+            current=masks,
+            scope=cfg.scope,
+            granularity=cfg.granularity,
+            **cfg.allocate,
+        )
+        if scores is None:
+            total.seconds += sc.cost.seconds
+            total.samples += sc.cost.samples or 0
+            bp = sc.cost.backward_passes
+            total.backward_passes = (
+                None
+                if bp is None or total.backward_passes is None
+                else (total.backward_passes + bp)
+            )
+        for n, keep in masks.items():
+            new = ~keep if before is None else before[n] & ~keep
+            predicted += float(sc[n][new.to(sc[n].device)].double().sum())
+    if masks is None:  # an empty schedule: nothing pruned
+        masks = Masks.ones_like(params)
+    if scores is not None:
+        total = scores.cost
+    return masks, total, predicted if getattr(crit, "loss_units", False) else None
+
+
+def evaluate_model(cfg: SweepConfig, model) -> dict[str, float]:
+    from saliency.sweep.train import evaluate, resolve_device
+
+    ds = dataset(cfg)
+    return {
+        k: float(v)
+        for k, v in evaluate(
+            model, ds.test, task=ds.task, device=resolve_device(cfg.device)
+        ).items()
+    }
+
+
+def make_records(
+    cfg,
+    job: Job,
+    unit: Unit,
+    model,
+    masks: Masks,
+    phases: dict[str, dict],
+    *,
+    cost: Cost | None,
+    predicted: float | None,
+) -> list[dict[str, Any]]:
+    """The tidy records of one unit (one per phase and metric), per /work/notes/records.md."""
+    from saliency.sweep.metrics import count_flops, gzip_size, params_count
+
+    ds = dataset(cfg)
+    plain = model
+    if saliency.attached_masks(model) is not None:
+        plain = saliency.remove(copy.deepcopy(model))
+    flops_dense, flops_nonzero = count_flops(plain, ds.input_shape)
+    total, remaining = params_count(plain, masks)
+    spec = job.criterion
+    crit = get_criterion(spec.name, **spec.hparams) if spec else None
+    base = {
+        "run_id": unit.run_id,
+        "sweep": cfg.name,
+        "config_hash": cfg.config_hash,
+        "model": cfg.model,
+        "dataset": cfg.dataset,
+        "task": ds.task,
+        "criterion": spec.name if spec else "dense",
+        "label": spec.label if spec else "dense",
+        "hparams": hparams_of(crit) if crit else {},
+        "seed": job.seed,
+        "mode": unit.mode,
+        "scope": cfg.scope,
+        "granularity": cfg.granularity,
+        "sparsity_target": unit.sparsity,
+        "sparsity": masks.sparsity,
+        "layer_sparsity": masks.layer_sparsity(),
+        "split": "test",
+        "params_total": total,
+        "params_remaining": remaining,
+        "flops_dense": flops_dense,
+        "flops_nonzero": flops_nonzero,
+        "gzip_bytes": gzip_size(plain),
+        "score_seconds": cost.seconds if cost else None,
+        "score_samples": cost.samples if cost else None,
+        "score_backward_passes": cost.backward_passes if cost else None,
+        "predicted_loss_increase": predicted,
+        "time": time.time(),
+        "saliency_version": saliency.__version__,
+    }
+    return [
+        {**base, "phase": phase, "metric": m, "value": v}
+        for phase, metrics in phases.items()
+        for m, v in metrics.items()
+    ]
