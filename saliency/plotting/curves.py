@@ -31,9 +31,14 @@ def _x(s: np.ndarray, xaxis: str) -> np.ndarray:
     return 1.0 / (1.0 - s) if xaxis == "compression" else s
 
 
+def _ratio(v: float) -> str:
+    """Compression ratio label: '3.3x', '10x', '100x' (two significant digits below 10)."""
+    return (f"{v:.2g}" if v < 10 else f"{v:.0f}") + "\u00d7"
+
+
 def _format_x(ax, xaxis: str, xs) -> None:
     if xaxis == "compression":
-        log_axis(ax, "x", ticks=sorted(set(np.round(xs, 6))), fmt="{:g}\u00d7")
+        log_axis(ax, "x", ticks=sorted(set(np.round(xs, 6))), fmt=_ratio)
         ax.set_xlabel("Compression ratio 1/(1\u2212s)")
     else:
         ax.set_xlabel("Sparsity s")

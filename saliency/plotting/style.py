@@ -95,10 +95,10 @@ def order_key(name: str) -> tuple:
     return (0, ORDER.index(name), name) if name in ORDER else (1, 0, name)
 
 
-def log_axis(ax, which: str = "x", *, ticks=None, fmt: str = "{:g}") -> None:
-    """Log scale with plain-number tick labels that never collide: at `ticks` when given (at
-    most 8), else at each decade (plus 2 and 5 when the axis spans less than one decade);
-    minor ticks unlabelled."""
+def log_axis(ax, which: str = "x", *, ticks=None, fmt=None) -> None:
+    """Log scale with plain-number tick labels (`fmt(value) -> str`, default '%g') that never
+    collide: at `ticks` when given (at most 8), else at decades (plus 2 and 5 when the axis
+    spans less than one decade); minor ticks unlabelled."""
     from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, NullFormatter
 
     axis = ax.xaxis if which == "x" else ax.yaxis
@@ -110,7 +110,8 @@ def log_axis(ax, which: str = "x", *, ticks=None, fmt: str = "{:g}") -> None:
         lo, hi = axis.get_view_interval()
         decades = np.log10(hi / lo) if lo > 0 and hi > lo else 99
         axis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0) if decades < 0.8 else (1.0,)))
-    axis.set_major_formatter(FuncFormatter(lambda v, _: fmt.format(v)))
+    fmt = fmt or (lambda v: f"{v:g}")
+    axis.set_major_formatter(FuncFormatter(lambda v, _: fmt(v)))
     axis.set_minor_formatter(NullFormatter())
 
 
