@@ -231,7 +231,9 @@ def cmd_demo(args) -> int:
         f"demo finished in {time.perf_counter() - start:.1f} s; "
         f"more figures: saliency figs {result.out} --out {result.out / 'figures'}"
     )
-    return 1 if result.failures else 0
+    # a criterion failing at run time is reported (above) and skipped, like those the probe
+    # skipped; the demo fails only when no pruned result was produced at all
+    return 0 if any(r["criterion"] != "dense" for r in records) else 1
 
 
 def cmd_criteria(args) -> int:

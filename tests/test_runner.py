@@ -258,8 +258,11 @@ def test_report_markdown_mean_and_std(tmp_path):
 
 def test_tensorboard_logging(tmp_path):
     pytest.importorskip("tensorboard")
-    res = run_sweep(cfg_of(modes=["oneshot"], seeds=[0], tensorboard=True), tmp_path)
-    assert list((res.out / "tensorboard" / "magnitude" / "oneshot-seed0").glob("events.*"))
+    cfg = cfg_of(modes=["oneshot", "gradual"], seeds=[0], tensorboard=True, gradual={"epochs": 1})
+    res = run_sweep(cfg, tmp_path)
+    tb = res.out / "tensorboard" / "magnitude"
+    assert list((tb / "oneshot-seed0").glob("events.*"))
+    assert list((tb / "gradual-s0.9-seed0").glob("events.*"))
 
 
 def test_workers_give_the_same_records(tmp_path):

@@ -165,12 +165,19 @@ def _job_gradual(cfg, out, job, todo, tb, notify) -> None:
         params=targets(cfg, model),
         **cfg.allocate,
     )
+
+    def on_step(step: int, *_):
+        masks = pruner.step()
+        if tb is not None and schedule.should_prune(step):
+            tb.during(job, u, step, masks)  # sparsity over training, as tfmot's PruningSummaries
+        return masks  # new masks: train() clears the optimizer state at their pruned entries
+
     train_model(
         cfg,
         model,
         job.seed,
         {**cfg.finetune, "epochs": g["epochs"]},
-        on_step=lambda *a, **k: pruner.step(),
+        on_step=on_step,
     )
     masks = pruner.masks
     if masks is None or masks.sparsity < u.sparsity - 1e-6:  # schedule cut short by the epochs

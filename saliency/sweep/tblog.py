@@ -3,8 +3,9 @@
 With `tensorboard = true` in a sweep config and the `tensorboard` package installed, every unit
 logs its per-layer sparsity, its global sparsity and its metrics under
 `results/<sweep>/tensorboard/<label>/<mode>-seed<seed>`, with the target sparsity (in per mille)
-as the step, so a whole curve reads as one TensorBoard plot. Without the package it is a no-op
-that logs one warning.
+as the step, so a whole curve reads as one TensorBoard plot; gradual units also log their
+sparsity at every pruning step of training (`<label>/gradual-s<target>-seed<seed>`). Without
+the package it is a no-op that logs one warning.
 """
 
 from __future__ import annotations
@@ -46,6 +47,19 @@ class TensorBoard:
             w.add_scalar(f"sparsity/{name}", s, step)
         for r in records:
             w.add_scalar(f"{r['phase']}/{r['metric']}", r["value"], step)
+
+    def during(self, job, unit, step: int, masks) -> None:
+        """Per-layer and global sparsity at a training step (gradual mode)."""
+        if masks is None:
+            return
+        label = job.criterion.label if job.criterion else "dense"
+        key = f"{label}/{unit.mode}-s{unit.sparsity:g}-seed{job.seed}"
+        if key not in self.writers:
+            self.writers[key] = self._cls(log_dir=str(self.root / key))
+        w = self.writers[key]
+        w.add_scalar("sparsity/global", masks.sparsity, step)
+        for name, s in masks.layer_sparsity().items():
+            w.add_scalar(f"sparsity/{name}", s, step)
 
     def close(self) -> None:
         for w in self.writers.values():
