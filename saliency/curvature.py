@@ -190,10 +190,19 @@ def _layer_stats(m: nn.Module, pairs, want: str):
     otherwise per-sample gradients are materialized a chunk of samples at a time (patches
     unfolded per chunk, so memory stays within ``_CHUNK_ELEMENTS``)."""
     x0 = pairs[0][0]
+    K = len(pairs[0][1]) if pairs[0][1].dim() == x0.dim() + 1 else 0  # K vmapped passes
     if want == "sq" and isinstance(m, nn.Linear) and len(pairs) == 1 and x0.dim() == 2:
         d = pairs[0][1]
         d2 = d * d
+        if K:  # sum_k sum_n d_kn^2 x_n^2 = (sum_k d_k^2)^T x^2
+            d2, d = d2.sum(0), d.sum(0)
         return d2.T @ (x0 * x0), d2.sum(0), None, d.sum(0)
+    if K:  # the K passes become K * B samples
+        pairs = [
+            (x.expand(K, *x.shape).reshape(K * len(x), *x.shape[1:]), d.flatten(0, 1))
+            for x, d in pairs
+        ]
+        x0 = pairs[0][0]
     B = len(x0)
     patch = x0[0].numel() * (1 if isinstance(m, nn.Linear) else math.prod(m.kernel_size))
     chunk = max(1, min(B, _CHUNK_ELEMENTS // (m.weight.numel() + patch)))
@@ -226,6 +235,7 @@ def _explains(m: nn.Module, pairs, stats, gw: Tensor | None, gb: Tensor | None) 
     _, _, w_sum, b_sum = stats
     if w_sum is None:  # Linear closed form: compare one random projection (sum_n g_n) r
         x, d = pairs[0]
+        d = d.sum(0) if d.dim() == x.dim() + 1 else d
         r = torch.randn(x.shape[1], generator=torch.Generator().manual_seed(0), dtype=x.dtype)
         r = r.to(x.device)
         ok = close(d.T @ (x @ r), gw @ r)
@@ -242,7 +252,9 @@ class _Capture:
         self.modules = list(modules)
         self.inputs: dict[nn.Module, list[Tensor]] = {m: [] for m in self.modules}
         self.deltas: dict[nn.Module, dict[int, Tensor]] = {m: {} for m in self.modules}
+        self.outputs: dict[nn.Module, list[tuple[Tensor, int]]] = {m: [] for m in self.modules}
         self.handles = []
+        self.active = True
 
     def __enter__(self) -> _Capture:
         for m in self.modules:
@@ -257,9 +269,19 @@ class _Capture:
     def _forward(self, m, inputs, out) -> None:
         i = len(self.inputs[m])
         self.inputs[m].append(inputs[0].detach())
+        self.outputs[m].append((out, out._version))
         if out.requires_grad:
             # a tensor hook sees the gradient w.r.t. this value even if a later op is in-place
-            out.register_hook(lambda g, m=m, i=i: self.deltas[m].__setitem__(i, g.detach()))
+            out.register_hook(lambda g, m=m, i=i: self._store(m, i, g))
+
+    def _store(self, m, i, g) -> None:
+        if self.active:  # off during vmapped backward passes (their gradients are batched)
+            self.deltas[m][i] = g.detach()
+
+    def untouched_outputs(self) -> bool:
+        """No layer output was modified in place after the layer (``relu_``): gradients taken
+        w.r.t. the outputs themselves are then the layers' output gradients."""
+        return all(o._version == v for outs in self.outputs.values() for o, v in outs)
 
     def terms(self, m: nn.Module) -> list[tuple[Tensor, Tensor]]:
         """(input, output gradient) of each call of layer m in the last backward pass."""
@@ -392,8 +414,12 @@ def _passes(model, params, x, phi, make_targets, chunk_size, want):
             raise TypeError(f"the model must return one tensor; got {type(out).__name__}")
         targets = list(make_targets(out.detach()))
         hp = [params[n] for names in hooked.values() for n in names.values()]
+        batched = hooked and len(targets) > 1 and cap.untouched_outputs()
+        if batched:  # all K backward passes in one vmapped backward
+            passes += len(targets)
+            _batched_hooked(cap, hooked, generic, acc, out, phi, targets, hp, want)
         for k, t in enumerate(targets):
-            if hooked:
+            if hooked and not batched:
                 s = _vmap_or_loop(phi, out, t).sum()
                 g = torch.autograd.grad(s, hp, retain_graph=k + 1 < len(targets), allow_unused=True)
                 batch = dict(zip((id(p) for p in hp), g, strict=True))
@@ -418,6 +444,44 @@ def _passes(model, params, x, phi, make_targets, chunk_size, want):
     return {
         n: acc[n].to(p.dtype) if n in acc else _zeros(p, len(x), want) for n, p in params.items()
     }, passes
+
+
+def _batched_hooked(cap, hooked, generic, acc, out, phi, targets, hp, want) -> None:
+    """K backward passes as one ``is_grads_batched`` backward (vmapped, like BackPACK's
+    matrix backpropagation), taking gradients w.r.t. the captured layer outputs directly."""
+    if phi is _dot:  # d/df sum_n <f_n, t_n> = t
+        G = torch.stack(targets)
+    else:
+        o = out.detach().requires_grad_()
+        G = torch.stack(
+            [torch.autograd.grad(_vmap_or_loop(phi, o, t).sum(), o)[0] for t in targets]
+        )
+    outs = [(m, i, o) for m in hooked for i, (o, _) in enumerate(cap.outputs[m]) if o.requires_grad]
+    cap.active = False
+    try:
+        res = torch.autograd.grad(
+            out, [o for _, _, o in outs] + hp, grad_outputs=G, is_grads_batched=True,
+            allow_unused=True,
+        )  # fmt: skip
+    finally:
+        cap.active = True
+    deltas = {(m, i): d for (m, i, _), d in zip(outs, res, strict=False)}
+    batch = {
+        id(p): None if g is None else g.sum(0) for p, g in zip(hp, res[len(outs) :], strict=True)
+    }
+    for m in list(hooked):
+        names = hooked[m]
+        pairs = [
+            (x, deltas[m, i]) for i, x in enumerate(cap.inputs[m]) if deltas.get((m, i)) is not None
+        ]
+        gw, gb = (batch.get(id(m._parameters[a])) for a in ("weight", "bias"))
+        stats = _layer_stats(m, pairs, want) if pairs else None
+        if not _explains(m, pairs, stats, gw, gb if "bias" in names else None):
+            generic += list(hooked.pop(m).values())  # fall back to the generic path
+            continue
+        for attr, n in names.items():
+            if stats is not None:
+                _add(acc, n, stats[0] if attr == "weight" else stats[1])
 
 
 def _zeros(p: Tensor, B: int, want: str) -> Tensor:

@@ -396,3 +396,21 @@ def test_unfold_matches_im2col(conv):
         ref = F.unfold(xp, conv.kernel_size, dilation=conv.dilation, stride=conv.stride)
     assert torch.equal(C._unfold(conv, x), ref)
     assert ref.shape[-1] == conv(x)[0, 0].numel()
+
+
+def test_ggn_batched_and_looped_backward_paths(mixed, tiny_cnn, cnn_data):
+    """K backward passes run vmapped when no layer output is modified in place (tiny_cnn), and
+    one by one otherwise (Mixed: relu_ after a Linear); both against explicit Jacobians."""
+    model, x, y = mixed
+    params = dict(model.named_parameters())
+    data = [(x, y)]
+    _close(
+        C.diag_ggn(model, params, data, backend="torch"),
+        _reference_ggn_diag(model, params, data, F.cross_entropy),
+    )
+    cnn = tiny_cnn.double()
+    data = [(xb[:4].double(), yb[:4]) for xb, yb in cnn_data]
+    params = dict(cnn.named_parameters())
+    got = C.diag_ggn(cnn, params, data, backend="torch")
+    _close(got, _reference_ggn_diag(cnn, params, data, F.cross_entropy))
+    assert got.backward_passes == 2 * 2
