@@ -85,6 +85,13 @@ def _parser() -> argparse.ArgumentParser:
     figs = sub.add_parser("figs", help="every figure the records support (PNG + PDF)")
     figs.add_argument("results", nargs="+", type=Path)
     figs.add_argument("--out", type=Path, required=True)
+    figs.add_argument(
+        "--only",
+        action="append",
+        default=None,
+        metavar="NAME",
+        help="only this figure (repeatable), e.g. accuracy_vs_sparsity, table",
+    )
     return p
 
 
@@ -260,7 +267,11 @@ def cmd_report(args) -> int:
 def cmd_figs(args) -> int:
     from saliency.plotting import build_all
 
-    paths = build_all(args.results, args.out)
+    try:
+        paths = build_all(args.results, args.out, only=args.only)
+    except ValueError as err:  # an unknown --only name
+        print(f"saliency figs: error: {err}", file=sys.stderr)
+        return 2
     for p in paths:
         _print(p)
     _print(f"{len(paths)} file(s) written to {args.out}")

@@ -18,6 +18,7 @@ from saliency.sweep.config import tomllib  # noqa: E402
 from saliency.sweep.records import read_records  # noqa: E402
 
 TINY_DEMO = [
+    "seeds=[0]",
     'imports=["sweep_helpers"]',
     "model=tiny_mlp",
     "dataset=tiny_blobs",
@@ -168,7 +169,10 @@ def test_demo_shrunk_to_the_tiny_model_writes_records_and_figure(tmp_path, capsy
     )
     assert {r["mode"] for r in records} == {"dense", "oneshot", "finetune"}
     assert "demo finished in" in out
-    assert list((tmp_path / "demo" / "scores" / "oneshot-seed1").glob("*.pt"))
+    assert list((tmp_path / "demo" / "scores" / "oneshot-seed0").glob("*.pt"))
     # figs: every figure the records support
-    assert main(["figs", str(tmp_path / "demo"), "--out", str(tmp_path / "figs")]) == 0
-    assert list((tmp_path / "figs").glob("*.png"))
+    figs = ["figs", str(tmp_path / "demo"), "--out", str(tmp_path / "figs")]
+    assert main([*figs, "--only", "table"]) == 0
+    assert list((tmp_path / "figs").glob("table_*.md"))
+    assert main([*figs, "--only", "nope"]) == 2
+    assert "nope" in capsys.readouterr().err
