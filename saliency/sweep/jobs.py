@@ -27,6 +27,7 @@ from saliency.sweep.units import (  # noqa: F401  (re-exported: the runner and t
     cache_path,
     dataset,
     dense_model,
+    device,
     evaluate_model,
     loss_fn_for,
     make_records,
@@ -249,7 +250,7 @@ def _job_init(cfg, out, job, todo, tb, notify) -> None:
     """Prune the seed's initialization (SNIP / GraSP / SynFlow setting), then train it."""
     (u,) = todo
     ds, spec = dataset(cfg), job.criterion
-    model = new_model(cfg, job.seed)
+    model = new_model(cfg, job.seed).to(device(cfg))
     crit = get_criterion(spec.name, **spec.hparams)
     masks, cost, predicted = prune_with_cost(
         cfg, model, crit, u.sparsity, scoring_data(cfg, job.seed), loss_fn_for(ds.task)

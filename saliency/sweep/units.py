@@ -58,7 +58,7 @@ def dataset(cfg: SweepConfig):
 
 def loss_fn_for(task: str) -> Callable:
     if task == "regression":
-        return lambda out, y: torch.nn.functional.mse_loss(out.reshape(y.shape), y)
+        return lambda out, y: torch.nn.functional.mse_loss(out.reshape(y.shape), y.to(out.dtype))
     return torch.nn.functional.cross_entropy
 
 
@@ -80,7 +80,8 @@ def unit_run_id(
     if spec is not None:
         unit.update(
             criterion=spec.name,
-            hparams=spec.hparams,
+            # every field, defaults included: a changed default is a different experiment
+            hparams=hparams_of(get_criterion(spec.name, **spec.hparams)),
             sparsity=s,
             scope=cfg.scope,
             granularity=cfg.granularity,
@@ -106,8 +107,14 @@ def new_model(cfg: SweepConfig, seed: int) -> torch.nn.Module:
         )
 
 
+def device(cfg: SweepConfig) -> torch.device:
+    from saliency.sweep.train import resolve_device
+
+    return resolve_device(cfg.device)
+
+
 def train_model(cfg, model, seed, settings, *, on_step=None) -> None:
-    from saliency.sweep.train import resolve_device, train
+    from saliency.sweep.train import train
 
     ds = dataset(cfg)
     keys = ("epochs", "batch_size", "lr", "optimizer", "momentum", "weight_decay")
@@ -116,7 +123,7 @@ def train_model(cfg, model, seed, settings, *, on_step=None) -> None:
         ds.train,
         **{k: settings[k] for k in keys},
         seed=seed,
-        device=resolve_device(cfg.device),
+        device=device(cfg),
         task=ds.task,
         on_step=on_step,
     )
@@ -138,7 +145,7 @@ def dense_model(cfg: SweepConfig, out: Path, seed: int) -> torch.nn.Module:
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
         torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
         os.replace(tmp, path)
-    return model.to("cpu")
+    return model.to(device(cfg))
 
 
 def scoring_data(cfg: SweepConfig, seed: int) -> DataLoader:
@@ -205,15 +212,11 @@ def prune_with_cost(cfg, model, crit, sparsity, data, loss_fn, *, current=None, 
 
 
 def evaluate_model(cfg: SweepConfig, model) -> dict[str, float]:
-    from saliency.sweep.train import evaluate, resolve_device
+    from saliency.sweep.train import evaluate
 
     ds = dataset(cfg)
-    return {
-        k: float(v)
-        for k, v in evaluate(
-            model, ds.test, task=ds.task, device=resolve_device(cfg.device)
-        ).items()
-    }
+    metrics = evaluate(model, ds.test, task=ds.task, device=device(cfg))
+    return {k: float(v) for k, v in metrics.items()}
 
 
 def make_records(
