@@ -458,3 +458,11 @@ def test_build_all_finds_sweeps_in_a_parent_and_skips_missing(tmp_path, caplog):
         build_all([tmp_path / "missing"], tmp_path / "f")
     with pytest.raises(ValueError, match="unknown figure"):
         build_all([d], tmp_path / "f", only=["acuracy"])
+
+
+def test_loss_prediction_for_regression_uses_mse(tmp_path):
+    from saliency.plotting import plot_loss_prediction
+
+    recs = [r for r in make_records(task="regression") if r["metric"] != "loss"]
+    fig = plot_loss_prediction(recs, [r for r in recs if r["criterion"] == "dense"])
+    assert fig is not None and len(fig.axes[0].get_lines()) == 4

@@ -178,16 +178,19 @@ def accuracy_vs_sparsity(
 
 
 def _measured_increase(records: Sequence[dict], dense: Sequence[dict]):
-    """[(criterion, sparsity_target, seed, predicted, measured)] from 'pruned' loss records."""
+    """[(record, predicted, measured)] from 'pruned' records of the training loss: metric
+    'loss', or 'mse' for a regression sweep that records no 'loss' (its loss is the MSE)."""
+    metrics = {r.get("metric") for r in records}
+    metric = "loss" if "loss" in metrics else "mse"
     dense_loss = defaultdict(list)
     for r in dense:
-        if r.get("metric") == "loss" and D.finite(r.get("value")):
+        if r.get("metric") == metric and D.finite(r.get("value")):
             dense_loss[r.get("seed")].append(float(r["value"]))
     out = []
     for r in records:
         if (
             r.get("phase") == "pruned"
-            and r.get("metric") == "loss"
+            and r.get("metric") == metric
             and D.finite(r.get("value"))
             and D.finite(r.get("predicted_loss_increase"))
             and dense_loss.get(r.get("seed"))
