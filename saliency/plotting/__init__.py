@@ -14,12 +14,8 @@ from pathlib import Path
 
 from saliency.plotting.agreement import agreement, layer_sizes, plot_agreement
 from saliency.plotting.bars import cost, layer_sparsity, plot_cost, plot_layer_sparsity
-from saliency.plotting.curves import (
-    accuracy_vs_sparsity,
-    loss_prediction,
-    plot_accuracy_vs_sparsity,
-    plot_loss_prediction,
-)
+from saliency.plotting.curves import accuracy_vs_sparsity, plot_accuracy_vs_sparsity
+from saliency.plotting.loss import loss_prediction, plot_loss_prediction
 from saliency.plotting.style import (
     DOUBLE_COLUMN,
     SINGLE_COLUMN,

@@ -1,0 +1,146 @@
+"""Figure 4: for criteria whose scores are predicted loss increases (OBD, OBS), the prediction
+(the sum of the pruned weights' scores, as the sweep records it) against the measured increase
+(test loss right after pruning minus the dense test loss of the same seed)."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from matplotlib.lines import Line2D
+from matplotlib.ticker import FuncFormatter
+
+from saliency.plotting import data as D
+from saliency.plotting.style import log_axis, new_figure, paper_style, save_figure
+
+log = logging.getLogger(__name__)
+
+
+def _measured_increase(records: Sequence[dict], dense: Sequence[dict]):
+    """[(record, predicted, measured)] from 'pruned' records of the training loss: metric
+    'loss', or 'mse' for a regression sweep that records no 'loss' (its loss is the MSE)."""
+    metrics = {r.get("metric") for r in records}
+    metric = "loss" if "loss" in metrics else "mse"
+    dense_loss = defaultdict(list)
+    for r in dense:
+        if r.get("metric") == metric and D.finite(r.get("value")):
+            dense_loss[r.get("seed")].append(float(r["value"]))
+    out = []
+    for r in records:
+        if (
+            r.get("phase") == "pruned"
+            and r.get("metric") == metric
+            and D.finite(r.get("value"))
+            and D.finite(r.get("predicted_loss_increase"))
+            and dense_loss.get(r.get("seed"))
+        ):
+            base = float(np.mean(dense_loss[r["seed"]]))
+            out.append((r, float(r["predicted_loss_increase"]), float(r["value"]) - base))
+    return out
+
+
+def _log_or_symlog(ax, axis: str, values: np.ndarray) -> None:
+    """Log scale; symlog (linear around 0) when a measured increase is <= 0."""
+    v = values[np.isfinite(values)]
+    if v.size and (v <= 0).any():
+        pos = np.abs(v[v != 0])
+        lin = 10 ** math.floor(math.log10(pos.min())) if pos.size else 1e-3
+        (ax.set_yscale if axis == "y" else ax.set_xscale)("symlog", linthresh=lin)
+        fmt = FuncFormatter(lambda x, _: f"{x:g}")
+        (ax.yaxis if axis == "y" else ax.xaxis).set_major_formatter(fmt)
+    else:
+        log_axis(ax, axis)
+
+
+def plot_loss_prediction(
+    records: Sequence[dict], dense: Sequence[dict], *, width="double", height: float = 2.5
+):
+    """Left: measured (solid) and predicted (dashed) loss increase vs sparsity per loss-unit
+    criterion; right: predicted vs measured with the identity line. Mean over seeds."""
+    rows = _measured_increase(records, dense)
+    if not rows:
+        log.info(
+            "loss_prediction: no 'pruned' loss records with predicted_loss_increase and a "
+            "dense loss of the same seed; skipped"
+        )
+        return None
+    mode = next(
+        (m for m in D.MODE_ORDER if any(r.get("mode") == m for r, _, _ in rows)),
+        rows[0][0].get("mode"),
+    )
+    rows = [t for t in rows if t[0].get("mode") == mode]
+    fig, axes = new_figure(width, height, 1, 2)
+    left, right = axes[0]
+    allv = []
+    groups = D.series([r for r, _, _ in rows])
+    for label, rs, st in groups.values():
+        ids = {id(r) for r in rs}
+        pts = defaultdict(lambda: ([], []))
+        for r, p, m in rows:
+            if id(r) in ids:
+                pts[round(float(r["sparsity_target"]), 6)][0].append(p)
+                pts[round(float(r["sparsity_target"]), 6)][1].append(m)
+        s = np.array(sorted(pts))
+        pm = np.array([np.mean(pts[x][0]) for x in s])
+        mm = np.array([np.mean(pts[x][1]) for x in s])
+        allv += [pm, mm]
+        left.plot(s, mm, label=f"{label} measured", color=st["color"], marker=st["marker"], ls="-")
+        left.plot(
+            s,
+            pm,
+            label=f"{label} predicted",
+            color=st["color"],
+            marker=st["marker"],
+            linestyle="--",
+            markerfacecolor="white",
+        )
+        right.plot(pm, mm, label=label, color=st["color"], marker=st["marker"], linestyle="none")
+    v = np.concatenate(allv)
+    lo, hi = np.nanmin(v), np.nanmax(v)
+    right.plot([lo, hi], [lo, hi], color="0.5", lw=0.8, ls=":", label="y = x", zorder=1)
+    _log_or_symlog(left, "y", v)
+    _log_or_symlog(right, "x", v)
+    _log_or_symlog(right, "y", v)
+    left.set_xlabel("Sparsity s")
+    left.set_ylabel("Loss increase")
+    left.set_title("Quadratic prediction vs measurement")
+    right.set_xlabel("Predicted loss increase")
+    right.set_ylabel("Measured loss increase")
+    right.set_title("Calibration (mean over seeds)")
+    proxies = [
+        Line2D([], [], color=st["color"], marker=st["marker"], ls="-", label=lab)
+        for lab, _, st in groups.values()
+    ]
+    proxies += [
+        Line2D([], [], color="k", ls="-", label="measured"),
+        Line2D([], [], color="k", ls="--", label="predicted (sum of pruned scores)"),
+    ]
+    fig.legend(handles=proxies, loc="outside lower center", ncol=len(proxies))
+    return fig
+
+
+LOSS_CAPTION = (
+    "Predicted vs measured loss increase after one-shot pruning, for criteria whose scores are "
+    "predicted loss increases (OBD, OBS). Predicted: the sum of the scores of the pruned weights "
+    "(quadratic model; for multi-round pruning, summed over rounds). Measured: test loss right "
+    "after pruning minus the dense test loss of the same seed. Mean over seeds; log scale "
+    "(symmetric log when a measured increase is not positive). Points above y = x: the "
+    "quadratic model underestimates the damage."
+)
+
+
+def loss_prediction(
+    records: Sequence[dict], out_dir, *, stem: str = "loss_prediction", usetex: bool = False
+) -> list[Path]:
+    """Write figure 4 per setting; return the paths written ([] when no records qualify)."""
+    paths: list[Path] = []
+    with paper_style(usetex=usetex):
+        for suffix, recs, dense in D.split_settings(records):
+            fig = plot_loss_prediction(recs, dense)
+            if fig is not None:
+                paths += save_figure(fig, out_dir, stem + suffix, caption=LOSS_CAPTION)
+    return paths
