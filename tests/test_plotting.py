@@ -466,3 +466,23 @@ def test_loss_prediction_for_regression_uses_mse(tmp_path):
     recs = [r for r in make_records(task="regression") if r["metric"] != "loss"]
     fig = plot_loss_prediction(recs, [r for r in recs if r["criterion"] == "dense"])
     assert fig is not None and len(fig.axes[0].get_lines()) == 4
+
+
+def test_one_failing_figure_does_not_stop_the_build(results, tmp_path, monkeypatch, caplog):
+    import saliency.plotting as P
+
+    def boom(*a, **k):
+        raise RuntimeError("broken figure")
+
+    monkeypatch.setattr(P, "cost", boom)
+    with caplog.at_level("WARNING"):
+        paths = build_all([results], tmp_path / "f", only=["cost", "table"])
+    assert [p.name for p in paths] == ["table_accuracy.tex", "table_accuracy.md"]
+    assert "figure cost failed" in caplog.text and "broken figure" in caplog.text
+
+
+def test_usetex_is_opt_in():
+    from saliency.plotting import rc_params
+
+    assert rc_params()["text.usetex"] is False and rc_params(usetex=True)["text.usetex"] is True
+    assert rc_params()["pdf.fonttype"] == 42  # TrueType in PDFs, not Type 3
