@@ -4,17 +4,21 @@ Conventions (used by every function here and by the OBD/OBS criteria):
 
 - ``l_n`` is sample n's own loss, ``loss_fn(f(x_n)[None], y_n[None])``; ``g_n = dl_n/dw`` is its
   gradient. With a mean-reduced ``loss_fn`` on a batch of B samples, ``g_n`` is B times that
-  sample's contribution to the batch gradient. Per-sample losses are obtained by
-  ``torch.func.vmap`` over ``loss_fn`` (a loop over samples if ``loss_fn`` cannot be vmapped),
-  so sum- and mean-reduced losses give the same ``g_n``.
+  sample's contribution to the batch gradient. Per-sample losses come from ``reduction="none"``
+  for cross-entropy and MSE and from ``torch.func.vmap`` over ``loss_fn`` otherwise (a loop over
+  samples if it cannot be vmapped), so sum- and mean-reduced losses give the same ``g_n``.
 - Every curvature is a mean over the N samples read: ``F = (1/N) sum_n g_n g_n^T`` (empirical
   Fisher), ``G = (1/N) sum_n J_n^T H_n J_n`` (GGN, ``H_n`` the Hessian of ``l_n`` w.r.t. the
   outputs), ``H = (1/N) sum_n d^2 l_n / dw^2``. Only their diagonals are returned here.
 - Closed forms for ``nn.Linear`` (``g_n = sum_t delta_nt x_nt^T``) and ``nn.Conv1d/2d``
   (unfolded inputs) come from a forward hook on the layer input and a tensor hook on its output
   gradient ``delta``; every other parameter goes through ``torch.func.vmap(grad(...))`` over
-  ``functional_call``, chunked. Hooks are removed in ``finally`` blocks, ``.grad`` is never written
-  (``torch.autograd.grad`` only), ``requires_grad`` is restored.
+  ``functional_call``, chunked. A hooked weight whose per-sample gradients do not sum to
+  autograd's batch gradient (it is also used outside its layer, e.g. tied) falls back to that
+  generic path. Several backward passes over one forward (GGN columns, Monte Carlo draws) run as
+  one vmapped backward (``is_grads_batched``) unless a layer output is modified in place.
+  Hooks are removed in ``finally`` blocks, ``.grad`` is never written (``torch.autograd.grad``
+  only; BackPACK works on a deep copy), ``requires_grad`` is restored.
 - Models whose samples interact in the forward pass (BatchNorm in train mode) have no per-sample
   gradients: they raise a ValueError; put the model in ``eval()`` mode (running statistics) first.
 """
@@ -414,10 +418,12 @@ def _passes(model, params, x, phi, make_targets, chunk_size, want):
             raise TypeError(f"the model must return one tensor; got {type(out).__name__}")
         targets = list(make_targets(out.detach()))
         hp = [params[n] for names in hooked.values() for n in names.values()]
-        batched = hooked and len(targets) > 1 and cap.untouched_outputs()
-        if batched:  # all K backward passes in one vmapped backward
+        untouched = bool(hooked) and cap.untouched_outputs()
+        sole = untouched and _sole_uses(out, hooked, cap)
+        batched = untouched and (sole or len(targets) > 1)
+        if batched:  # backward to the layer outputs only; K passes vmapped into one
             passes += len(targets)
-            _batched_hooked(cap, hooked, generic, acc, out, phi, targets, hp, want)
+            _from_outputs(cap, hooked, generic, acc, out, phi, targets, [] if sole else hp, want)
         for k, t in enumerate(targets):
             if hooked and not batched:
                 s = _vmap_or_loop(phi, out, t).sum()
@@ -446,9 +452,38 @@ def _passes(model, params, x, phi, make_targets, chunk_size, want):
     }, passes
 
 
-def _batched_hooked(cap, hooked, generic, acc, out, phi, targets, hp, want) -> None:
-    """K backward passes as one ``is_grads_batched`` backward (vmapped, like BackPACK's
-    matrix backpropagation), taking gradients w.r.t. the captured layer outputs directly."""
+def _sole_uses(out: Tensor, hooked, cap) -> bool:
+    """Is each hooked parameter used by its own layer's calls and nowhere else in the graph of
+    ``out``? Counted as edges into its AccumulateGrad node (one per call of the layer). Then the
+    hooked per-sample gradients are complete without checking them against autograd's."""
+    if out.grad_fn is None:
+        return False
+    uses: dict[int, int] = {}
+    seen, stack = set(), [out.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        for nxt, _ in node.next_functions:
+            if nxt is None:
+                continue
+            var = getattr(nxt, "variable", None)
+            if var is not None:
+                uses[id(var)] = uses.get(id(var), 0) + 1
+            else:
+                stack.append(nxt)
+    for m, names in hooked.items():
+        calls = sum(o.requires_grad for o, _ in cap.outputs[m])
+        if any(uses.get(id(m._parameters[a]), 0) != calls for a in names):
+            return False
+    return True
+
+
+def _from_outputs(cap, hooked, generic, acc, out, phi, targets, hp, want) -> None:
+    """Backward w.r.t. the captured layer outputs themselves (no weight-gradient matmuls; all K
+    targets in one ``is_grads_batched`` backward, like BackPACK's matrix backpropagation).
+    With ``hp`` (parameters) the batch gradients are also taken, to check the hooked ones."""
     if phi is _dot:  # d/df sum_n <f_n, t_n> = t
         G = torch.stack(targets)
     else:
@@ -457,28 +492,33 @@ def _batched_hooked(cap, hooked, generic, acc, out, phi, targets, hp, want) -> N
             [torch.autograd.grad(_vmap_or_loop(phi, o, t).sum(), o)[0] for t in targets]
         )
     outs = [(m, i, o) for m in hooked for i, (o, _) in enumerate(cap.outputs[m]) if o.requires_grad]
+    if not outs:
+        return
+    K = len(targets)
     cap.active = False
     try:
         res = torch.autograd.grad(
-            out, [o for _, _, o in outs] + hp, grad_outputs=G, is_grads_batched=True,
-            allow_unused=True,
+            out, [o for _, _, o in outs] + hp, grad_outputs=G if K > 1 else G[0],
+            is_grads_batched=K > 1, allow_unused=True,
         )  # fmt: skip
     finally:
         cap.active = True
     deltas = {(m, i): d for (m, i, _), d in zip(outs, res, strict=False)}
     batch = {
-        id(p): None if g is None else g.sum(0) for p, g in zip(hp, res[len(outs) :], strict=True)
+        id(p): None if g is None else g.sum(0) if K > 1 else g
+        for p, g in zip(hp, res[len(outs) :], strict=True)
     }
     for m in list(hooked):
         names = hooked[m]
         pairs = [
             (x, deltas[m, i]) for i, x in enumerate(cap.inputs[m]) if deltas.get((m, i)) is not None
         ]
-        gw, gb = (batch.get(id(m._parameters[a])) for a in ("weight", "bias"))
         stats = _layer_stats(m, pairs, want) if pairs else None
-        if not _explains(m, pairs, stats, gw, gb if "bias" in names else None):
-            generic += list(hooked.pop(m).values())  # fall back to the generic path
-            continue
+        if hp:
+            gw, gb = (batch.get(id(m._parameters[a])) for a in ("weight", "bias"))
+            if not _explains(m, pairs, stats, gw, gb if "bias" in names else None):
+                generic += list(hooked.pop(m).values())  # fall back to the generic path
+                continue
         for attr, n in names.items():
             if stats is not None:
                 _add(acc, n, stats[0] if attr == "weight" else stats[1])

@@ -414,3 +414,33 @@ def test_ggn_batched_and_looped_backward_paths(mixed, tiny_cnn, cnn_data):
     got = C.diag_ggn(cnn, params, data, backend="torch")
     _close(got, _reference_ggn_diag(cnn, params, data, F.cross_entropy))
     assert got.backward_passes == 2 * 2
+
+
+def test_weight_used_outside_its_layer_falls_back():
+    """Without in-place ops the fast path (backward to layer outputs only) is taken unless a
+    hooked weight has more uses in the graph than calls of its layer (here: tied)."""
+
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(3, 3), nn.Linear(3, 3)
+
+        def forward(self, x):
+            h = torch.tanh(self.a(x))
+            return self.b(h) + h @ self.a.weight.T
+
+    torch.manual_seed(0)
+    model = Tied().double()
+    x, y = torch.randn(6, 3, dtype=torch.float64), torch.randint(0, 3, (6,))
+    params = dict(model.named_parameters())
+    hooked, _ = C._split(model, params)
+    with C._Capture(hooked) as cap:
+        out = model(x)
+    assert cap.untouched_outputs() and not C._sole_uses(out, hooked, cap)
+    assert C._sole_uses(out, {model.b: hooked[model.b]}, cap)
+    ref = _loop_grads(model, params, x, y, F.cross_entropy)
+    _close(
+        C.sum_grad_squared(model, params, x, y, F.cross_entropy),
+        {n: (g**2).sum(0) for n, g in ref.items()},
+    )
+    _close(C.per_sample_grads(model, params, x, y, F.cross_entropy), ref)
