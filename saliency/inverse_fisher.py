@@ -145,21 +145,28 @@ def _damping(diag_sum: Tensor, alive: Tensor, m: int, damp: float, damp_absolute
     return damp * mean + damp_absolute
 
 
+def _pairs(T: Tensor, n: int, row: int, col: int) -> Tensor:
+    """``[k, B/(2n), n, n]`` strided view of the n x n blocks of ``T [k, B, B]`` at rows
+    ``2in + row``, columns ``2in + col`` (no copy)."""
+    k, B, _ = T.shape
+    s0, s1, s2 = T.stride()
+    shape, stride = (k, B // (2 * n), n, n), (s0, 2 * n * (s1 + s2), s1, s2)
+    return T.as_strided(shape, stride, T.storage_offset() + row * s1 + col * s2)
+
+
 def _tri_inv(L: Tensor) -> Tensor:
-    """Inverse of a batch of lower-triangular ``[k, n, n]`` (n a power of two) by 2x2 block
-    recursion, ``[[A, 0], [C, D]]^-1 = [[A^-1, 0], [-D^-1 C A^-1, D^-1]]``, both diagonal halves
-    in one batched call: only batched matmuls. (MKL's per-matrix ``potri``/``trsm`` calls,
-    which ``cholesky_inverse`` makes, were 10-25x slower on a busy 2-core machine.)"""
-    n, k = L.shape[-1], L.shape[0]
-    if n == 1:
-        return L.reciprocal()
-    h = n // 2
-    inv = _tri_inv(torch.cat([L[:, :h, :h], L[:, h:, h:]]))
-    A, D = inv[:k], inv[k:]
-    out = torch.zeros_like(L)
-    out[:, :h, :h], out[:, h:, h:] = A, D
-    out[:, h:, :h] = -(D @ L[:, h:, :h]) @ A
-    return out
+    """Inverse of a batch of lower-triangular ``[k, B, B]`` (B a power of two), bottom-up over
+    2x2 block levels, ``[[A, 0], [C, D]]^-1 = [[A^-1, 0], [-D^-1 C A^-1, D^-1]]``, every level
+    one batched matmul over strided views: no per-matrix LAPACK call (MKL's ``potri``/``trsm``,
+    which ``cholesky_inverse`` uses, were 10-25x slower on a busy 2-core machine)."""
+    Linv = torch.zeros_like(L)
+    Linv.diagonal(dim1=-2, dim2=-1).copy_(L.diagonal(dim1=-2, dim2=-1).reciprocal())
+    n = 1
+    while n < L.shape[-1]:
+        A, D, C = _pairs(Linv, n, 0, 0), _pairs(Linv, n, n, n), _pairs(L, n, n, 0)
+        _pairs(Linv, n, n, 0).copy_(-(D @ C) @ A)
+        n *= 2
+    return Linv
 
 
 def _invert(F: Tensor, name: str, hint: str) -> Tensor:

@@ -214,3 +214,14 @@ def test_errors():
         saliency.get_criterion("obs", update=False)
     with pytest.raises(ValueError, match="max_params"):
         saliency.score(model, "obs", data, hessian="exact", max_params=10)
+
+
+def test_conv_model_and_channel_granularity():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
+    x, y = torch.randn(40, 1, 8, 8), torch.randint(0, 3, (40,))
+    masks = saliency.prune(model, "obs", 0.5, [(x, y)], granularity="channel", block_size=32)
+    for n, p in saliency.prunable_parameters(model).items():
+        assert torch.isfinite(p).all() and torch.all(p[~masks[n]] == 0)
+        rows = masks[n].flatten(1)
+        assert torch.all(rows.all(1) | ~rows.any(1))  # whole filters / output rows
