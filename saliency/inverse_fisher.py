@@ -246,16 +246,16 @@ def block_inverse_fisher(
                     out[n] = buf.view(c, nb, B).transpose(0, 1)
                 yield out
 
-    passes = 0
+    n_chunks = sum(-(-len(x) // chunk_size) for x, _ in batches)
     if method == "cholesky":
         GtG = {
             n: torch.zeros(*groups[n].alive.shape, B, dtype=dt, device=p.device)
             for n, p in params.items()
         }
         for g in chunks():
-            passes += 1
             for n, Gb in g.items():
                 GtG[n].baddbmm_(Gb.transpose(1, 2), Gb)
+        bufs.clear()
         for n, blk in groups.items():
             F = GtG.pop(n)
             F /= m
@@ -278,13 +278,13 @@ def block_inverse_fisher(
                 raise ValueError(f"the Woodbury recursion needs lambda > 0; got 0 for {n!r}")
             blk.Hinv, blk.damping = torch.diag_embed(1.0 / d.to(dt)), lam
         for g in chunks():
-            passes += 1
             for n, gn in g.items():
                 Hinv = groups[n].Hinv
                 for gs in gn.unbind(1):  # one sample: [nb, B]
                     u = torch.bmm(Hinv, gs.unsqueeze(-1))  # [nb, B, 1]
                     denom = m + (gs.unsqueeze(1) @ u).squeeze(-1)  # [nb, 1]
                     Hinv.baddbmm_(u / denom[..., None], u.transpose(1, 2), alpha=-1)
+    passes = n_chunks * (1 if method == "cholesky" else 2)  # Woodbury reads the gradients twice
     return InverseCurvature(list(groups.values()), m, passes, "fisher", _fingerprint(params))
 
 
