@@ -162,12 +162,16 @@ def probe_criteria(raw: dict) -> dict[str, str]:
     a missing optional dependency or another error on a tiny model, or an exact Hessian too big
     for the demo's model."""
     import dataclasses
+    import importlib
 
     import torch
 
     import saliency
     from saliency.sweep.config import _fields
     from saliency.sweep.jobs import dataset, new_model
+
+    for mod in raw.get("imports", []):  # plug-ins registering criteria, models, datasets
+        importlib.import_module(mod)
 
     class _Cfg:  # just what dataset() / new_model() read
         dataset, data_root = raw["dataset"], raw.get("data_root")
