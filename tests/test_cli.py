@@ -11,7 +11,8 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-import sweep_helpers  # noqa: E402
+import sweep_fixtures  # noqa: E402
+from sweep_fixtures import clean_zoo  # noqa: E402, F401  (autouse)
 
 from saliency.cli import main, probe_criteria  # noqa: E402
 from saliency.sweep.config import tomllib  # noqa: E402
@@ -19,7 +20,7 @@ from saliency.sweep.records import read_records  # noqa: E402
 
 TINY_DEMO = [
     "seeds=[0]",
-    'imports=["sweep_helpers"]',
+    'imports=["sweep_plugin"]',
     "model=tiny_mlp",
     "dataset=tiny_blobs",
     "sparsities=[0.5, 0.9]",
@@ -40,7 +41,7 @@ def sets(items):
 
 
 def test_run_report_and_bad_config(tmp_path, capsys):
-    cfg = sweep_helpers.write_config(tmp_path)
+    cfg = sweep_fixtures.write_config(tmp_path)
     assert (
         main(
             [
@@ -137,7 +138,7 @@ def test_probe_skips_exact_hessians_on_big_models_and_failing_criteria():
     register_criterion(ExactThing, overwrite=True)
     register_criterion(NeedsPackage, overwrite=True)
     try:
-        raw = tomllib.loads(sweep_helpers.TINY)
+        raw = tomllib.loads(sweep_fixtures.TINY)
         raw["model_kwargs"] = {"hidden": 4000}  # 6*4000 + 4000*3 = 36,000 > the exact limit
         skipped = probe_criteria(raw)
         assert (

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-import sweep_helpers  # noqa: E402
+import sweep_fixtures  # noqa: E402
+from sweep_fixtures import clean_zoo  # noqa: E402, F401  (autouse)
 
 from saliency.sweep.records import append_records, read_records  # noqa: E402
 
@@ -64,7 +65,7 @@ def _check_complete(records: list[dict]) -> None:
 
 
 def test_sigkill_mid_run_then_resume(tmp_path):
-    config = sweep_helpers.write_config(tmp_path)
+    config = sweep_fixtures.write_config(tmp_path)
     out = tmp_path / "results"
     records_file = out / "tiny" / "records.jsonl"
     proc = subprocess.Popen(
@@ -110,7 +111,7 @@ def test_torn_last_line_is_skipped_and_the_unit_rerun(tmp_path, caplog):
     from saliency.sweep.config import parse_config, tomllib
     from saliency.sweep.runner import run_sweep
 
-    raw = tomllib.loads(sweep_helpers.TINY)
+    raw = tomllib.loads(sweep_fixtures.TINY)
     raw.update(seeds=[0], criteria=["magnitude"], modes=["oneshot"])
     cfg = parse_config(raw)
     res = run_sweep(cfg, tmp_path)
@@ -137,7 +138,7 @@ def test_resume_retrains_a_deleted_dense_cache(tmp_path, missing):
     from saliency.sweep.config import parse_config, tomllib
     from saliency.sweep.runner import run_sweep
 
-    raw = tomllib.loads(sweep_helpers.TINY)
+    raw = tomllib.loads(sweep_fixtures.TINY)
     raw.update(seeds=[0], criteria=["magnitude"], modes=["oneshot"], sparsities=[0.5])
     cfg = parse_config(raw)
     res = run_sweep(cfg, tmp_path)

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-import sweep_helpers  # noqa: E402
+import sweep_fixtures  # noqa: E402
+from sweep_fixtures import clean_zoo  # noqa: E402, F401  (autouse)
 
 import saliency  # noqa: E402
 from saliency.criteria import _REGISTRY, Scores, register_criterion  # noqa: E402
@@ -125,7 +126,7 @@ def test_criteria():
 
 
 def cfg_of(**changes):
-    raw = tomllib.loads(sweep_helpers.TINY)
+    raw = tomllib.loads(sweep_fixtures.TINY)
     for k, v in changes.items():
         if isinstance(v, dict) and isinstance(raw.get(k), dict):
             raw[k] = {**raw[k], **v}
@@ -283,7 +284,7 @@ def test_workers_give_the_same_records(tmp_path):
 
 def test_submitit_local_executor(tmp_path, monkeypatch):
     pytest.importorskip("submitit")
-    # submitit's local jobs are fresh interpreters: they import sweep_helpers from PYTHONPATH
+    # submitit's local jobs are fresh interpreters: they import sweep_plugin from PYTHONPATH
     here = str(Path(__file__).parent)
     monkeypatch.setenv("PYTHONPATH", here + os.pathsep + os.environ.get("PYTHONPATH", ""))
     cfg = cfg_of(modes=["oneshot"], seeds=[0], criteria=["magnitude"])

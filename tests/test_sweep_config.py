@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-import sweep_helpers  # noqa: E402  (registers tiny_blobs / tiny_mlp)
+import sweep_fixtures  # noqa: E402
+from sweep_fixtures import clean_zoo  # noqa: E402, F401  (autouse)
 
 from saliency.sweep.config import (  # noqa: E402
     ConfigError,
@@ -26,7 +27,7 @@ from saliency.sweep.runner import plan  # noqa: E402
 
 
 def raw(**changes):
-    r = tomllib.loads(sweep_helpers.TINY)
+    r = tomllib.loads(sweep_fixtures.TINY)
     r.update(changes)
     return r
 
@@ -129,7 +130,7 @@ def test_overrides_use_toml_values_and_dotted_keys():
 
 
 def test_load_config_file_name_and_errors(tmp_path):
-    p = sweep_helpers.write_config(tmp_path)
+    p = sweep_fixtures.write_config(tmp_path)
     cfg = load_config(p, ["name=renamed"])
     assert cfg.name == "renamed"
     p.write_text(p.read_text().replace('name = "tiny"\n', ""))
@@ -172,10 +173,10 @@ def test_run_ids_are_stable_across_processes():
     import subprocess
 
     code = (
-        f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import sweep_helpers, tomllib;"
+        f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import sweep_fixtures, tomllib;"
         "from saliency.sweep.config import parse_config;"
         "from saliency.sweep.jobs import unit_run_id;"
-        "c = parse_config(tomllib.loads(sweep_helpers.TINY));"
+        "c = parse_config(tomllib.loads(sweep_fixtures.TINY));"
         "print(unit_run_id(c, 0, 'oneshot', c.criteria[0], 0.5))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
