@@ -14,7 +14,11 @@ the 1,000 test digits, no fine-tuning. Curvature from ``--n-samples`` training d
   ``saliency.prune(model, "obs", s, recompute_steps=k)`` from the dense model at the last
   sparsity, the library's own path.
 
-Run: python benchmarks/quality_oneshot.py [--epochs 20] [--n-samples 1000] [--steps 12]
+``--study`` adds a table of one-step OBS under other damping / sample counts, with the Spearman
+rank correlation of its scores with magnitude (a fixed absolute lambda far above the Fisher of
+a model near zero training loss makes OBS rank weights exactly as magnitude does).
+
+Run: python benchmarks/quality_oneshot.py [--epochs 20] [--n-samples 1000] [--steps 12] [--study]
 """
 
 from __future__ import annotations
@@ -98,6 +102,34 @@ def trajectory(model, ds, data, steps: int, **hp):
     return accs, seconds, len(path)
 
 
+def _spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    r = lambda t: t.argsort().argsort().double()  # noqa: E731
+    return float(torch.corrcoef(torch.stack([r(a), r(b)]))[0, 1])
+
+
+def study(model, ds, data, n) -> None:
+    params = saliency.prunable_parameters(model)
+    mag = torch.cat([p.detach().abs().flatten() for p in params.values()])
+    inv = saliency.get_criterion("obs", n_samples=n).inverse(model, params, data)
+    lam = ", ".join(f"{b.names[0]} {float(b.damping.mean()):.1e}" for b in inv.blocks)
+    print(f"\nOBS one step; mean lambda at damp=1e-2 (relative): {lam}\n")
+    print("| obs, one step | " + " | ".join(f"{s:.0%}" for s in SPARSITIES) + " | rho(magnitude) |")
+    print("|---|" + "---:|" * (len(SPARSITIES) + 1))
+    variants = [
+        dict(damp=1e-1), dict(damp=1e-2), dict(damp=1e-3),
+        dict(damp=0.0, damp_absolute=1e-4), dict(damp=0.0, damp_absolute=1e-2),
+        dict(damp=1e-2, n_samples=250), dict(damp=1e-2, block_size=32),
+    ]  # fmt: skip
+    for hp in variants:
+        hp = {"n_samples": n, **hp}
+        accs, _ = one_pass(model, ds, data, "obs", **hp)
+        sc = saliency.score(model, "obs", data, **hp)
+        rho = _spearman(mag, torch.cat([v.flatten() for v in sc.values()]))
+        label = ", ".join(f"{k}={v}" for k, v in hp.items())
+        cells = " | ".join(f"{accs[s]:.3f}" for s in SPARSITIES)
+        print(f"| {label} | {cells} | {rho:.3f} |", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--epochs", type=int, default=20)
@@ -108,6 +140,7 @@ def main() -> None:
     ap.add_argument("--block-size", type=int, default=128)
     ap.add_argument("--cache", default="/tmp/saliency_quality_oneshot")
     ap.add_argument("--check", action="store_true", help="also run prune(recompute_steps=k)")
+    ap.add_argument("--study", action="store_true", help="damping / n_samples study")
     args = ap.parse_args()
     ds = get_dataset("mnist5k", seed=0)
     model = dense_model(ds, args)
@@ -135,6 +168,8 @@ def main() -> None:
     for name, accs in rows.items():
         cells = " | ".join(f"{accs[s]:.3f}" for s in SPARSITIES)
         print(f"| {name} | {cells} | {secs[name]:.1f} |")
+    if args.study:
+        study(model, ds, data, n)
     if args.check:
         s = SPARSITIES[-1]
         m = copy.deepcopy(model)
