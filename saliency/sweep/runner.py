@@ -229,6 +229,7 @@ def _run_pool(cfg, out, dense, rest, done, result, bar, on_error, workers) -> No
     ctx = mp.get_context("spawn")  # fork after torch has started threads can deadlock
     q = ctx.Queue()
     threads = max(1, (os.cpu_count() or 1) // workers)
+    rest = sorted(rest, key=_heavy_first)  # long jobs first: no worker idles at the tail
     waiting = {seed: [j for j in rest if j.seed == seed] for seed in {j.seed for j in dense}}
     ready = [j for j in rest if j.seed not in waiting]
     with ProcessPoolExecutor(
@@ -260,6 +261,16 @@ def _run_pool(cfg, out, dense, rest, done, result, bar, on_error, workers) -> No
             for f in remaining:
                 f.cancel()
     _drain(q, bar)
+
+
+def _heavy_first(job: Job) -> int:
+    """Criteria with a weight update (OBS) or several scoring rounds (SynFlow) run first."""
+    from saliency.criteria import get_criterion
+
+    crit = get_criterion(job.criterion.name, **job.criterion.hparams)
+    return -int(
+        callable(getattr(crit, "update", None)) or callable(getattr(crit, "schedule", None))
+    )
 
 
 def _drain(q, bar) -> None:
