@@ -252,9 +252,10 @@ def main(argv=None) -> int:
     for art in todo:
         start = time.perf_counter()
         if art == "friedman":
-            rows = [friedman(s) for s in args.seeds]
-            for r in rows:
-                print(json.dumps(r))
+            rows = []
+            for s in args.seeds:
+                rows.append(friedman(s))
+                print(json.dumps(rows[-1]), flush=True)
             keys = [
                 "dense_mse",
                 "whole_mse",
