@@ -115,6 +115,13 @@ class OBS:
         """Joint OBS update of the weights kept, for the weights pruned since scoring (in place);
         every pruned weight ends exactly zero. ``scores`` must come from this criterion on the
         same weights (e.g. the same model, or a copy of it as sweeps do)."""
+        if set(params) - set(masks):
+            raise ValueError(f"params {sorted(set(params) - set(masks))[:5]} have no mask")
+        if not self.compensate:  # mask only
+            with torch.no_grad():
+                for n, p in params.items():
+                    p.masked_fill_(~masks[n].to(p.device).bool(), 0.0)
+            return
         inv = getattr(scores, "extra", {}).get("obs")
         if not isinstance(inv, inverse_fisher.InverseCurvature):
             raise ValueError(
@@ -123,10 +130,10 @@ class OBS:
             )
         covered = {n for b in inv.blocks for n in b.names}
         missing = sorted(set(params) - covered)
-        if missing or set(params) - set(masks):
+        if missing:
             raise ValueError(
-                f"params {(missing or sorted(set(params) - set(masks)))[:5]} have no OBS "
-                "inverse or no mask: score, allocate and update the same parameters"
+                f"params {missing[:5]} have no OBS inverse in these scores: score, allocate and "
+                "update the same parameters"
             )
         _check_same_state(inv, params)
         with torch.no_grad():
@@ -135,9 +142,7 @@ class OBS:
                     raise ValueError(f"OBS block over {blk.names} needs all of them in params")
                 keep = blk.flatten({n: masks[n].bool() for n in blk.names}).bool()
                 w = blk.flatten(params, torch.float64)
-                if self.compensate:
-                    w = w + _obs_delta(blk.Hinv, w, blk.alive & ~keep)
-                w = torch.where(keep, w, 0.0)
+                w = torch.where(keep, w + _obs_delta(blk.Hinv, w, blk.alive & ~keep), 0.0)
                 for n, v in blk.unflatten(w).items():
                     p = params[n]
                     p.copy_(torch.where(masks[n].to(p.device).bool(), v.to(p), 0))
