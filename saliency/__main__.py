@@ -2,4 +2,5 @@
 
 from saliency.cli import main
 
-raise SystemExit(main())
+if __name__ == "__main__":  # spawned sweep workers import this module again: run nothing then
+    raise SystemExit(main())
