@@ -80,13 +80,20 @@ def test_sum_reduction_gives_same_per_sample_grads(mixed):
         torch.testing.assert_close(a[n], b[n])
 
 
-def test_linear_closed_form_square_sum(tiny_mlp, tiny_data):
-    x, y = tiny_data[0]
-    params = dict(tiny_mlp.named_parameters())
-    ref = _loop_grads(tiny_mlp, params, x, y, F.cross_entropy)
-    sq = C.sum_grad_squared(tiny_mlp, params, x, y, F.cross_entropy)
-    for n in params:
-        torch.testing.assert_close(sq[n], (ref[n] ** 2).sum(0), msg=n)
+@pytest.mark.parametrize("which", ["mlp", "cnn"])
+def test_fast_path_matches_loop(which, tiny_mlp, tiny_data, tiny_cnn, cnn_data):
+    """No in-place ops, no shared weights: backward only to the layer outputs."""
+    model, data = (tiny_mlp, tiny_data) if which == "mlp" else (tiny_cnn, cnn_data)
+    x, y = data[0]
+    params = dict(model.named_parameters())
+    hooked, generic = C._split(model, params)
+    with C._Capture(hooked) as cap:
+        out = model(x)
+    assert not generic and cap.untouched_outputs() and C._sole_uses(out, hooked, cap)
+    ref = _loop_grads(model, params, x, y, F.cross_entropy)
+    _close(C.per_sample_grads(model, params, x, y, F.cross_entropy), ref, rtol=1e-4, atol=1e-6)
+    sq = C.sum_grad_squared(model, params, x, y, F.cross_entropy)
+    _close(sq, {n: (g**2).sum(0) for n, g in ref.items()}, rtol=1e-4, atol=1e-6)
 
 
 def test_model_state_untouched(tiny_cnn, cnn_data):
