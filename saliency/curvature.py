@@ -679,7 +679,8 @@ def _loss_hessian_sqrt(loss_fn, out: Tensor, y: Tensor) -> Tensor:
         H = _vmap_or_loop(torch.func.hessian(flat), out.reshape(B, -1), y)
     lam, V = torch.linalg.eigh(H)  # eigenvalues ascending
     lam = lam.clamp(min=0)
-    keep = lam.max(0).values > 1e-10 * float(lam.max().clamp(min=1e-30))
+    tol = 100 * torch.finfo(lam.dtype).eps * float(lam.max().clamp(min=1e-30))
+    keep = lam.max(0).values > tol
     return (V * lam.sqrt().unsqueeze(1))[:, :, keep]
 
 
