@@ -12,7 +12,7 @@ and ``Hinv_b = F_b^-1``. Two ways to invert, equal up to rounding:
 - ``"cholesky"`` (default): accumulate ``G_b^T G_b`` with batched matmuls over chunks of samples,
   then one batched Cholesky factorization and a batched triangular inverse. Measured faster:
   ``benchmarks/bench_obs.py``, LeNet-300-100, m = 1000, B = 128, 2 shared CPUs: the inverse
-  part 30-50x faster than the recursion, the whole OBS scoring pass 17-27x.
+  part 22-50x faster than the recursion, the whole OBS scoring pass 13-27x (by load).
 - ``"woodbury"``: WoodFisher's rank-1 recursion ``Hinv <- Hinv - Hinv g g^T Hinv / (m + g^T Hinv g)``
   from ``Hinv = I / lambda``, one sample at a time (m sequential steps): the paper's reference.
 
