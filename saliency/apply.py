@@ -107,7 +107,9 @@ def attach(
             keep = masks[f"{mod_name}.{attr}" if mod_name else attr]
             # stored as 0/1 in the weight's dtype: multiplying by a float mask is ~10x faster
             # than by a bool one, and the buffer follows model.to(dtype)
-            module.register_buffer(attr + _BUFFER_SUFFIX, keep.to(p.device, p.dtype), persistent=False)
+            module.register_buffer(
+                attr + _BUFFER_SUFFIX, keep.to(p.device, p.dtype), persistent=False
+            )
         hook = _MaskEnforcer(attrs)
         module.register_forward_pre_hook(hook)
         hook(module, ())
