@@ -3,22 +3,31 @@
 Mechanism (chosen by measurement, see benchmarks/bench_masking.py): the weights themselves are
 zeroed in place, and stay zero because
 - a post-accumulate-grad hook on each masked parameter zeros the pruned entries of `.grad`, so
-  SGD (with momentum and weight decay), Adam and AdamW all see zero gradients and, starting from
-  zero weights and zero optimizer state for those entries, never move them;
-- a forward pre-hook re-zeros pruned weights before every forward: one in-place multiply, which
-  also covers optimizer state that predates `attach` (pass `optimizer=` to clear that state too).
+  SGD (with momentum and weight decay), Adam and AdamW see zero gradients there;
+- an optimizer step post-hook (`torch.optim.optimizer.register_optimizer_step_post_hook`,
+  registered while any parameter is masked and removed with the last one) re-zeros the pruned
+  entries of the masked parameters an optimizer just stepped, so optimizer state that predates
+  `attach` (momentum, Adam moments) cannot move them either, even between steps;
+- a forward pre-hook re-zeros pruned weights before a forward when the weight was written since
+  it was last zeroed (its autograd version counter moved: `load_state_dict`, a manual in-place
+  edit). Skipping the multiply otherwise keeps a weight used twice before one `backward()`
+  (two views through one encoder, a module called in a loop) valid for autograd.
 Unlike a parametrization or `torch.nn.utils.prune`'s `weight_orig * weight_mask`, the forward
 uses the plain weight tensor (no extra multiply in the autograd graph, no extra parameter copy),
 and `state_dict` keys never change. The mask lives in a non-persistent buffer, so it follows
-`model.to(...)`, deepcopy and pickle; the gradient hooks, which deepcopy drops, are re-created by
-the forward pre-hook on first use.
+`model.to(...)`, deepcopy and pickle; the per-tensor hooks, which deepcopy drops, are re-created
+by the forward pre-hook on first use. Writes through `param.data` bypass the version counter:
+call `attach` again (or `Masks.apply`) after them. `optimizer=` also zeros stale optimizer state.
 """
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import prune as torch_prune
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from saliency.masks import Masks
 
@@ -30,19 +39,73 @@ def _split(name: str) -> tuple[str, str]:
     return mod, attr
 
 
+class _Enforced:
+    """Where a masked parameter's mask lives (module held weakly) and the weight version last zeroed."""
+
+    __slots__ = ("module", "key", "version")
+
+    def __init__(self, module: nn.Module, key: str):
+        self.module = weakref.ref(module)
+        self.key = key
+        self.version = -1
+
+    def zero(self, p: Tensor) -> None:
+        module = self.module()
+        if module is None or self.key not in module._buffers:
+            return
+        with torch.no_grad():
+            p.mul_(module._buffers[self.key])
+        self.version = p._version
+
+
+# every masked parameter of every attached model, by id (tensors compare elementwise, so no
+# WeakKeyDictionary): id -> (weak reference to the tensor, entry); dead tensors drop out
+_ENFORCED: dict[int, tuple[weakref.ref, _Enforced]] = {}
+_step_hook: list = []  # the handle of the optimizer step post-hook, while one is registered
+
+
+def _after_optimizer_step(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+    if not _ENFORCED:
+        return
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            held = _ENFORCED.get(id(p))
+            if held is not None and held[0]() is p:
+                held[1].zero(p)
+
+
+def _track(p: Tensor, entry: _Enforced) -> None:
+    key = id(p)
+    _ENFORCED[key] = (weakref.ref(p, lambda _, key=key: _forget(key)), entry)
+    if not _step_hook:
+        _step_hook.append(register_optimizer_step_post_hook(_after_optimizer_step))
+
+
+def _forget(key: int) -> None:
+    _ENFORCED.pop(key, None)
+    if not _ENFORCED and _step_hook:
+        _step_hook.pop().remove()
+
+
+def _untrack(p: Tensor, entry: _Enforced) -> None:
+    held = _ENFORCED.get(id(p))
+    if held is not None and held[1] is entry:
+        _forget(id(p))
+
+
 class _MaskEnforcer:
-    """Forward pre-hook of one module: re-zero its masked parameters and own their grad hooks."""
+    """Forward pre-hook of one module: re-zero its masked parameters and own their per-tensor hooks."""
 
     def __init__(self, attrs: list[str]):
         self.attrs = attrs
-        self._grad_hooks: dict[str, tuple[nn.Parameter, object]] = {}
+        self._held: dict[str, tuple[nn.Parameter, object, _Enforced]] = {}
 
     def __getstate__(self):  # hook handles are per process and per tensor: never copied
         return {"attrs": list(self.attrs)}
 
     def __setstate__(self, state):
         self.attrs = state["attrs"]
-        self._grad_hooks = {}
+        self._held = {}
 
     def __call__(self, module: nn.Module, args) -> None:
         # runs before every forward: plain dict look-ups instead of Module.__getattr__
@@ -51,28 +114,37 @@ class _MaskEnforcer:
             # under torch.func.functional_call the parameter is a swapped-in tensor: leave it alone
             if not isinstance(p, nn.Parameter):
                 continue
-            p.detach().mul_(module._buffers[attr + _BUFFER_SUFFIX])
-            held = self._grad_hooks.get(attr)
+            held = self._held.get(attr)
             if held is None or held[0] is not p:
-                self.ensure_grad_hook(module, attr)
+                held = self.hold(module, attr)
+            entry = held[2]
+            if p._version != entry.version:
+                entry.zero(p)
 
-    def ensure_grad_hook(self, module: nn.Module, attr: str) -> None:
+    def hold(self, module: nn.Module, attr: str) -> tuple[nn.Parameter, object, _Enforced]:
+        """Hook the current tensor of `module.<attr>`: zero its pruned grads, re-zero after steps."""
+        self.release(attr)
         p = module._parameters[attr]
-        held = self._grad_hooks.get(attr)
-        if held is not None:
-            held[1].remove()
         buffers, key = module._buffers, attr + _BUFFER_SUFFIX
 
         def zero_pruned_grad(param: Tensor) -> None:
             if param.grad is not None:
                 param.grad.mul_(buffers[key])
 
-        self._grad_hooks[attr] = (p, p.register_post_accumulate_grad_hook(zero_pruned_grad))
+        entry = _Enforced(module, key)
+        _track(p, entry)
+        self._held[attr] = (p, p.register_post_accumulate_grad_hook(zero_pruned_grad), entry)
+        return self._held[attr]
 
-    def remove_grad_hooks(self) -> None:
-        for _, handle in self._grad_hooks.values():
-            handle.remove()
-        self._grad_hooks = {}
+    def release(self, attr: str) -> None:
+        held = self._held.pop(attr, None)
+        if held is not None:
+            held[1].remove()
+            _untrack(held[0], held[2])
+
+    def release_all(self) -> None:
+        for attr in list(self._held):
+            self.release(attr)
 
 
 def _enforcer(module: nn.Module) -> tuple[int, _MaskEnforcer] | None:
@@ -157,7 +229,7 @@ def remove(model: nn.Module, *, bake: bool = True) -> nn.Module:
                 with torch.no_grad():
                     getattr(module, attr).mul_(mask)
             delattr(module, attr + _BUFFER_SUFFIX)
-        hook.remove_grad_hooks()
+        hook.release_all()
         del module._forward_pre_hooks[key]
     return model
 

@@ -132,3 +132,43 @@ def test_masks_follow_to_and_functional_call_is_untouched(tiny_mlp):
     tiny_mlp.to(torch.float64)
     tiny_mlp(torch.randn(2, 6, dtype=torch.float64))
     assert not pruned_values(tiny_mlp, masks).any()
+
+
+def test_weight_used_twice_before_backward(tiny_mlp):
+    """Siamese / weight-tied use: several forwards, one backward; pruned grads still zero."""
+    masks = saliency.prune(tiny_mlp, "magnitude", 0.5)
+    x1, x2 = torch.randn(4, 6), torch.randn(4, 6)
+    (tiny_mlp(x1).sum() + tiny_mlp(x2).sum()).backward()
+    layer = tiny_mlp[0]
+    h = x1
+    for _ in range(3):  # one module called in a loop
+        h = torch.tanh(nn.functional.linear(h[:, :6], layer.weight, layer.bias))
+        h = torch.cat([h, h], 1)
+    h.sum().backward()
+    for n, p in prunable_parameters(tiny_mlp).items():
+        assert not p.grad[~masks[n]].any()
+
+
+@pytest.mark.parametrize("make_opt", [
+    lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, weight_decay=1e-3),
+    lambda p: torch.optim.Adam(p, lr=1e-2),
+], ids=["sgd-momentum", "adam"])  # fmt: skip
+def test_stale_optimizer_state_cannot_revive_weights_without_optimizer_arg(tiny_mlp, make_opt):
+    x, y = torch.randn(32, 6), torch.randint(0, 3, (32,))
+    opt = make_opt(tiny_mlp.parameters())
+    for _ in range(10):
+        opt.zero_grad()
+        nn.functional.cross_entropy(tiny_mlp(x), y).backward()
+        opt.step()
+    masks = saliency.prune(tiny_mlp, "magnitude", 0.6)  # no optimizer=: its state is stale
+    for _ in range(10):
+        opt.zero_grad()
+        nn.functional.cross_entropy(tiny_mlp(x), y).backward()
+        opt.step()
+        # right after the step, before any forward: already exactly zero
+        sd = tiny_mlp.state_dict()
+        assert not torch.cat([sd[n][~m] for n, m in masks.items()]).any()
+    remove(tiny_mlp)
+    from saliency import apply as apply_module
+
+    assert not apply_module._ENFORCED and not apply_module._step_hook
