@@ -124,3 +124,22 @@ def test_entry_point_plugins_register(monkeypatch):
         assert isinstance(get_criterion("test_plugged"), Plugged)
     finally:
         _REGISTRY.pop("test_plugged", None)
+
+
+def test_random_scores_are_not_a_copy_of_the_seeded_initialization():
+    """torch.manual_seed(s) then default init draws the stream a Generator seeded with s would."""
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(200, 100)
+    scores = saliency.score(layer, "random", seed=0)["weight"].flatten()
+    r = torch.corrcoef(torch.stack([layer.weight.detach().flatten(), scores]))[0, 1]
+    assert abs(float(r)) < 0.05
+
+
+def test_sweep_seeds_give_seeded_criteria_their_own_draws():
+    from saliency.sweep.config import CriterionSpec
+    from saliency.sweep.units import build_criterion
+
+    spec = CriterionSpec("random", {}, "random")
+    assert build_criterion(spec, 3).seed == 3 and build_criterion(spec, 4).seed == 4
+    assert build_criterion(CriterionSpec("random", {"seed": 7}, "random"), 3).seed == 7
+    assert build_criterion(CriterionSpec("magnitude", {}, "magnitude"), 3).name == "magnitude"

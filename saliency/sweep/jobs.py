@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import saliency
-from saliency.criteria import Cost, get_criterion
+from saliency.criteria import Cost
 from saliency.masks import Masks
 from saliency.prune import score
 from saliency.sweep.config import SweepConfig
@@ -24,6 +24,7 @@ from saliency.sweep.units import (  # noqa: F401  (re-exported: the runner and t
     _DATA,
     Job,
     Unit,
+    build_criterion,
     cache_path,
     dataset,
     dense_model,
@@ -96,7 +97,7 @@ def _job_oneshot(cfg, out, job, todo, tb, notify) -> None:
 
     dense = dense_model(cfg, out, job.seed)
     ds, spec = dataset(cfg), job.criterion
-    crit = get_criterion(spec.name, **spec.hparams)
+    crit = build_criterion(spec, job.seed)
     data, loss_fn = scoring_data(cfg, job.seed), loss_fn_for(ds.task)
     multi = (
         any(list(crit.schedule(s)) != [s] for s in cfg.sparsities)
@@ -157,7 +158,7 @@ def _job_gradual(cfg, out, job, todo, tb, notify) -> None:
     spec = job.criterion
     pruner = saliency.GradualPruner(
         model,
-        get_criterion(spec.name, **spec.hparams),
+        build_criterion(spec, job.seed),
         schedule,
         scoring_data(cfg, job.seed),
         loss_fn_for(ds.task),
@@ -214,7 +215,7 @@ def _job_iterative(cfg, out, job, todo, tb, notify) -> None:
     (u,) = todo
     it, ds, spec = cfg.iterative, dataset(cfg), job.criterion
     model = dense_model(cfg, out, job.seed)
-    crit = get_criterion(spec.name, **spec.hparams)
+    crit = build_criterion(spec, job.seed)
     data, loss_fn = scoring_data(cfg, job.seed), loss_fn_for(ds.task)
     fraction = 1.0 - (1.0 - u.sparsity) ** (1.0 / max(it["rounds"], 1))
     rounds = saliency.Geometric(u.sparsity, fraction).rounds() if u.sparsity > 0 else [0.0]
@@ -251,7 +252,7 @@ def _job_init(cfg, out, job, todo, tb, notify) -> None:
     (u,) = todo
     ds, spec = dataset(cfg), job.criterion
     model = new_model(cfg, job.seed).to(device(cfg))
-    crit = get_criterion(spec.name, **spec.hparams)
+    crit = build_criterion(spec, job.seed)
     masks, cost, predicted = prune_with_cost(
         cfg, model, crit, u.sparsity, scoring_data(cfg, job.seed), loss_fn_for(ds.task)
     )

@@ -81,7 +81,7 @@ def unit_run_id(
         unit.update(
             criterion=spec.name,
             # every field, defaults included: a changed default is a different experiment
-            hparams=hparams_of(get_criterion(spec.name, **spec.hparams)),
+            hparams=hparams_of(build_criterion(spec, seed)),
             sparsity=s,
             scope=cfg.scope,
             granularity=cfg.granularity,
@@ -158,6 +158,20 @@ def scoring_data(cfg: SweepConfig, seed: int) -> DataLoader:
 
 def targets(cfg: SweepConfig, model) -> dict[str, torch.nn.Parameter]:
     return saliency.prunable_parameters(model, **cfg.targets)
+
+
+def build_criterion(spec: CriterionSpec, seed: int):
+    """The criterion of `spec` for the sweep's `seed`. A criterion with a `seed` field that the
+    config leaves unset takes the sweep seed, so that each seed of a sweep draws anew (the
+    `random` baseline would otherwise prune the same weights for every seed)."""
+    crit = get_criterion(spec.name, **spec.hparams)
+    if (
+        "seed" not in spec.hparams
+        and dataclasses.is_dataclass(crit)
+        and "seed" in {f.name for f in dataclasses.fields(crit)}
+    ):
+        crit = dataclasses.replace(crit, seed=seed)
+    return crit
 
 
 def hparams_of(crit) -> dict[str, Any]:
@@ -240,7 +254,7 @@ def make_records(
     flops_dense, flops_nonzero = count_flops(plain, ds.input_shape)
     total, remaining = params_count(plain, masks)
     spec = job.criterion
-    crit = get_criterion(spec.name, **spec.hparams) if spec else None
+    crit = build_criterion(spec, job.seed) if spec else None
     base = {
         "run_id": unit.run_id,
         "sweep": cfg.name,
