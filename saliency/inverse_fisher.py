@@ -220,8 +220,13 @@ def block_inverse_fisher(
     groups = {}
     for n, p in params.items():
         nb = -(-p.numel() // B)
+        # the empty Hinv placeholder fixes the device that flatten() moves blocks to
         a = BlockInverse(
-            (n,), (p.shape,), torch.empty(0), torch.zeros(nb, B, dtype=torch.bool), None
+            (n,),
+            (p.shape,),
+            torch.empty(0, device=p.device),
+            torch.zeros(nb, B, dtype=torch.bool),
+            None,
         )
         a.alive = a.flatten({n: alive[n].bool()}).bool()
         groups[n] = a
@@ -320,7 +325,8 @@ def exact_inverse_hessian(
     batches = _read(data, n_samples, model_device(model))
     m = sum(len(x) for x, _ in batches)
     names = tuple(params)
-    blk = BlockInverse(names, tuple(p.shape for p in params.values()), torch.empty(0),
+    dev = model_device(model)
+    blk = BlockInverse(names, tuple(p.shape for p in params.values()), torch.empty(0, device=dev),
                        torch.zeros(1, total, dtype=torch.bool), None)  # fmt: skip
     blk.alive = blk.flatten(alive).bool()
     flat0 = blk.flatten(params, dt).reshape(-1).detach()

@@ -225,3 +225,20 @@ def test_conv_model_and_channel_granularity():
         assert torch.isfinite(p).all() and torch.all(p[~masks[n]] == 0)
         rows = masks[n].flatten(1)
         assert torch.all(rows.all(1) | ~rows.any(1))  # whole filters / output rows
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("hessian", ["fisher", "exact"])
+def test_cuda_prune_matches_cpu(hessian):
+    model, data = _mlp_and_data(train_steps=50)
+    gpu_model = copy.deepcopy(model).cuda()
+    kw = {"hessian": hessian, "dtype": "float64", "block_size": 16}
+    cpu_masks = saliency.prune(model, "obs", 0.6, data=data, **kw)
+    gpu_masks = saliency.prune(
+        gpu_model, "obs", 0.6, data=[(x.cuda(), y.cuda()) for x, y in data], **kw
+    )
+    assert all(m.device.type == "cpu" or m.is_cuda for m in gpu_masks.values())
+    for n, p in gpu_model.named_parameters():
+        torch.testing.assert_close(p.detach().cpu(), dict(model.named_parameters())[n].detach())
+    assert {n: m.cpu() for n, m in gpu_masks.items()} == {n: m.cpu() for n, m in cpu_masks.items()}
