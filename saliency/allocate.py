@@ -155,6 +155,65 @@ def _nm_masks(scores, n: int, m: int, current: Masks | None) -> dict[str, Tensor
     return out
 
 
+def check_allocation(
+    sparsity: float | None,
+    scope: str = "global",
+    granularity: str = "element",
+    reduce: str | None = None,
+    block: tuple[int, int] | None = None,
+    pooling: str = "avg",
+) -> tuple[tuple[int, int] | None, str]:
+    """Validate allocation settings before any work (scoring can be expensive).
+
+    Returns ``((N, M) or None, group reduction)``; raises ValueError naming the bad value.
+    """
+    if scope not in SCOPES:
+        raise ValueError(f"unknown scope {scope!r}; accepted: {', '.join(SCOPES)}")
+    nm = _NM.match(granularity) if isinstance(granularity, str) else None
+    if nm:
+        n, m = int(nm.group(1)), int(nm.group(2))
+        if not 0 < n <= m:
+            raise ValueError(f"N:M pattern needs 0 < N <= M; got {granularity!r}")
+        if sparsity is not None and abs(sparsity - (1 - n / m)) > 1e-9:
+            raise ValueError(
+                f"granularity {granularity!r} implies sparsity {1 - n / m:g}; got sparsity={sparsity!r} "
+                "(pass None or the implied value)"
+            )
+        return (n, m), "none"
+    if granularity not in ("element", "channel", "block"):
+        raise ValueError(
+            f"unknown granularity {granularity!r}; accepted: 'element', 'channel', 'block', or 'N:M' like '2:4'"
+        )
+    if sparsity is None:
+        raise ValueError(f"granularity {granularity!r} needs a sparsity in [0, 1)")
+    check_sparsity(sparsity)
+    if granularity == "block":
+        if block is None or len(block) != 2 or any(not isinstance(b, int) or b < 1 for b in block):
+            raise ValueError(
+                f"granularity 'block' needs block=(h, w) with positive ints; got {block!r}"
+            )
+        if pooling not in POOLINGS:
+            raise ValueError(f"unknown pooling {pooling!r}; accepted: {', '.join(POOLINGS)}")
+        return None, "mean" if pooling == "avg" else "max"
+    how = reduce or "l2"
+    if how not in REDUCES:
+        raise ValueError(f"unknown reduce {reduce!r}; accepted: {', '.join(REDUCES)}")
+    return None, how
+
+
+def _check_block_fits(scores: Mapping[str, Tensor], block: tuple[int, int]) -> None:
+    """Edge blocks are padded (smaller), but a block larger than a whole tensor is refused:
+    the tensor would be one group, pruned all or nothing."""
+    for name, s in scores.items():
+        rows, cols = _as_2d(s.shape)
+        if block[0] > rows or block[1] > cols:
+            raise ValueError(
+                f"block {tuple(block)} is larger than {name!r} viewed as [out, in*k*k] = "
+                f"[{rows}, {cols}]; blocks must fit in every target (edge blocks are padded, "
+                "whole-tensor blocks are refused): use a smaller block or exclude that tensor"
+            )
+
+
 def allocate(
     scores: Mapping[str, Tensor],
     sparsity: float | None,
@@ -181,38 +240,12 @@ def allocate(
     max_layer_sparsity: no tensor gets more than this fraction pruned (avoids layer collapse).
     """
     _check_scores(scores, current)
-    nm = _NM.match(granularity) if isinstance(granularity, str) else None
+    nm, how = check_allocation(sparsity, scope, granularity, reduce, block, pooling)
     if nm:
-        n, m = int(nm.group(1)), int(nm.group(2))
-        if not 0 < n <= m:
-            raise ValueError(f"N:M pattern needs 0 < N <= M; got {granularity!r}")
-        if sparsity is not None and abs(sparsity - (1 - n / m)) > 1e-9:
-            raise ValueError(
-                f"granularity {granularity!r} implies sparsity {1 - n / m:g}; got sparsity={sparsity!r} "
-                "(pass None or the implied value)"
-            )
-        return Masks(_nm_masks(scores, n, m, current))
-    if granularity not in ("element", "channel", "block"):
-        raise ValueError(
-            f"unknown granularity {granularity!r}; accepted: 'element', 'channel', 'block', or 'N:M' like '2:4'"
-        )
-    if sparsity is None:
-        raise ValueError(f"granularity {granularity!r} needs a sparsity in [0, 1)")
-    sparsity = check_sparsity(sparsity)
-    if scope not in SCOPES:
-        raise ValueError(f"unknown scope {scope!r}; accepted: {', '.join(SCOPES)}")
+        return Masks(_nm_masks(scores, *nm, current))
+    sparsity = float(sparsity)
     if granularity == "block":
-        if block is None or len(block) != 2 or any(not isinstance(b, int) or b < 1 for b in block):
-            raise ValueError(
-                f"granularity 'block' needs block=(h, w) with positive ints; got {block!r}"
-            )
-        if pooling not in POOLINGS:
-            raise ValueError(f"unknown pooling {pooling!r}; accepted: {', '.join(POOLINGS)}")
-        how = "mean" if pooling == "avg" else "max"
-    else:
-        how = reduce or "l2"
-        if how not in REDUCES:
-            raise ValueError(f"unknown reduce {reduce!r}; accepted: {', '.join(REDUCES)}")
+        _check_block_fits(scores, block)
     if max_layer_sparsity is not None:
         max_layer_sparsity = check_sparsity(max_layer_sparsity, "max_layer_sparsity")
     overrides = dict(layer_sparsity or {})
@@ -247,9 +280,13 @@ def allocate(
             before = torch.zeros_like(sizes)
         cap = torch.ones_like(sizes, dtype=torch.bool)
         if max_layer_sparsity is not None:
-            # the groups this layer may lose: its lowest scores, up to the cap in elements
-            order = torch.sort(g_scores, stable=True).indices
-            allowed = sizes[order].cumsum(0) <= max_layer_sparsity * s.numel() + 1e-9
+            # the groups this layer may lose: dead ones first, then its lowest scores, while the
+            # zeros (old and new) stay within the cap
+            gain = sizes - before
+            key = torch.where(gain == 0, torch.full_like(g_scores, -math.inf), g_scores)
+            order = torch.sort(key, stable=True).indices
+            budget = max_layer_sparsity * s.numel() - float(before.sum()) + 1e-9
+            allowed = gain[order].cumsum(0) <= budget
             cap = torch.zeros_like(cap)
             cap[order[allowed]] = True
         layers[name] = (idx, g_scores, sizes.long(), before.long(), cap, s)

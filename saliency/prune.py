@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from saliency.allocate import allocate
+from saliency.allocate import allocate, check_allocation
 from saliency.apply import attach, attached_masks, clear_optimizer_state
 from saliency.criteria import Criterion, Scores, default_loss, get_criterion
 from saliency.criteria.base import LossFn, model_device
@@ -86,6 +86,18 @@ def _split_kwargs(kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any
     return alloc, kwargs
 
 
+def _check_before_scoring(sparsity, scope, granularity, alloc: dict[str, Any]) -> None:
+    """Bad allocation settings fail now, not after an expensive scoring pass."""
+    check_allocation(
+        sparsity,
+        scope,
+        granularity,
+        alloc.get("reduce"),
+        alloc.get("block"),
+        alloc.get("pooling", "avg"),
+    )
+
+
 def prune_step(
     model: nn.Module,
     crit: Criterion,
@@ -130,6 +142,7 @@ def prune(
     criterion's hyperparameters.
     """
     alloc, hparams = _split_kwargs(dict(kwargs))
+    _check_before_scoring(sparsity, scope, granularity, alloc)
     crit = get_criterion(criterion, **hparams)
     params = dict(params) if params is not None else prunable_parameters(model)
     attached = attached_masks(model)
@@ -191,6 +204,8 @@ class GradualPruner:
         self.model, self.schedule, self.data, self.loss_fn = model, schedule, data, loss_fn
         alloc, hparams = _split_kwargs(dict(prune_kwargs))
         self.optimizer, self.allocate_kwargs = optimizer, alloc
+        # the schedule gives the sparsities later: check the rest with a placeholder
+        _check_before_scoring(None if ":" in str(granularity) else 0.5, scope, granularity, alloc)
         self.criterion = get_criterion(criterion, **hparams)
         self.scope, self.granularity = scope, granularity
         self.params = dict(params) if params is not None else prunable_parameters(model)

@@ -170,3 +170,44 @@ def test_global_channel_counts_are_closest_reachable():
         target = round(s * m.numel)
         # every reachable count is a sum of whole channels; ours is at most half a channel off
         assert abs(m.zeros - target) <= 2.5 or math.isclose(m.zeros, target)
+
+
+def test_bad_settings_fail_before_scoring():
+    class Exploding:
+        name = "exploding"
+
+        def score(self, *a):
+            raise AssertionError("scored before checking the settings")
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 4))
+    for kw, msg in [
+        ({"scope": "net"}, "unknown scope 'net'"),
+        ({"granularity": "row"}, "unknown granularity 'row'"),
+        ({"granularity": "block", "block": (0, 2)}, "block=\\(h, w\\)"),
+        ({"granularity": "channel", "reduce": "median"}, "unknown reduce"),
+        ({"granularity": "2:4", "scope": "net"}, "unknown scope"),
+    ]:
+        with pytest.raises(ValueError, match=msg):
+            saliency.prune(model, Exploding(), 0.5, **kw)
+    with pytest.raises(ValueError, match="must be in \\[0, 1\\)"):
+        saliency.prune(model, Exploding(), 1.0)
+    with pytest.raises(ValueError, match="unknown scope"):
+        saliency.GradualPruner(model, "magnitude", saliency.OneShot(0.5, step=0), scope="net")
+
+
+def test_block_larger_than_a_tensor_is_refused():
+    scores = {"w": torch.rand(4, 6)}
+    with pytest.raises(ValueError, match="larger than 'w' viewed as"):
+        saliency.allocate(scores, 0.5, granularity="block", block=(10, 10))
+    edge = saliency.allocate(scores, 0.5, granularity="block", block=(3, 4))  # padded edges
+    assert edge["w"].shape == (4, 6)
+
+
+def test_max_layer_sparsity_counts_zeros_already_in_force():
+    torch.manual_seed(0)
+    scores = {"a": torch.rand(10, 10), "b": torch.rand(10, 10) + 1}
+    current = saliency.allocate({"a": scores["a"], "b": torch.rand(10, 10)}, 0.3, scope="layer")
+    fresh = {"a": torch.rand(10, 10), "b": scores["b"]}  # re-scored: other weights look weak
+    masks = saliency.allocate(fresh, 0.5, current=current, max_layer_sparsity=0.6)
+    assert masks.layer_sparsity()["a"] <= 0.6 + 1e-9
+    assert all(not (masks[n] & ~current[n]).any() for n in masks)  # monotone
