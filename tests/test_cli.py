@@ -83,6 +83,14 @@ def test_run_report_and_bad_config(tmp_path, capsys):
         == 2
     )
     assert "data_root '/no/such/dir' is not a directory" in capsys.readouterr().err
+    # a file-based dataset without data_root: a message, not a traceback
+    assert main(["run", str(cfg), "--out", str(tmp_path / "bad"), *sets(["dataset=mnist"])]) == 2
+    assert "needs data_root=" in capsys.readouterr().err
+    assert (
+        main(["run", str(cfg), "--out", str(tmp_path / "bad"), *sets(['train.optimizer="rms"'])])
+        == 2
+    )
+    assert "train.optimizer must be 'sgd', 'adam' or 'adamw'; got 'rms'" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
     assert main(["report", str(tmp_path / "nothing")]) == 2
 

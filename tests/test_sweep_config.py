@@ -182,3 +182,19 @@ def test_run_ids_are_stable_across_processes():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     cfg = parse_config(raw())
     assert out.stdout.strip() == unit_run_id(cfg, 0, "oneshot", cfg.criteria[0], 0.5)
+
+
+@pytest.mark.parametrize(
+    "section, key, value",
+    [
+        ("train", "optimizer", "rmsprop"),
+        ("train", "lr", "fast"),
+        ("finetune", "epochs", -1),
+        ("iterative", "rounds", 0),
+        ("gradual", "power", 0),
+        ("scoring", "n_samples", 0),
+    ],
+)
+def test_bad_training_settings_fail_at_parse_time(section, key, value):
+    with pytest.raises(ConfigError, match=f"{section}.{key} must be"):
+        parse_config(raw(**{section: {key: value}}))

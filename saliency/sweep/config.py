@@ -13,7 +13,9 @@ import dataclasses
 import hashlib
 import importlib
 import json
+import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -232,6 +234,53 @@ def _fields(name: str) -> set[str]:
     return {f.name for f in dataclasses.fields(crit)} if dataclasses.is_dataclass(crit) else set()
 
 
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+# (section, key) -> (predicate, what is accepted); None values (inherit / computed) are skipped
+_RULES: dict[tuple[str, str], tuple[Callable[[Any], bool], str]] = {}
+for _sec in ("train", "finetune"):
+    _RULES.update({
+        (_sec, "epochs"): (lambda v: _is_int(v) and v >= 0, "a non-negative int"),
+        (_sec, "batch_size"): (lambda v: _is_int(v) and v >= 1, "a positive int"),
+        (_sec, "lr"): (lambda v: _is_number(v) and v > 0, "a positive number"),
+        (_sec, "optimizer"): (lambda v: v in ("sgd", "adam", "adamw"), "'sgd', 'adam' or 'adamw'"),
+        (_sec, "momentum"): (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
+        (_sec, "weight_decay"): (lambda v: _is_number(v) and v >= 0, "a non-negative number"),
+    })  # fmt: skip
+_RULES.update({
+    ("gradual", "epochs"): (lambda v: _is_int(v) and v >= 1, "a positive int"),
+    ("gradual", "initial_sparsity"): (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    ("gradual", "begin_step"): (lambda v: _is_int(v) and v >= 0, "a non-negative int"),
+    ("gradual", "end_step"): (lambda v: _is_int(v) and v >= 1, "a positive int"),
+    ("gradual", "power"): (lambda v: _is_number(v) and v > 0, "a positive number"),
+    ("gradual", "frequency"): (lambda v: _is_int(v) and v >= 1, "a positive int"),
+    ("iterative", "rounds"): (lambda v: _is_int(v) and v >= 1, "a positive int"),
+    ("iterative", "epochs_per_round"): (lambda v: _is_int(v) and v >= 0, "a non-negative int"),
+    ("init", "epochs"): (lambda v: _is_int(v) and v >= 0, "a non-negative int"),
+    ("scoring", "n_samples"): (lambda v: _is_int(v) and v >= 1, "a positive int"),
+    ("scoring", "batch_size"): (lambda v: _is_int(v) and v >= 1, "a positive int"),
+})  # fmt: skip
+
+
+def _check_sections(sections: dict[str, dict[str, Any]]) -> None:
+    """Training and schedule settings fail at parse time, before any model is trained."""
+    for (sec, key), (ok, accepted) in _RULES.items():
+        v = sections[sec][key]
+        if v is not None and not ok(v):
+            _fail(f"{sec}.{key} must be {accepted}; got {v!r}")
+    g = sections["gradual"]
+    if g["end_step"] is not None and g["end_step"] <= g["begin_step"]:
+        _fail(
+            f"gradual.end_step ({g['end_step']}) must be after gradual.begin_step ({g['begin_step']})"
+        )
+
+
 def parse_config(
     raw: dict[str, Any], *, name: str = "sweep", check_data: bool = True
 ) -> SweepConfig:
@@ -274,11 +323,7 @@ def parse_config(
         _fail(f"seeds must be a non-empty list of ints; got {seeds!r}")
     if raw["scope"] not in ("global", "layer"):
         _fail(f"unknown scope {raw['scope']!r}; accepted: global, layer")
-    for key in ("epochs", "batch_size"):
-        if not isinstance(sections["train"][key], int) or sections["train"][key] < (
-            key == "batch_size"
-        ):
-            _fail(f"train.{key} must be a non-negative int; got {sections['train'][key]!r}")
+    _check_sections(sections)
     block = sections["allocate"]["block"]
     if block is not None:
         sections["allocate"]["block"] = tuple(block)

@@ -196,8 +196,8 @@ def _preflight(cfg: SweepConfig) -> None:
     from saliency.sweep.jobs import dataset, new_model, targets
     from saliency.sweep.train import resolve_device
 
-    dataset(cfg)
     try:
+        dataset(cfg)
         resolve_device(cfg.device)
         params = targets(cfg, new_model(cfg, cfg.seeds[0]))
         scores = {

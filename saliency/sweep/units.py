@@ -80,6 +80,7 @@ def unit_run_id(
     if spec is not None:
         unit.update(
             criterion=spec.name,
+            label=spec.label,  # two labelled lines are two sets of records, even where equal
             # every field, defaults included: a changed default is a different experiment
             hparams=hparams_of(build_criterion(spec, seed)),
             sparsity=s,
