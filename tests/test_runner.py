@@ -324,3 +324,18 @@ def test_report_separates_sweeps(tmp_path):
     run_sweep(cfg_of(modes=["oneshot"], seeds=[0], name="other"), tmp_path)
     md = markdown(read_records(tmp_path / "tiny", tmp_path / "other"))
     assert "### tiny, oneshot: accuracy" in md and "### other, oneshot: accuracy" in md
+
+
+def test_rerun_with_changed_config_supersedes_and_keeps_old_records(tmp_path):
+    run_sweep(cfg_of(modes=["oneshot"], seeds=[0]), tmp_path)
+    before = len(read_records(tmp_path / "tiny"))
+    run_sweep(cfg_of(modes=["oneshot"], seeds=[0], train={"epochs": 1}), tmp_path)
+    everything = read_records(tmp_path / "tiny", latest=False)
+    assert len(everything) == 2 * before  # nothing written is lost
+    latest = read_records(tmp_path / "tiny")
+    assert len(latest) == before
+    assert {r["config_hash"] for r in latest} == {everything[-1]["config_hash"]}
+    assert "mean ± std over 1 seed(s)" in markdown(latest)
+    # adding a seed keeps the old seed's records (same observation key only per seed)
+    run_sweep(cfg_of(modes=["oneshot"], seeds=[0, 1], train={"epochs": 1}), tmp_path)
+    assert "mean ± std over 2 seed(s)" in markdown(read_records(tmp_path / "tiny"))

@@ -72,8 +72,38 @@ def iter_records(path: str | os.PathLike) -> Iterator[dict[str, Any]]:
                 yield rec
 
 
-def read_records(*paths: str | os.PathLike) -> list[dict[str, Any]]:
-    """All records from one or more results directories or `.jsonl` files."""
+# what makes two records the same observation; a rerun with a changed config (other training
+# settings, other hyperparameters under the same label) writes new run ids for the same key
+OBSERVATION = ("sweep", "model", "dataset", "scope", "granularity", "mode", "label", "seed",
+               "sparsity_target", "phase", "split", "metric")  # fmt: skip
+
+
+def latest_observations(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per observation (`OBSERVATION` fields), only the records of its most recent run: results
+    of an older config stay in the file but are not averaged in as if they were more seeds."""
+    newest: dict[tuple, tuple[float, Any]] = {}
+    for r in records:
+        key = tuple(repr(r.get(k)) for k in OBSERVATION)
+        t = float(r.get("time") or 0.0)
+        if key not in newest or t >= newest[key][0]:
+            newest[key] = (t, r.get("run_id"))
+    keep = [
+        r
+        for r in records
+        if newest[tuple(repr(r.get(k)) for k in OBSERVATION)][1] == r.get("run_id")
+    ]
+    if len(keep) < len(records):
+        log.warning(
+            "%d record(s) superseded by newer runs of the same observation (the config changed "
+            "between runs); read_records(..., latest=False) returns them too",
+            len(records) - len(keep),
+        )
+    return keep
+
+
+def read_records(*paths: str | os.PathLike, latest: bool = True) -> list[dict[str, Any]]:
+    """All records from one or more results directories or `.jsonl` files; with `latest`, only the
+    most recent run of each observation (see `latest_observations`)."""
     out: list[dict[str, Any]] = []
     for path in paths:
         if not records_path(path).exists():
@@ -82,7 +112,7 @@ def read_records(*paths: str | os.PathLike) -> list[dict[str, Any]]:
                 f"directory holding {RECORDS_FILE}, or a .jsonl file)"
             )
         out.extend(iter_records(path))
-    return out
+    return latest_observations(out) if latest else out
 
 
 def save_scores(path: str | os.PathLike, group: str, label: str, scores: dict[str, Any]) -> Path:

@@ -153,7 +153,10 @@ def run_sweep(
     _preflight(cfg)
     out = Path(out_root) / cfg.name
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(_config_json(cfg))
+    # the config of the latest run (each record carries its own config_hash); written atomically
+    tmp = out / f"config.json.{os.getpid()}.tmp"
+    tmp.write_text(_config_json(cfg))
+    os.replace(tmp, out / "config.json")
     jobs = plan(cfg)
     done = done_run_ids(out)
     all_units = {u.run_id for j in jobs for u in j.units}
