@@ -219,6 +219,7 @@ def cmd_demo(args) -> int:
     start = time.perf_counter()
     raw = demo_raw(args.overrides)
     skipped = probe_criteria(raw) if raw.get("criteria") == "all" else {}
+    left_out = sorted(set(raw.get("exclude_criteria", [])))
     raw["exclude_criteria"] = sorted(set(raw.get("exclude_criteria", [])) | set(skipped))
     cfg = parse_config(raw, name="demo")
     _print(
@@ -229,6 +230,10 @@ def cmd_demo(args) -> int:
     )
     for name, why in skipped.items():
         _print(f"  skipped {name}: {why}")
+    if left_out:
+        _print(
+            f"  left out by the demo config: {', '.join(left_out)} (saliency/sweep/demo.toml says why)"
+        )
     result = run_sweep(cfg, args.out, workers=args.workers, progress=True, on_error="skip")
     records = read_records(result.out)
     _finish_run(result, records)
