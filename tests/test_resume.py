@@ -60,8 +60,8 @@ def _check_complete(records: list[dict]) -> None:
     per_unit = Counter(r["run_id"] for r in records)
     keys = Counter((r["run_id"], r["phase"], r["metric"]) for r in records)
     assert max(keys.values()) == 1, "a record was written twice"
-    # dense: 2 records; oneshot: pruned acc+loss; finetune: pruned + final
-    assert sorted(Counter(per_unit.values()).items()) == [(2, 2 + 2 * 2 * 8), (4, 2 * 2 * 8)]
+    # dense: accuracy, loss, scoring_loss; oneshot: the same, pruned; finetune: + final acc, loss
+    assert sorted(Counter(per_unit.values()).items()) == [(3, 2 + 2 * 2 * 8), (5, 2 * 2 * 8)]
 
 
 def test_sigkill_mid_run_then_resume(tmp_path):
@@ -148,4 +148,4 @@ def test_resume_retrains_a_deleted_dense_cache(tmp_path, missing):
     res2 = run_sweep(parse_config(raw), tmp_path)
     assert res2.ran == 1 and len(list((res.out / "cache").iterdir())) == 1
     dense = [r for r in read_records(res.out) if r["criterion"] == "dense"]
-    assert len(dense) == 2  # the dense records were not written twice
+    assert len(dense) == 3  # the dense records were not written twice

@@ -157,12 +157,13 @@ def test_tiny_sweep_all_modes_end_to_end(tmp_path):
     assert len(units) == n_units
     for r in records:
         assert set(r) == SCHEMA, set(r) ^ SCHEMA
-        assert r["sweep"] == "tiny" and r["split"] == "test" and r["task"] == "classification"
+        assert r["sweep"] == "tiny" and r["task"] == "classification"
+        assert r["split"] == ("scoring" if r["metric"] == "scoring_loss" else "test")
         assert abs(r["sparsity"] - r["sparsity_target"]) < 0.02
         assert r["params_total"] == 6 * 12 + 12 * 3
         assert r["params_remaining"] == round(r["params_total"] * (1 - r["sparsity"]))
         assert r["flops_nonzero"] <= r["flops_dense"] == 6 * 12 + 12 * 3
-        assert r["gzip_bytes"] > 0 and r["metric"] in ("accuracy", "loss")
+        assert r["gzip_bytes"] > 0 and r["metric"] in ("accuracy", "loss", "scoring_loss")
     phases = Counter((r["mode"], r["phase"]) for r in records if r["metric"] == "accuracy")
     assert phases == {
         ("dense", "dense"): 2,
@@ -290,7 +291,7 @@ def test_submitit_local_executor(tmp_path, monkeypatch):
     cfg = cfg_of(modes=["oneshot"], seeds=[0], criteria=["magnitude"])
     res = run_sweep(cfg, tmp_path, executor="submitit", cluster="local")
     assert res.ran == res.units == 3 and not res.failures
-    assert len(read_records(res.out)) == 3 * 2
+    assert len(read_records(res.out)) == 3 * 3  # accuracy, loss, scoring_loss
 
 
 def test_run_sweep_argument_errors(tmp_path):

@@ -137,7 +137,7 @@ def _heatmap(fig, ax, M, names, vmin, vmax, cmap, label):
             f"{v:.2f}".replace("-0.00", "0.00") if np.isfinite(v) else "\u2013",
             ha="center",
             va="center",
-            fontsize=5 if small else 6,
+            fontsize=6 if small else 7,  # 6 pt: the print minimum
             color="white" if dark else "black",
         )
     fig.colorbar(im, ax=ax, label=label, fraction=0.08, pad=0.03)

@@ -132,7 +132,7 @@ def plot_accuracy_vs_sparsity(
     return fig
 
 
-def caption(records: Sequence[dict], band: str, metric: str) -> str:
+def caption(records: Sequence[dict], band: str, metric: str, xaxis: str = "sparsity") -> str:
     seeds = sorted({r.get("seed") for r in records if r.get("criterion") != "dense"}, key=str)
     what = (
         "\u00b11 sample standard deviation"
@@ -140,7 +140,13 @@ def caption(records: Sequence[dict], band: str, metric: str) -> str:
         else "95% Student-t confidence interval"
     )
     return (
-        f"Test {metric} vs sparsity (fraction of prunable weights set to zero). Lines: mean over "
+        (
+            f"Test {metric} vs compression ratio 1/(1 - s) on a log axis (s: fraction of "
+            "prunable weights set to zero). "
+            if xaxis == "compression"
+            else f"Test {metric} vs sparsity (fraction of prunable weights set to zero). "
+        )
+        + f"Lines: mean over "
         f"{len(seeds)} seed(s); shaded: {what}; dashed black: dense baseline (grey: its "
         f"{what} over seeds). One-shot is "
         f"evaluated right after pruning; other modes after training."
@@ -170,6 +176,6 @@ def accuracy_vs_sparsity(
                 continue
             paths += save_figure(fig, out_dir, stem + suffix)
             txt = Path(out_dir) / f"{stem}{suffix}.txt"
-            txt.write_text(caption(recs, band, m) + "\n")
+            txt.write_text(caption(recs, band, m, xaxis) + "\n")
             paths.append(txt)
     return paths

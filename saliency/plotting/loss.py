@@ -1,6 +1,7 @@
 """Figure 4: for criteria whose scores are predicted loss increases (OBD, OBS), the prediction
 (the sum of the pruned weights' scores, as the sweep records it) against the measured increase
-(test loss right after pruning minus the dense test loss of the same seed)."""
+(loss right after pruning minus the dense loss of the same seed, on the samples the criterion
+scored with: the prediction's own data; on the test set for records from before `scoring_loss`)."""
 
 from __future__ import annotations
 
@@ -20,11 +21,16 @@ from saliency.plotting.style import log_axis, new_figure, paper_style, save_figu
 log = logging.getLogger(__name__)
 
 
-def _measured_increase(records: Sequence[dict], dense: Sequence[dict]):
-    """[(record, predicted, measured)] from 'pruned' records of the training loss: metric
-    'loss', or 'mse' for a regression sweep that records no 'loss' (its loss is the MSE)."""
+def measured_metric(records: Sequence[dict]) -> str:
     metrics = {r.get("metric") for r in records}
-    metric = "loss" if "loss" in metrics else "mse"
+    return next((m for m in ("scoring_loss", "loss") if m in metrics), "mse")
+
+
+def _measured_increase(records: Sequence[dict], dense: Sequence[dict]):
+    """[(record, predicted, measured)] from 'pruned' records of the loss the prediction is
+    about: 'scoring_loss' (training loss on the scoring samples) where recorded, else the test
+    'loss', or 'mse' for a regression sweep (its loss is the MSE)."""
+    metric = measured_metric(records)
     dense_loss = defaultdict(list)
     for r in dense:
         if r.get("metric") == metric and D.finite(r.get("value")):
@@ -106,7 +112,8 @@ def plot_loss_prediction(
     _log_or_symlog(right, "x", v)
     _log_or_symlog(right, "y", v)
     left.set_xlabel("Sparsity s")
-    left.set_ylabel("Loss increase")
+    on = "scoring samples" if measured_metric(records) == "scoring_loss" else "test set"
+    left.set_ylabel(f"Loss increase ({on})")
     left.set_title("Quadratic prediction vs measurement")
     right.set_xlabel("Predicted loss increase")
     right.set_ylabel("Measured loss increase")
@@ -126,8 +133,10 @@ def plot_loss_prediction(
 LOSS_CAPTION = (
     "Predicted vs measured loss increase after one-shot pruning, for criteria whose scores are "
     "predicted loss increases (OBD, OBS). Predicted: the sum of the scores of the pruned weights "
-    "(quadratic model; for multi-round pruning, summed over rounds). Measured: test loss right "
-    "after pruning minus the dense test loss of the same seed. Mean over seeds; log scale "
+    "(quadratic model; for multi-round pruning, summed over rounds). Measured: loss right "
+    "after pruning minus the dense loss of the same seed, on the training samples the criterion "
+    "scored with (the data of the prediction; the y label says test set for older records). "
+    "Mean over seeds; log scale "
     "(symmetric log when a measured increase is not positive). Points above y = x: the "
     "quadratic model underestimates the damage."
 )

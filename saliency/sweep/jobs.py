@@ -77,7 +77,7 @@ def run_job(
                     u,
                     model,
                     masks,
-                    {"dense": evaluate_model(cfg, model)},
+                    {"dense": evaluate_model(cfg, model, scoring_seed=job.seed)},
                     None,
                     None,
                     tb,
@@ -115,7 +115,7 @@ def _job_oneshot(cfg, out, job, todo, tb, notify) -> None:
         masks, cost, predicted = prune_with_cost(
             cfg, model, crit, s, data, loss_fn, scores=None if multi else scores
         )
-        pruned = evaluate_model(cfg, model)
+        pruned = evaluate_model(cfg, model, scoring_seed=job.seed)
         for u in (u for u in todo if u.sparsity == s):
             phases = {"pruned": pruned}
             if u.mode == "finetune":
@@ -256,7 +256,7 @@ def _job_init(cfg, out, job, todo, tb, notify) -> None:
     masks, cost, predicted = prune_with_cost(
         cfg, model, crit, u.sparsity, scoring_data(cfg, job.seed), loss_fn_for(ds.task)
     )
-    phases = {"pruned": evaluate_model(cfg, model)}
+    phases = {"pruned": evaluate_model(cfg, model, scoring_seed=job.seed)}
     epochs = cfg.init["epochs"] if cfg.init["epochs"] is not None else cfg.train["epochs"]
     saliency.attach(model, masks)
     train_model(cfg, model, job.seed, {**cfg.train, "epochs": epochs})

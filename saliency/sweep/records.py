@@ -78,19 +78,24 @@ OBSERVATION = ("sweep", "model", "dataset", "scope", "granularity", "mode", "lab
                "sparsity_target", "phase", "split", "metric")  # fmt: skip
 
 
+def _observation(r: dict[str, Any]) -> tuple:
+    label = r.get("label") or r.get("criterion")
+    return tuple(repr(label if k == "label" else r.get(k)) for k in OBSERVATION)
+
+
 def latest_observations(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per observation (`OBSERVATION` fields), only the records of its most recent run: results
-    of an older config stay in the file but are not averaged in as if they were more seeds."""
+    of an older config stay in the file but are not averaged in as if they were more seeds.
+    Records without a run id are all kept."""
     newest: dict[tuple, tuple[float, Any]] = {}
     for r in records:
-        key = tuple(repr(r.get(k)) for k in OBSERVATION)
-        t = float(r.get("time") or 0.0)
+        if r.get("run_id") is None:
+            continue
+        key, t = _observation(r), float(r.get("time") or 0.0)
         if key not in newest or t >= newest[key][0]:
-            newest[key] = (t, r.get("run_id"))
+            newest[key] = (t, r["run_id"])
     keep = [
-        r
-        for r in records
-        if newest[tuple(repr(r.get(k)) for k in OBSERVATION)][1] == r.get("run_id")
+        r for r in records if r.get("run_id") is None or newest[_observation(r)][1] == r["run_id"]
     ]
     if len(keep) < len(records):
         log.warning(

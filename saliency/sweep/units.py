@@ -226,12 +226,24 @@ def prune_with_cost(cfg, model, crit, sparsity, data, loss_fn, *, current=None, 
     return masks, total, predicted if getattr(crit, "loss_units", False) else None
 
 
-def evaluate_model(cfg: SweepConfig, model) -> dict[str, float]:
+def evaluate_model(cfg: SweepConfig, model, *, scoring_seed: int | None = None) -> dict[str, float]:
+    """Test metrics; with `scoring_seed`, also "scoring_loss": the training loss on the samples
+    the criteria of that seed score with, where OBD/OBS predict their loss increase."""
     from saliency.sweep.train import evaluate
 
     ds = dataset(cfg)
-    metrics = evaluate(model, ds.test, task=ds.task, device=device(cfg))
-    return {k: float(v) for k, v in metrics.items()}
+    out = {
+        k: float(v) for k, v in evaluate(model, ds.test, task=ds.task, device=device(cfg)).items()
+    }
+    if scoring_seed is not None:
+        seen = evaluate(
+            model, scoring_data(cfg, scoring_seed).dataset, task=ds.task, device=device(cfg)
+        )
+        out["scoring_loss"] = float(seen["loss"] if "loss" in seen else seen["mse"])
+    return out
+
+
+SPLIT_OF = {"scoring_loss": "scoring"}  # metrics not measured on the test set
 
 
 def make_records(
@@ -287,7 +299,7 @@ def make_records(
         "saliency_version": saliency.__version__,
     }
     return [
-        {**base, "phase": phase, "metric": m, "value": v}
+        {**base, "phase": phase, "metric": m, "value": v, "split": SPLIT_OF.get(m, "test")}
         for phase, metrics in phases.items()
         for m, v in metrics.items()
     ]
