@@ -33,19 +33,23 @@ def prunable_parameters(
     include: str | Sequence[str] | None = None,
     exclude: str | Sequence[str] | None = None,
     types: Sequence[type[nn.Module]] = DEFAULT_TYPES,
+    exclude_types: Sequence[type[nn.Module]] = (),
     keep_output_dense: bool = False,
 ) -> dict[str, nn.Parameter]:
     """Prunable parameters of `model` as {qualified name: Parameter}, in model order.
 
     `include` / `exclude` are fnmatch patterns on qualified names ("features.*", "*.weight");
     `include` replaces the type-based default (any parameter matching it is a target), and
-    `exclude` is applied last. `keep_output_dense` leaves the last prunable layer's weight dense
-    (the output layer, for sequential models). Raises ValueError when nothing is prunable.
+    `exclude` is applied last. `types` replaces the default module types; `exclude_types`
+    removes modules of those types (e.g. `(nn.Conv1d,)`), whatever matched them.
+    `keep_output_dense` leaves the last prunable layer in registration order dense (the output
+    layer of sequential models; for other models exclude the head by name). Raises ValueError
+    when nothing is prunable.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
     inc, exc = _as_list(include), _as_list(exclude)
-    types = tuple(types)
+    types, skip_types = tuple(types), tuple(exclude_types)
     chosen: dict[str, nn.Parameter] = {}
     seen: set[int] = set()  # a parameter shared by two modules is one target, under its first name
     for mod_name, module in model.named_modules():
@@ -57,6 +61,7 @@ def prunable_parameters(
                 keep = isinstance(module, types) and p_name == "weight"
             if (
                 keep
+                and not isinstance(module, skip_types)
                 and id(p) not in seen
                 and not any(fnmatch.fnmatchcase(full, pat) for pat in exc)
             ):
@@ -68,7 +73,8 @@ def prunable_parameters(
         raise ValueError(
             f"nothing to prune in {type(model).__name__}: no parameter matched "
             f"(include={inc or None}, exclude={exc or None}, "
-            f"types={[t.__name__ for t in types]}, keep_output_dense={keep_output_dense}); "
+            f"types={[t.__name__ for t in types]}, "
+            f"exclude_types={[t.__name__ for t in skip_types]}, keep_output_dense={keep_output_dense}); "
             "by default the weights of Linear and Conv layers are prunable"
         )
     return chosen

@@ -22,6 +22,14 @@ def test_include_exclude_and_output_layer(mlp):
     assert list(prunable_parameters(mlp, include=["*.bias"])) == ["1.bias", "3.bias", "5.bias"]
 
 
+def test_module_types_in_and_out():
+    m = nn.Sequential(nn.Conv1d(1, 2, 3), nn.Flatten(), nn.Linear(2, 2), nn.Linear(2, 2))
+    assert list(prunable_parameters(m, exclude_types=(nn.Conv1d,))) == ["2.weight", "3.weight"]
+    assert list(prunable_parameters(m, types=(nn.Conv1d,))) == ["0.weight"]
+    with pytest.raises(ValueError, match="exclude_types=\\['Linear'\\]"):
+        prunable_parameters(nn.Linear(2, 2), exclude_types=(nn.Linear,))
+
+
 def test_shared_parameter_is_one_target():
     lin = nn.Linear(3, 3)
     m = nn.Sequential(lin, nn.ReLU(), lin)
