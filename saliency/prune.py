@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from saliency.allocate import allocate, check_allocation
 from saliency.apply import attach, attached_masks, clear_optimizer_state
-from saliency.criteria import Criterion, Scores, default_loss, get_criterion
+from saliency.criteria import Cost, Criterion, Scores, default_loss, get_criterion
 from saliency.criteria.base import LossFn, model_device
 from saliency.masks import Masks
 from saliency.schedules import Schedule
@@ -130,6 +130,7 @@ def prune(
     current: Masks | None = None,
     keep: bool = True,
     optimizer: torch.optim.Optimizer | None = None,
+    cost: Cost | None = None,
     **kwargs: Any,
 ) -> Masks:
     """Score, allocate, update and apply in one call; returns the masks.
@@ -137,7 +138,8 @@ def prune(
     Criteria that ask for several rounds (`criterion.schedule(sparsity)`, e.g. SynFlow, OBS with
     recomputation) are re-scored between rounds. Masks already attached to `model` (or given
     as `current`) stay pruned. With `keep`, the masks are attached so that training keeps pruned
-    weights at zero (`saliency.remove` bakes them in). Keyword arguments named like `allocate`'s
+    weights at zero (`saliency.remove` bakes them in). `cost`, if given, accumulates the
+    scoring cost of every round (seconds, samples, backward passes). Keyword arguments named like `allocate`'s
     (reduce, block, pooling, layer_sparsity, max_layer_sparsity) go there; the rest are the
     criterion's hyperparameters.
     """
@@ -150,6 +152,8 @@ def prune(
     rounds = crit.schedule(sparsity) if callable(getattr(crit, "schedule", None)) else [sparsity]
     for s in rounds:
         scores = score(model, crit, data, loss_fn, params=params)
+        if cost is not None:
+            cost.add(scores.cost)
         masks = prune_step(
             model,
             crit,
@@ -211,6 +215,7 @@ class GradualPruner:
         self.params = dict(params) if params is not None else prunable_parameters(model)
         self.global_step = 0
         self.masks: Masks | None = _restrict(attached_masks(model), self.params)
+        self.cost = Cost(backward_passes=0)  # of every scoring pass so far
 
     def step(self) -> Masks | None:
         """Advance one training step; re-prune if the schedule says so. Returns the masks in force."""
@@ -228,6 +233,7 @@ class GradualPruner:
                     self.granularity,
                     params=self.params,
                     optimizer=self.optimizer,
+                    cost=self.cost,
                     **self.allocate_kwargs,
                 )
         return self.masks

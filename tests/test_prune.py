@@ -70,3 +70,16 @@ def test_gradual_pruner_follows_polynomial_schedule(tiny_mlp):
 def test_gradual_pruner_rejects_non_schedules(tiny_mlp):
     with pytest.raises(TypeError, match="should_prune"):
         GradualPruner(tiny_mlp, "magnitude", 0.5)
+
+
+def test_prune_and_gradual_pruner_report_their_scoring_cost(mlp):
+    x, y = torch.randn(32, 1, 28, 28), torch.randint(0, 10, (32,))
+    cost = saliency.Cost(backward_passes=0)
+    saliency.prune(mlp, "snip", 0.3, data=[(x, y)], cost=cost, keep=False)
+    assert cost.samples == 32 and cost.backward_passes >= 1 and cost.seconds > 0
+    pruner = saliency.GradualPruner(
+        mlp, "snip", saliency.PolynomialDecay(0.1, 0.5, 0, 4, frequency=2), data=[(x, y)]
+    )
+    for _ in range(5):
+        pruner.step()
+    assert pruner.cost.samples == 3 * 32  # pruned at steps 0, 2 and 4

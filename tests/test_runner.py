@@ -179,6 +179,9 @@ def test_tiny_sweep_all_modes_end_to_end(tmp_path):
     assert {(r["mode"], r["sparsity_target"], r["score_seconds"]) for r in dense} == {
         ("dense", 0.0, None)
     }
+    # every pruning mode records what its scoring cost (gradual: summed over pruning steps)
+    pruned = [r for r in records if r["criterion"] != "dense"]
+    assert all(r["score_seconds"] is not None and r["score_seconds"] >= 0 for r in pruned)
     # the dense model is trained once per seed and cached; scores saved per criterion and seed
     assert len(list((res.out / "cache").glob("dense-seed*.pt"))) == 2
     saved = torch.load(res.out / "scores" / "oneshot-seed1" / "magnitude.pt")

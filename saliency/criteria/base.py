@@ -39,6 +39,17 @@ class Cost:
     backward_passes: int | None = None
     peak_memory_bytes: int | None = None
 
+    def add(self, other: Cost) -> Cost:
+        """Accumulate `other` (one more scoring pass) into this cost, in place; returns self.
+        Backward passes stay None once a pass did not count them; peak memory is the maximum."""
+        self.seconds += other.seconds
+        self.samples += other.samples or 0
+        bp, obp = self.backward_passes, other.backward_passes
+        self.backward_passes = None if bp is None or obp is None else bp + obp
+        peaks = [m for m in (self.peak_memory_bytes, other.peak_memory_bytes) if m is not None]
+        self.peak_memory_bytes = max(peaks) if peaks else None
+        return self
+
     def as_dict(self) -> dict[str, Any]:
         return {
             "seconds": self.seconds,

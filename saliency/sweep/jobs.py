@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import logging
 import math
 import os
 from collections.abc import Callable
@@ -39,6 +40,8 @@ from saliency.sweep.units import (  # noqa: F401  (re-exported: the runner and t
     train_model,
     unit_run_id,
 )
+
+log = logging.getLogger(__name__)
 
 
 def _finish(cfg, out, job, unit, model, masks, phases, cost, predicted, tb, notify) -> None:
@@ -181,8 +184,17 @@ def _job_gradual(cfg, out, job, todo, tb, notify) -> None:
         {**cfg.finetune, "epochs": g["epochs"]},
         on_step=on_step,
     )
-    masks = pruner.masks
+    masks, cost = pruner.masks, pruner.cost
     if masks is None or masks.sparsity < u.sparsity - 1e-6:  # schedule cut short by the epochs
+        log.warning(
+            "%s: the gradual schedule had not reached sparsity %g after %d epochs (end_step %d of "
+            "%d steps); pruning the rest at once after training",
+            spec.label,
+            u.sparsity,
+            g["epochs"],
+            end,
+            steps,
+        )
         masks = saliency.prune(
             model,
             pruner.criterion,
@@ -192,6 +204,7 @@ def _job_gradual(cfg, out, job, todo, tb, notify) -> None:
             cfg.scope,
             cfg.granularity,
             params=targets(cfg, model),
+            cost=cost,
             **cfg.allocate,
         )
     saliency.remove(model)
@@ -203,7 +216,7 @@ def _job_gradual(cfg, out, job, todo, tb, notify) -> None:
         model,
         masks,
         {"final": evaluate_model(cfg, model)},
-        None,
+        cost,
         None,
         tb,
         notify,
@@ -222,13 +235,7 @@ def _job_iterative(cfg, out, job, todo, tb, notify) -> None:
     masks, cost = None, Cost(backward_passes=0)
     for s in rounds:
         masks, c, _ = prune_with_cost(cfg, model, crit, s, data, loss_fn, current=masks)
-        cost.seconds += c.seconds
-        cost.samples += c.samples
-        cost.backward_passes = (
-            None
-            if c.backward_passes is None or cost.backward_passes is None
-            else cost.backward_passes + c.backward_passes
-        )
+        cost.add(c)
         saliency.attach(model, masks)
         train_model(cfg, model, job.seed, {**cfg.finetune, "epochs": it["epochs_per_round"]})
         saliency.remove(model)

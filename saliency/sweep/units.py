@@ -208,14 +208,7 @@ def prune_with_cost(cfg, model, crit, sparsity, data, loss_fn, *, current=None, 
             **cfg.allocate,
         )
         if scores is None:
-            total.seconds += sc.cost.seconds
-            total.samples += sc.cost.samples or 0
-            bp = sc.cost.backward_passes
-            total.backward_passes = (
-                None
-                if bp is None or total.backward_passes is None
-                else (total.backward_passes + bp)
-            )
+            total.add(sc.cost)
         for n, keep in masks.items():
             new = ~keep if before is None else before[n] & ~keep
             predicted += float(sc[n][new.to(sc[n].device)].double().sum())
