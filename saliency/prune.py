@@ -109,7 +109,8 @@ def prune_step(
     **allocate_kwargs: Any,
 ) -> Masks:
     """Allocate from `scores`, apply the criterion's weight update if it has one, zero the pruned."""
-    allocate_kwargs.setdefault("reduce", getattr(crit, "channel_reduce", None))
+    if allocate_kwargs.get("reduce") is None:  # None (a sweep's default): the criterion's own
+        allocate_kwargs["reduce"] = getattr(crit, "channel_reduce", None)
     masks = allocate(scores, sparsity, current=current, **allocate_kwargs)
     if callable(getattr(crit, "update", None)):
         crit.update(model, params, masks, scores)

@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -83,3 +85,15 @@ def test_prune_and_gradual_pruner_report_their_scoring_cost(mlp):
     for _ in range(5):
         pruner.step()
     assert pruner.cost.samples == 3 * 32  # pruned at steps 0, 2 and 4
+
+
+def test_reduce_none_means_the_criterion_channel_reduce():
+    """A sweep passes reduce=None; the criterion's channel_reduce must still apply."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6))
+    x, y = torch.randn(16, 4), torch.randint(0, 6, (16,))
+    scores = saliency.score(model, "obd", data=[(x, y)], hessian="fisher")
+    by_sum = saliency.allocate(scores, 0.5, granularity="channel", reduce="sum")
+    a = saliency.prune(copy.deepcopy(model), "obd", 0.5, data=[(x, y)], granularity="channel",
+                       hessian="fisher", reduce=None, keep=False)  # fmt: skip
+    assert a == by_sum

@@ -34,6 +34,9 @@ class OBD:
       weights). It can be negative away from a minimum: such weights are predicted to lower
       the loss and are pruned first.
 
+    At granularity "channel" the scores of a channel's weights are summed (``channel_reduce``):
+    the diagonal model's prediction for removing the whole channel.
+
     ``eval_mode=True`` scores with the model in ``eval()`` mode (BatchNorm on running
     statistics, no dropout) so per-sample curvature is defined and scores are deterministic; the
     mode is restored afterwards. ``backend`` ("auto", "backpack", "torch") chooses how exact GGN
@@ -42,6 +45,8 @@ class OBD:
 
     name: ClassVar[str] = "obd"
     loss_units: ClassVar[bool] = True
+    # a channel's predicted loss increase is the sum of its weights' (diagonal: no cross terms)
+    channel_reduce: ClassVar[str] = "sum"
 
     hessian: Literal["fisher", "true_fisher", "ggn", "hutchinson", "exact"] = "ggn"
     n_samples: int | None = 1024
