@@ -11,7 +11,14 @@ from torch import Tensor, nn
 
 from saliency.allocate import allocate, check_allocation
 from saliency.apply import attach, attached_masks, clear_optimizer_state
-from saliency.criteria import Cost, Criterion, Scores, default_loss, get_criterion
+from saliency.criteria import (
+    Cost,
+    Criterion,
+    Scores,
+    default_loss,
+    for_granularity,
+    get_criterion,
+)
 from saliency.criteria.base import LossFn, model_device
 from saliency.masks import Masks
 from saliency.schedules import Schedule
@@ -146,7 +153,7 @@ def prune(
     """
     alloc, hparams = _split_kwargs(dict(kwargs))
     _check_before_scoring(sparsity, scope, granularity, alloc)
-    crit = get_criterion(criterion, **hparams)
+    crit = get_criterion(criterion, **for_granularity(criterion, hparams, granularity))
     params = dict(params) if params is not None else prunable_parameters(model)
     attached = attached_masks(model)
     masks = _restrict(current if current is not None else attached, params)
@@ -211,7 +218,9 @@ class GradualPruner:
         self.optimizer, self.allocate_kwargs = optimizer, alloc
         # the schedule gives the sparsities later: check the rest with a placeholder
         _check_before_scoring(None if ":" in str(granularity) else 0.5, scope, granularity, alloc)
-        self.criterion = get_criterion(criterion, **hparams)
+        self.criterion = get_criterion(
+            criterion, **for_granularity(criterion, hparams, granularity)
+        )
         self.scope, self.granularity = scope, granularity
         self.params = dict(params) if params is not None else prunable_parameters(model)
         self.global_step = 0

@@ -30,7 +30,7 @@ def test_keep_false_only_zeros(tiny_mlp):
 
 
 def test_hparams_and_allocate_kwargs_are_routed(tiny_mlp):
-    with pytest.raises(TypeError, match="no hyperparameter.*bogus.*accepted: seed"):
+    with pytest.raises(TypeError, match="no hyperparameter.*bogus.*accepted: per, seed"):
         saliency.prune(tiny_mlp, "random", 0.5, bogus=1)
     masks = saliency.prune(tiny_mlp, "random", 0.5, seed=3, max_layer_sparsity=0.6, scope="global")
     assert max(masks.layer_sparsity().values()) <= 0.6

@@ -143,3 +143,22 @@ def test_sweep_seeds_give_seeded_criteria_their_own_draws():
     assert build_criterion(spec, 3).seed == 3 and build_criterion(spec, 4).seed == 4
     assert build_criterion(CriterionSpec("random", {"seed": 7}, "random"), 3).seed == 7
     assert build_criterion(CriterionSpec("magnitude", {}, "magnitude"), 3).name == "magnitude"
+
+
+def test_random_at_channel_granularity_draws_per_channel(mlp):
+    """Per-weight draws reduced over channels favour pruning small layers (output classes)."""
+    crit = get_criterion("random", per="channel", seed=1)
+    s = crit.score(mlp, saliency.prunable_parameters(mlp), None)
+    assert all(bool((v == v[:, :1]).all()) for v in s.values())
+    fc3 = []
+    for seed in range(4):
+        masks = saliency.prune(copy.deepcopy(mlp), "random", 0.3, granularity="channel", seed=seed)
+        fc3.append(masks.layer_sparsity()["5.weight"])
+    assert sum(fc3) / len(fc3) < 0.6, fc3  # per-weight draws + L2 would prune all of it
+    from saliency.sweep.config import CriterionSpec
+    from saliency.sweep.units import build_criterion
+
+    sweep_crit = build_criterion(CriterionSpec("random", {}, "random"), 0, "channel")
+    assert sweep_crit.per == "channel"
+    with pytest.raises(ValueError, match="per must be"):
+        get_criterion("random", per="block")

@@ -20,6 +20,7 @@ __all__ = [
     "available_criteria",
     "default_loss",
     "describe_criteria",
+    "for_granularity",
     "get_criterion",
     "iter_batches",
     "register_criterion",
@@ -86,6 +87,19 @@ def describe_criteria() -> dict[str, str]:
         k: (c.__doc__ or "").strip().splitlines()[0] if c.__doc__ else ""
         for k, c in sorted(_REGISTRY.items())
     }
+
+
+def for_granularity(criterion: str | Criterion, hparams: dict[str, Any], granularity: str) -> dict:
+    """`hparams` with ``per`` set from the allocation `granularity` ("channel" or "element") for a
+    named criterion that has a ``per`` field the caller left unset (random draws per channel)."""
+    if not isinstance(criterion, str) or "per" in hparams:
+        return hparams
+    _load_builtins_and_entry_points()
+    cls = _REGISTRY.get(criterion)
+    if cls is not None and dataclasses.is_dataclass(cls):
+        if "per" in {f.name for f in dataclasses.fields(cls)}:
+            return {**hparams, "per": "channel" if granularity == "channel" else "element"}
+    return hparams
 
 
 def get_criterion(criterion: str | Criterion, **hparams: Any) -> Criterion:

@@ -1,7 +1,9 @@
+"""Random scores: the baseline every criterion must beat."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import numpy as np
 import torch
@@ -19,17 +21,36 @@ def _mixed(seed: int) -> int:
 class Random:
     """Uniform random scores from an explicit seed: the baseline every criterion must beat.
 
+    ``per="element"`` draws one uniform per weight. ``per="channel"`` draws one per output
+    channel, shared by its weights: the random baseline for channel granularity. (A reduction
+    of per-weight draws is not uniform across channels of different sizes: the L2 norm of 100
+    draws is smaller than that of 784, so global channel pruning would take the small layers,
+    output classes included, first.) `saliency.prune` and sweeps set ``per`` from the
+    granularity unless it is given.
+
     The generator is seeded with a mix of `seed`, not `seed` itself: `torch.manual_seed(0)`
     followed by a default initialization draws the same uniform stream, and random scores
     would then be an affine copy of the initial weights (random pruning = magnitude-like).
     """
 
     name: ClassVar[str] = "random"
+    channel_reduce: ClassVar[str] = "mean"  # gives back the per-channel draw exactly
     seed: int = 0
+    per: Literal["element", "channel"] = "element"
+
+    def __post_init__(self) -> None:
+        if self.per not in ("element", "channel"):
+            raise ValueError(f"per must be 'element' or 'channel'; got {self.per!r}")
 
     def score(self, model, params, data=None, loss_fn=None) -> Scores:
         g = torch.Generator().manual_seed(_mixed(self.seed))
+        out = {}
         # drawn on the CPU in name order so a seed gives the same scores on every device
-        return Scores(
-            {n: torch.rand(p.shape, generator=g).to(p.device) for n, p in sorted(params.items())}
-        )
+        for n, p in sorted(params.items()):
+            if self.per == "element" or p.dim() == 0:
+                s = torch.rand(p.shape, generator=g)
+            else:
+                s = torch.rand(p.shape[0], generator=g).view(-1, *[1] * (p.dim() - 1))
+                s = s.expand(p.shape).contiguous()
+            out[n] = s.to(p.device)
+        return Scores(out)

@@ -100,7 +100,7 @@ def _job_oneshot(cfg, out, job, todo, tb, notify) -> None:
 
     dense = dense_model(cfg, out, job.seed)
     ds, spec = dataset(cfg), job.criterion
-    crit = build_criterion(spec, job.seed)
+    crit = build_criterion(spec, job.seed, cfg.granularity)
     data, loss_fn = scoring_data(cfg, job.seed), loss_fn_for(ds.task)
     multi = (
         any(list(crit.schedule(s)) != [s] for s in cfg.sparsities)
@@ -161,7 +161,7 @@ def _job_gradual(cfg, out, job, todo, tb, notify) -> None:
     spec = job.criterion
     pruner = saliency.GradualPruner(
         model,
-        build_criterion(spec, job.seed),
+        build_criterion(spec, job.seed, cfg.granularity),
         schedule,
         scoring_data(cfg, job.seed),
         loss_fn_for(ds.task),
@@ -228,7 +228,7 @@ def _job_iterative(cfg, out, job, todo, tb, notify) -> None:
     (u,) = todo
     it, ds, spec = cfg.iterative, dataset(cfg), job.criterion
     model = dense_model(cfg, out, job.seed)
-    crit = build_criterion(spec, job.seed)
+    crit = build_criterion(spec, job.seed, cfg.granularity)
     data, loss_fn = scoring_data(cfg, job.seed), loss_fn_for(ds.task)
     fraction = 1.0 - (1.0 - u.sparsity) ** (1.0 / max(it["rounds"], 1))
     rounds = saliency.Geometric(u.sparsity, fraction).rounds() if u.sparsity > 0 else [0.0]
@@ -259,7 +259,7 @@ def _job_init(cfg, out, job, todo, tb, notify) -> None:
     (u,) = todo
     ds, spec = dataset(cfg), job.criterion
     model = new_model(cfg, job.seed).to(device(cfg))
-    crit = build_criterion(spec, job.seed)
+    crit = build_criterion(spec, job.seed, cfg.granularity)
     masks, cost, predicted = prune_with_cost(
         cfg, model, crit, u.sparsity, scoring_data(cfg, job.seed), loss_fn_for(ds.task)
     )

@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 import saliency
-from saliency.criteria import Cost, get_criterion
+from saliency.criteria import Cost, for_granularity, get_criterion
 from saliency.masks import Masks
 from saliency.prune import prune_step, score
 from saliency.sweep.config import CriterionSpec, SweepConfig, digest
@@ -82,7 +82,7 @@ def unit_run_id(
             criterion=spec.name,
             label=spec.label,  # two labelled lines are two sets of records, even where equal
             # every field, defaults included: a changed default is a different experiment
-            hparams=hparams_of(build_criterion(spec, seed)),
+            hparams=hparams_of(build_criterion(spec, seed, cfg.granularity)),
             sparsity=s,
             scope=cfg.scope,
             granularity=cfg.granularity,
@@ -161,11 +161,12 @@ def targets(cfg: SweepConfig, model) -> dict[str, torch.nn.Parameter]:
     return saliency.prunable_parameters(model, **cfg.targets)
 
 
-def build_criterion(spec: CriterionSpec, seed: int):
+def build_criterion(spec: CriterionSpec, seed: int, granularity: str = "element"):
     """The criterion of `spec` for the sweep's `seed`. A criterion with a `seed` field that the
     config leaves unset takes the sweep seed, so that each seed of a sweep draws anew (the
-    `random` baseline would otherwise prune the same weights for every seed)."""
-    crit = get_criterion(spec.name, **spec.hparams)
+    `random` baseline would otherwise prune the same weights for every seed); one with a `per`
+    field follows the sweep's granularity (`for_granularity`)."""
+    crit = get_criterion(spec.name, **for_granularity(spec.name, spec.hparams, granularity))
     if (
         "seed" not in spec.hparams
         and dataclasses.is_dataclass(crit)
@@ -260,7 +261,7 @@ def make_records(
     flops_dense, flops_nonzero = count_flops(plain, ds.input_shape)
     total, remaining = params_count(plain, masks)
     spec = job.criterion
-    crit = build_criterion(spec, job.seed) if spec else None
+    crit = build_criterion(spec, job.seed, cfg.granularity) if spec else None
     base = {
         "run_id": unit.run_id,
         "sweep": cfg.name,
