@@ -335,6 +335,17 @@ def test_loss_prediction_lines(results):
     # measured = pruned loss - dense loss of the same seed: 0.6 * q * s^3 for q = 0.8 (obd)
     meas = dict(zip(left.get_lines()[0].get_xdata(), left.get_lines()[0].get_ydata(), strict=True))
     assert meas[0.5] == pytest.approx(0.6 * 0.8 * 0.125)
+    # with the first-order term recorded: a third line per criterion, at prediction + term
+    for r in recs:
+        if r.get("predicted_loss_increase") is not None:
+            r["predicted_first_order"] = 0.01
+    fig = plot_loss_prediction(recs, dense)
+    left = fig.axes[0]
+    lines = {ln.get_label(): ln for ln in left.get_lines()}
+    assert len(lines) == 3 * 2 and "obd predicted + first order" in lines
+    pred = dict(zip(*lines["obd predicted"].get_data(), strict=True))
+    full = dict(zip(*lines["obd predicted + first order"].get_data(), strict=True))
+    assert full[0.5] == pytest.approx(pred[0.5] + 0.01)
 
 
 def test_cost_bars(results):

@@ -3,6 +3,7 @@ score reuse, update / schedule criteria, predicted loss increase, workers, submi
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 import sys
@@ -13,6 +14,7 @@ from typing import ClassVar
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
 import sweep_fixtures  # noqa: E402
@@ -54,6 +56,7 @@ SCHEMA = {
     "score_samples",
     "score_backward_passes",
     "predicted_loss_increase",
+    "predicted_first_order",
     "time",
     "saliency_version",
     "label",
@@ -214,8 +217,9 @@ def test_one_scoring_pass_per_curve_update_on_copies_and_predicted_loss(tmp_path
             k = round(r["sparsity_target"] * full.numel())
             assert r["predicted_loss_increase"] == pytest.approx(float(full[:k].sum()), rel=1e-5)
             assert r["hparams"] == {"bump": 0.25}
+            assert isinstance(r["predicted_first_order"], float)
         if r["criterion"] == "t_rounds":
-            assert r["predicted_loss_increase"] is None
+            assert r["predicted_loss_increase"] is None and r["predicted_first_order"] is None
     # the update ran on a copy per sparsity: pruned loss differs from a no-update run, and
     # each sparsity started from the same dense weights (cache untouched)
     loss = {
@@ -343,3 +347,27 @@ def test_rerun_with_changed_config_supersedes_and_keeps_old_records(tmp_path):
     # adding a seed keeps the old seed's records (same observation key only per seed)
     run_sweep(cfg_of(modes=["oneshot"], seeds=[0, 1], train={"epochs": 1}), tmp_path)
     assert "mean ± std over 2 seed(s)" in markdown(read_records(tmp_path / "tiny"))
+
+
+def test_first_order_term_against_autograd():
+    from saliency.sweep.units import first_order_change, loss_gradient
+
+    torch.manual_seed(0)
+    dense = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Tanh(), torch.nn.Linear(4, 3))
+    x, y = torch.randn(20, 5), torch.randint(0, 3, (20,))
+    pruned = copy.deepcopy(dense)
+    with torch.no_grad():
+        for p in pruned.parameters():
+            p.mul_(torch.rand(p.shape) > 0.5).add_(0.01)
+    names = [n for n, _ in dense.named_parameters()]
+    w0 = {n: p.detach() for n, p in dense.named_parameters()}
+
+    def full_batch_loss(w):
+        return F.cross_entropy(torch.func.functional_call(dense, w, (x,)), y)
+
+    g = torch.func.grad(full_batch_loss)(w0)
+    after = dict(pruned.named_parameters())
+    expected = sum(float((g[n] * (after[n].detach() - w0[n])).sum()) for n in names)
+    batches = [(x[:8], y[:8]), (x[8:], y[8:])]  # unequal batches: the mean is over samples
+    got = first_order_change(loss_gradient(dense, batches, F.cross_entropy), dense, pruned)
+    assert got == pytest.approx(expected, rel=1e-5)

@@ -27,7 +27,7 @@ def measured_metric(records: Sequence[dict]) -> str:
 
 
 def _measured_increase(records: Sequence[dict], dense: Sequence[dict]):
-    """[(record, predicted, measured)] from 'pruned' records of the loss the prediction is
+    """[(record, predicted, measured, predicted + first-order term or NaN)] from 'pruned' records of the loss the prediction is
     about: 'scoring_loss' (training loss on the scoring samples) where recorded, else the test
     'loss', or 'mse' for a regression sweep (its loss is the MSE)."""
     metric = measured_metric(records)
@@ -45,7 +45,11 @@ def _measured_increase(records: Sequence[dict], dense: Sequence[dict]):
             and dense_loss.get(r.get("seed"))
         ):
             base = float(np.mean(dense_loss[r["seed"]]))
-            out.append((r, float(r["predicted_loss_increase"]), float(r["value"]) - base))
+            first = r.get("predicted_first_order")
+            full = (
+                float(r["predicted_loss_increase"]) + float(first) if D.finite(first) else math.nan
+            )
+            out.append((r, float(r["predicted_loss_increase"]), float(r["value"]) - base, full))
     return out
 
 
@@ -75,25 +79,35 @@ def plot_loss_prediction(
         )
         return None
     mode = next(
-        (m for m in D.MODE_ORDER if any(r.get("mode") == m for r, _, _ in rows)),
+        (m for m in D.MODE_ORDER if any(t[0].get("mode") == m for t in rows)),
         rows[0][0].get("mode"),
     )
     rows = [t for t in rows if t[0].get("mode") == mode]
     fig, axes = new_figure(width, height, 1, 2)
     left, right = axes[0]
     allv = []
-    groups = D.series([r for r, _, _ in rows])
+    groups = D.series([t[0] for t in rows])
+    with_first = any(math.isfinite(t[3]) for t in rows)
     for label, rs, st in groups.values():
         ids = {id(r) for r in rs}
-        pts = defaultdict(lambda: ([], []))
-        for r, p, m in rows:
+        pts = defaultdict(lambda: ([], [], []))
+        for r, p, m, f in rows:
             if id(r) in ids:
-                pts[round(float(r["sparsity_target"]), 6)][0].append(p)
-                pts[round(float(r["sparsity_target"]), 6)][1].append(m)
+                at = pts[round(float(r["sparsity_target"]), 6)]
+                at[0].append(p)
+                at[1].append(m)
+                at[2].append(f)
         s = np.array(sorted(pts))
         pm = np.array([np.mean(pts[x][0]) for x in s])
         mm = np.array([np.mean(pts[x][1]) for x in s])
+        fm = np.array([np.mean(pts[x][2]) for x in s])
         allv += [pm, mm]
+        if with_first and np.isfinite(fm).any():
+            allv.append(fm)
+            left.plot(s, fm, label=f"{label} predicted + first order", color=st["color"],
+                      marker=st["marker"], linestyle=":", markerfacecolor="none")  # fmt: skip
+            right.plot(fm, mm, color=st["color"], marker=st["marker"], linestyle="none",
+                       markerfacecolor="none")  # fmt: skip
         left.plot(s, mm, label=f"{label} measured", color=st["color"], marker=st["marker"], ls="-")
         left.plot(
             s,
@@ -126,6 +140,18 @@ def plot_loss_prediction(
         Line2D([], [], color="k", ls="-", label="measured"),
         Line2D([], [], color="k", ls="--", label="predicted (sum of pruned scores)"),
     ]
+    if with_first:
+        proxies.append(
+            Line2D(
+                [],
+                [],
+                color="k",
+                ls=":",
+                marker="o",
+                markerfacecolor="none",
+                label="+ first-order term g·Δw",
+            )  # fmt: skip
+        )
     fig.legend(handles=proxies, loc="outside lower center", ncol=len(proxies))
     return fig
 
@@ -136,6 +162,8 @@ LOSS_CAPTION = (
     "(quadratic model; for multi-round pruning, summed over rounds). Measured: loss right "
     "after pruning minus the dense loss of the same seed, on the training samples the criterion "
     "scored with (the data of the prediction; the y label says test set for older records). "
+    "Dotted, hollow: the prediction plus the first-order term g . (w_pruned - w_dense), the "
+    "gradient of that loss at the dense model, which OBD and OBS assume to be zero. "
     "Mean over seeds; log scale "
     "(symmetric log when a measured increase is not positive). Points above y = x: the "
     "quadratic model underestimates the damage."

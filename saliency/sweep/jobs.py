@@ -31,7 +31,9 @@ from saliency.sweep.units import (  # noqa: F401  (re-exported: the runner and t
     dense_model,
     device,
     evaluate_model,
+    first_order_change,
     loss_fn_for,
+    loss_gradient,
     make_records,
     new_model,
     prune_with_cost,
@@ -44,8 +46,20 @@ from saliency.sweep.units import (  # noqa: F401  (re-exported: the runner and t
 log = logging.getLogger(__name__)
 
 
-def _finish(cfg, out, job, unit, model, masks, phases, cost, predicted, tb, notify) -> None:
-    recs = make_records(cfg, job, unit, model, masks, phases, cost=cost, predicted=predicted)
+def _finish(
+    cfg, out, job, unit, model, masks, phases, cost, predicted, tb, notify, first_order=None
+) -> None:
+    recs = make_records(
+        cfg,
+        job,
+        unit,
+        model,
+        masks,
+        phases,
+        cost=cost,
+        predicted=predicted,
+        first_order=first_order,
+    )
     append_records(out, recs)
     if tb is not None:
         tb.unit(job, unit, recs)
@@ -113,12 +127,17 @@ def _job_oneshot(cfg, out, job, todo, tb, notify) -> None:
         if cfg.save_scores:
             mode = "oneshot" if "oneshot" in cfg.modes else "finetune"
             save_scores(out, f"{mode}-seed{job.seed}", spec.label, scores)
+    grads = None
     for s in sorted({u.sparsity for u in todo}):
         model = copy.deepcopy(dense)
         masks, cost, predicted = prune_with_cost(
             cfg, model, crit, s, data, loss_fn, scores=None if multi else scores
         )
         pruned = evaluate_model(cfg, model, scoring_seed=job.seed)
+        first_order = None
+        if predicted is not None:  # loss-unit criteria: also the term their model leaves out
+            grads = grads if grads is not None else loss_gradient(dense, data, loss_fn)
+            first_order = first_order_change(grads, dense, model)
         for u in (u for u in todo if u.sparsity == s):
             phases = {"pruned": pruned}
             if u.mode == "finetune":
@@ -139,6 +158,7 @@ def _job_oneshot(cfg, out, job, todo, tb, notify) -> None:
                 predicted,
                 tb,
                 notify,
+                first_order,
             )
 
 

@@ -237,6 +237,32 @@ def evaluate_model(cfg: SweepConfig, model, *, scoring_seed: int | None = None) 
     return out
 
 
+def loss_gradient(model, data, loss_fn) -> dict[str, torch.Tensor]:
+    """Gradient of the mean loss over `data` at `model` in eval mode (as `scoring_loss` is
+    measured), on a copy: the first-order term ``g . dw`` that OBD and OBS assume to be zero."""
+    m = copy.deepcopy(model).eval()
+    dev = next(m.parameters()).device
+    total, grads = 0, {n: torch.zeros_like(p) for n, p in m.named_parameters()}
+    for x, y in data:
+        x, y = x.to(dev), y.to(dev)
+        m.zero_grad(set_to_none=True)
+        (loss_fn(m(x), y) * len(x)).backward()
+        for n, p in m.named_parameters():
+            if p.grad is not None:
+                grads[n] += p.grad
+        total += len(x)
+    return {n: g / total for n, g in grads.items()}
+
+
+def first_order_change(grads: dict[str, torch.Tensor], dense, pruned) -> float:
+    """``g . (w_pruned - w_dense)`` over every parameter (OBS's compensation included)."""
+    after = dict(pruned.named_parameters())
+    total = 0.0
+    for n, p in dense.named_parameters():
+        total += float((grads[n] * (after[n].detach() - p.detach())).double().sum())
+    return total
+
+
 SPLIT_OF = {"scoring_loss": "scoring"}  # metrics not measured on the test set
 
 
@@ -250,6 +276,7 @@ def make_records(
     *,
     cost: Cost | None,
     predicted: float | None,
+    first_order: float | None = None,
 ) -> list[dict[str, Any]]:
     """The tidy records of one unit (one per phase and metric), per /work/notes/records.md."""
     from saliency.sweep.metrics import count_flops, gzip_size, params_count
@@ -289,6 +316,7 @@ def make_records(
         "score_samples": cost.samples if cost else None,
         "score_backward_passes": cost.backward_passes if cost else None,
         "predicted_loss_increase": predicted,
+        "predicted_first_order": first_order,
         "time": time.time(),
         "saliency_version": saliency.__version__,
     }
