@@ -51,11 +51,10 @@ class _Enforced:
 
     def zero(self, p: Tensor) -> None:
         module = self.module()
-        if module is None or self.key not in module._buffers:
-            return
-        with torch.no_grad():
-            p.mul_(module._buffers[self.key])
-        self.version = p._version
+        mask = None if module is None else module._buffers.get(self.key)
+        if mask is not None:
+            p.detach().mul_(mask)  # detach shares the version counter: the write is seen
+            self.version = p._version
 
 
 # every masked parameter of every attached model, by id (tensors compare elementwise, so no
