@@ -371,3 +371,14 @@ def test_first_order_term_against_autograd():
     batches = [(x[:8], y[:8]), (x[8:], y[8:])]  # unequal batches: the mean is over samples
     got = first_order_change(loss_gradient(dense, batches, F.cross_entropy), dense, pruned)
     assert got == pytest.approx(expected, rel=1e-5)
+
+
+def test_gradual_from_scratch(tmp_path):
+    cfg = cfg_of(modes=["gradual"], seeds=[0], gradual={"start": "init", "epochs": 2})
+    res = run_sweep(cfg, tmp_path)
+    recs = [r for r in read_records(res.out) if r["mode"] == "gradual"]
+    assert recs and all(abs(r["sparsity"] - r["sparsity_target"]) < 0.02 for r in recs)
+    other = cfg_of(modes=["gradual"], seeds=[0], gradual={"start": "dense", "epochs": 2})
+    assert {u.run_id for j in plan(cfg) for u in j.units if u.mode == "gradual"}.isdisjoint(
+        u.run_id for j in plan(other) for u in j.units if u.mode == "gradual"
+    )

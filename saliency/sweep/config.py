@@ -47,6 +47,7 @@ SECTIONS: dict[str, dict[str, Any]] = {
         "weight_decay": None,
     },
     "gradual": {
+        "start": "dense",  # "dense": from the trained dense model; "init": train from scratch
         "epochs": 2,
         "initial_sparsity": 0.0,
         "begin_step": 0,
@@ -254,6 +255,7 @@ for _sec in ("train", "finetune"):
         (_sec, "weight_decay"): (lambda v: _is_number(v) and v >= 0, "a non-negative number"),
     })  # fmt: skip
 _RULES.update({
+    ("gradual", "start"): (lambda v: v in ("dense", "init"), "'dense' or 'init'"),
     ("gradual", "epochs"): (lambda v: _is_int(v) and v >= 1, "a positive int"),
     ("gradual", "initial_sparsity"): (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
     ("gradual", "begin_step"): (lambda v: _is_int(v) and v >= 0, "a non-negative int"),

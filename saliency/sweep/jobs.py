@@ -163,10 +163,14 @@ def _job_oneshot(cfg, out, job, todo, tb, notify) -> None:
 
 
 def _job_gradual(cfg, out, job, todo, tb, notify) -> None:
-    """Polynomial decay from `initial_sparsity` to the target while training (Zhu & Gupta 2017)."""
+    """Polynomial decay from `initial_sparsity` to the target while training (Zhu & Gupta 2017),
+    from the trained dense model or (``start = "init"``, as tfmot's tutorials) from scratch."""
     (u,) = todo
     g, ds = cfg.gradual, dataset(cfg)
-    model = dense_model(cfg, out, job.seed)
+    if g["start"] == "init":
+        model = new_model(cfg, job.seed).to(device(cfg))
+    else:
+        model = dense_model(cfg, out, job.seed)
     steps = g["epochs"] * math.ceil(len(ds.train) / cfg.finetune["batch_size"])
     end = g["end_step"] if g["end_step"] is not None else max(g["begin_step"], int(0.75 * steps))
     freq = g["frequency"] or max(1, (end - g["begin_step"]) // 10)
@@ -205,7 +209,7 @@ def _job_gradual(cfg, out, job, todo, tb, notify) -> None:
         on_step=on_step,
     )
     masks, cost = pruner.masks, pruner.cost
-    if masks is None or masks.sparsity < u.sparsity - 1e-6:  # schedule cut short by the epochs
+    if masks is None or pruner.global_step <= end:  # schedule cut short by the epochs
         log.warning(
             "%s: the gradual schedule had not reached sparsity %g after %d epochs (end_step %d of "
             "%d steps); pruning the rest at once after training",
