@@ -80,8 +80,8 @@ def one_pass(model, ds, data, crit, **hp):
         m = copy.deepcopy(model)
         params = saliency.prunable_parameters(m)
         masks = saliency.allocate(scores, s)
-        if callable(getattr(crit, "update", None)):
-            crit.update(m, params, masks, scores)
+        if callable(getattr(crit, "apply_update", None)):
+            crit.apply_update(m, params, masks, scores)
         masks.apply(m)
         accs[s] = accuracy(m, ds)
     return accs, scores.cost.seconds
@@ -153,7 +153,7 @@ def main() -> None:
     rows["magnitude"], secs["magnitude"] = one_pass(model, ds, data, "magnitude")
     rows["obd (GGN)"], secs["obd (GGN)"] = one_pass(model, ds, data, "obd", n_samples=n)
     rows["obs, mask only"], secs["obs, mask only"] = one_pass(
-        model, ds, data, "obs", compensate=False, **obs_hp
+        model, ds, data, "obs", update=False, **obs_hp
     )
     rows["obs, one step"], secs["obs, one step"] = one_pass(model, ds, data, "obs", **obs_hp)
     acc, sec, k = trajectory(model, ds, data, args.steps, **obs_hp)

@@ -119,8 +119,8 @@ def prune_step(
     if allocate_kwargs.get("reduce") is None:  # None (a sweep's default): the criterion's own
         allocate_kwargs["reduce"] = getattr(crit, "channel_reduce", None)
     masks = allocate(scores, sparsity, current=current, **allocate_kwargs)
-    if callable(getattr(crit, "update", None)):
-        crit.update(model, params, masks, scores)
+    if callable(getattr(crit, "apply_update", None)):
+        crit.apply_update(model, params, masks, scores)
     masks.apply(model)
     return masks
 

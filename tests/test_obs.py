@@ -35,7 +35,7 @@ def _refit_loss(X, Y, keep):
 
 def _obs_update(crit, model, keep, scores):
     m = copy.deepcopy(model)
-    crit.update(m, {"weight": m.weight}, Masks({"weight": keep.view(1, -1)}), scores)
+    crit.apply_update(m, {"weight": m.weight}, Masks({"weight": keep.view(1, -1)}), scores)
     return m
 
 
@@ -145,30 +145,30 @@ def test_update_zeroes_pruned_and_keeps_old_zeros():
     crit = saliency.get_criterion("obs", block_size=16)
     sc = saliency.score(model, crit, data, params=params)
     first = saliency.allocate(sc, 0.3)
-    crit.update(model, params, first, sc)
+    crit.apply_update(model, params, first, sc)
     for n, p in params.items():
         assert torch.all(p[~first[n]] == 0)
     sc2 = saliency.score(model, crit, data, params=params)
     second = saliency.allocate(sc2, 0.7, current=first)
-    crit.update(model, params, second, sc2)
+    crit.apply_update(model, params, second, sc2)
     for n, p in params.items():
         assert torch.all(p[~second[n]] == 0) and torch.all(p[~first[n]] == 0)
         assert torch.isfinite(p).all()
 
 
-def test_update_reused_on_copies_and_compensate_false():
+def test_update_reused_on_copies_and_update_false():
     model, data = _mlp_and_data(train_steps=60)
     crit = saliency.get_criterion("obs", block_size=16)
     sc = saliency.score(model, crit, data)
     x, y = torch.cat([d[0] for d in data]), torch.cat([d[1] for d in data])
     losses = {}
     for comp in (True, False):
-        c = saliency.get_criterion("obs", block_size=16, compensate=comp)
+        c = saliency.get_criterion("obs", block_size=16, update=comp)
         for s in (0.5, 0.8):  # one scoring pass, several sparsities on copies (as sweeps do)
             m = copy.deepcopy(model)
             p = saliency.prunable_parameters(m)
             masks = saliency.allocate(sc, s)
-            c.update(m, p, masks, sc)
+            c.apply_update(m, p, masks, sc)
             assert all(torch.all(p[n][~masks[n]] == 0) for n in p)
             if not comp:
                 assert all(torch.equal(p[n][masks[n]], model.get_parameter(n)[masks[n]]) for n in p)
@@ -194,12 +194,12 @@ def test_errors():
     crit = saliency.get_criterion("obs", block_size=16)
     masks = Masks.ones_like(params)
     with pytest.raises(ValueError, match="extra"):
-        crit.update(model, params, masks, saliency.score(model, "magnitude"))
+        crit.apply_update(model, params, masks, saliency.score(model, "magnitude"))
     sc = saliency.score(model, crit, data)
     with torch.no_grad():
         params["0.weight"].add_(0.1)
     with pytest.raises(ValueError, match="changed since"):
-        crit.update(model, params, masks, sc)
+        crit.apply_update(model, params, masks, sc)
     for kw, match in [
         ({"hessian": "ggn"}, "hessian"),
         ({"recompute_steps": 0}, "recompute_steps"),
@@ -210,8 +210,8 @@ def test_errors():
     ]:
         with pytest.raises(ValueError, match=match):
             saliency.get_criterion("obs", **kw)
-    with pytest.raises(TypeError, match="update"):
-        saliency.get_criterion("obs", update=False)
+    with pytest.raises(TypeError, match="compensate"):
+        saliency.get_criterion("obs", compensate=False)
     with pytest.raises(ValueError, match="max_params"):
         saliency.score(model, "obs", data, hessian="exact", max_params=10)
 

@@ -78,7 +78,7 @@ class HalfSquare:
         s.cost.samples, s.cost.backward_passes = 0, 0
         return s
 
-    def update(self, model, params, masks, scores):
+    def apply_update(self, model, params, masks, scores):
         with torch.no_grad():  # shift the kept weights: visible if the dense copy leaked
             for n, p in params.items():
                 p.add_(self.bump * masks[n])

@@ -8,7 +8,7 @@ training mode or its hooks; `preserve_model_state` restores what they touch.
 Optional hooks a criterion may define (the pruning loop looks for them):
 - `schedule(sparsity) -> list[float]`: intermediate sparsities to reach `sparsity` in several
   score/allocate rounds (SynFlow's 100 exponential rounds, OBS recomputation). Default: one round.
-- `update(model, params, masks, scores) -> None`: weight compensation applied in place after
+- `apply_update(model, params, masks, scores) -> None`: weight compensation applied in place after
   allocation (OBS). It may use what `score` stored in `scores.extra`.
 - `channel_reduce: ClassVar[str]`: how element scores are reduced to a channel score when the
   user asks for channel granularity without naming a reduction ("l2" by default).
@@ -61,7 +61,7 @@ class Cost:
 
 class Scores(dict):
     """`dict[name, Tensor]` of scores (higher = keep), plus the `cost` of computing them and
-    an `extra` dict where a criterion keeps what its `update` needs (OBS inverse blocks)."""
+    an `extra` dict where a criterion keeps what its `apply_update` needs (OBS inverse blocks)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

@@ -27,10 +27,10 @@ class OBS:
     See ``saliency.inverse_fisher`` for the damping: ``damp`` is relative to the mean of each
     block's Fisher diagonal, ``damp_absolute`` is added as is.
 
-    ``update`` (called by ``saliency.prune`` after allocation) applies the joint OBS update for
+    ``apply_update`` (called by ``saliency.prune`` after allocation) applies the joint OBS update for
     the set Q of weights pruned in a block: ``dw = -H^-1[:, Q] (H^-1[Q, Q])^-1 w_Q`` (the
     minimizer of the quadratic subject to ``w_Q + dw_Q = 0``, not a sum of one-weight updates);
-    ``compensate=False`` only zeros the pruned weights. Weights already pruned when scoring (zero
+    ``update=False`` only zeros the pruned weights (mask only). Weights already pruned when scoring (zero
     or masked) are held out of the inverse, so they stay exactly zero.
 
     ``recompute_steps=k`` reaches the target in k rounds, re-estimating curvature and
@@ -39,9 +39,6 @@ class OBS:
     weights, so each quadratic model extrapolates over the same relative step. Linear spacing
     would instead leave the last rounds the largest relative jumps (90% -> 95% removes half of
     what is left), where the quadratic model is least trustworthy.
-
-    (The issue names the compensation switch ``update``; a dataclass field of that name would
-    hide the ``update`` method the pruning loop calls, hence ``compensate``.)
     """
 
     name: ClassVar[str] = "obs"
@@ -55,7 +52,7 @@ class OBS:
     damp_absolute: float = 0.0
     dtype: Literal["float32", "float64"] = "float32"
     method: Literal["cholesky", "woodbury"] = "cholesky"
-    compensate: bool = True
+    update: bool = True
     recompute_steps: int = 1
     eval_mode: bool = True
     chunk_size: int = 128
@@ -111,13 +108,13 @@ class OBS:
         scores.cost.backward_passes = inv.backward_passes
         return scores
 
-    def update(self, model, params, masks, scores) -> None:
+    def apply_update(self, model, params, masks, scores) -> None:
         """Joint OBS update of the weights kept, for the weights pruned since scoring (in place);
         every pruned weight ends exactly zero. ``scores`` must come from this criterion on the
         same weights (e.g. the same model, or a copy of it as sweeps do)."""
         if set(params) - set(masks):
             raise ValueError(f"params {sorted(set(params) - set(masks))[:5]} have no mask")
-        if not self.compensate:  # mask only
+        if not self.update:  # mask only
             with torch.no_grad():
                 for n, p in params.items():
                     p.masked_fill_(~masks[n].to(p.device).bool(), 0.0)

@@ -272,7 +272,7 @@ def _heavy_first(job: Job) -> int:
 
     crit = get_criterion(job.criterion.name, **job.criterion.hparams)
     return -int(
-        callable(getattr(crit, "update", None)) or callable(getattr(crit, "schedule", None))
+        callable(getattr(crit, "apply_update", None)) or callable(getattr(crit, "schedule", None))
     )
 
 
