@@ -27,6 +27,7 @@ from torch import nn
 
 import saliency
 from saliency import curvature as C
+from saliency import per_sample as P
 
 
 def models() -> dict[str, nn.Module]:
@@ -149,8 +150,8 @@ def bench(name, model, x, y, args, device, has_backpack) -> None:
         rows.append(("BackPACK SumGradSquared", t(backpack_fn(model, x, y, "SumGradSquared"))))
 
     def vmapped():
-        g = C._generic_phi_grads(
-            model, params, list(params), x, y, C._loss_phi(F.cross_entropy), 100
+        g = P._generic_phi_grads(
+            model, params, list(params), x, y, P.loss_phi(F.cross_entropy), 100
         )
         return {n: v.pow(2).sum(0) for n, v in g.items()}
 

@@ -21,7 +21,7 @@ import time
 import torch
 
 import saliency
-from saliency import curvature
+from saliency import per_sample
 from saliency.criteria import default_loss
 from saliency.inverse_fisher import block_inverse_fisher
 from saliency.zoo import get_dataset, get_model
@@ -85,7 +85,7 @@ def main() -> None:
 
     def grads(ps):
         for i in range(0, len(x), c):
-            curvature.per_sample_grads(model, ps, x[i : i + c], y[i : i + c], default_loss)
+            per_sample.per_sample_grads(model, ps, x[i : i + c], y[i : i + c], default_loss)
 
     kw = dict(block_size=B, n_samples=len(x), chunk_size=c)
     measure(lambda: grads(params), dev)  # warm-up

@@ -6,7 +6,7 @@ damped empirical Fisher
 
     F_b = lambda_b I + (1/m) sum_n g_{n,b} g_{n,b}^T,
 
-``g_n`` the gradient of sample n's own loss (``saliency.curvature.per_sample_grads``), m samples,
+``g_n`` the gradient of sample n's own loss (``saliency.per_sample.per_sample_grads``), m samples,
 and ``Hinv_b = F_b^-1``. Two ways to invert, equal up to rounding:
 
 - ``"cholesky"`` (default): accumulate ``G_b^T G_b`` with batched matmuls over chunks of samples,
@@ -40,7 +40,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from saliency import curvature
+from saliency import per_sample
 from saliency.apply import attached_masks
 from saliency.criteria.base import LossFn, default_loss, iter_batches, model_device
 
@@ -239,7 +239,7 @@ def block_inverse_fisher(
         zero-padded buffer reused across chunks: masking, casting and padding in one copy)."""
         for x, y in batches:
             for i in range(0, len(x), chunk_size):
-                g = curvature.per_sample_grads(
+                g = per_sample.per_sample_grads(
                     model, params, x[i : i + chunk_size], y[i : i + chunk_size], loss_fn
                 )
                 out = {}

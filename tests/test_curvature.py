@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from saliency import curvature as C
+from saliency import per_sample as P
 
 torch.set_default_dtype(torch.float32)
 
@@ -53,20 +54,20 @@ def mixed():
 
 @pytest.mark.parametrize("chunk_elements", [2**23, 60])
 def test_per_sample_grads_match_loop(mixed, chunk_elements, monkeypatch):
-    monkeypatch.setattr(C, "_CHUNK_ELEMENTS", chunk_elements)  # 60: one sample per chunk
+    monkeypatch.setattr(P, "_CHUNK_ELEMENTS", chunk_elements)  # 60: one sample per chunk
     model, x, y = mixed
     params = dict(model.named_parameters())
-    hooked, generic = C._split(model, params)
+    hooked, generic = P._split(model, params)
     # closed forms where they apply, the generic path for LayerNorm; head.weight is also used
     # outside its layer: the hooked factors do not explain its gradient, so it falls back
     assert {n for names in hooked.values() for n in names.values()} >= {"conv.weight", "seq.weight"}
     assert {"norm.weight"} <= set(generic)
-    got = C.per_sample_grads(model, params, x, y, F.cross_entropy, chunk_size=2)
+    got = P.per_sample_grads(model, params, x, y, F.cross_entropy, chunk_size=2)
     ref = _loop_grads(model, params, x, y, F.cross_entropy)
     for n in params:
         assert got[n].shape == (5, *params[n].shape)
         torch.testing.assert_close(got[n], ref[n], msg=n)
-    sq = C.sum_grad_squared(model, params, x, y, F.cross_entropy, chunk_size=2)
+    sq = P.sum_grad_squared(model, params, x, y, F.cross_entropy, chunk_size=2)
     for n in params:
         torch.testing.assert_close(sq[n], (ref[n] ** 2).sum(0), msg=n)
 
@@ -74,8 +75,8 @@ def test_per_sample_grads_match_loop(mixed, chunk_elements, monkeypatch):
 def test_sum_reduction_gives_same_per_sample_grads(mixed):
     model, x, y = mixed
     params = {"conv.weight": model.conv.weight, "norm.bias": model.norm.bias}
-    a = C.per_sample_grads(model, params, x, y, F.cross_entropy)
-    b = C.per_sample_grads(model, params, x, y, lambda o, t: F.cross_entropy(o, t, reduction="sum"))
+    a = P.per_sample_grads(model, params, x, y, F.cross_entropy)
+    b = P.per_sample_grads(model, params, x, y, lambda o, t: F.cross_entropy(o, t, reduction="sum"))
     for n in params:
         torch.testing.assert_close(a[n], b[n])
 
@@ -86,13 +87,13 @@ def test_fast_path_matches_loop(which, tiny_mlp, tiny_data, tiny_cnn, cnn_data):
     model, data = (tiny_mlp, tiny_data) if which == "mlp" else (tiny_cnn, cnn_data)
     x, y = data[0]
     params = dict(model.named_parameters())
-    hooked, generic = C._split(model, params)
-    with C._Capture(hooked) as cap:
+    hooked, generic = P._split(model, params)
+    with P._Capture(hooked) as cap:
         out = model(x)
-    assert not generic and cap.untouched_outputs() and C._sole_uses(out, hooked, cap)
+    assert not generic and cap.untouched_outputs() and P._sole_uses(out, hooked, cap)
     ref = _loop_grads(model, params, x, y, F.cross_entropy)
-    _close(C.per_sample_grads(model, params, x, y, F.cross_entropy), ref, rtol=1e-4, atol=1e-6)
-    sq = C.sum_grad_squared(model, params, x, y, F.cross_entropy)
+    _close(P.per_sample_grads(model, params, x, y, F.cross_entropy), ref, rtol=1e-4, atol=1e-6)
+    sq = P.sum_grad_squared(model, params, x, y, F.cross_entropy)
     _close(sq, {n: (g**2).sum(0) for n, g in ref.items()}, rtol=1e-4, atol=1e-6)
 
 
@@ -102,7 +103,7 @@ def test_model_state_untouched(tiny_cnn, cnn_data):
     stale = torch.ones_like(tiny_cnn.fc.weight)
     tiny_cnn.fc.weight.grad = stale
     params = dict(tiny_cnn.named_parameters())
-    g = C.per_sample_grads(tiny_cnn, params, x, y, F.cross_entropy)
+    g = P.per_sample_grads(tiny_cnn, params, x, y, F.cross_entropy)
     assert g["conv.weight"].abs().sum() > 0
     assert not tiny_cnn.conv.weight.requires_grad and tiny_cnn.fc.weight.grad is stale
     assert all(not m._forward_hooks for m in tiny_cnn.modules())
@@ -112,20 +113,20 @@ def test_batchnorm_in_train_mode_refused():
     model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
     x, y = torch.randn(4, 3), torch.randint(0, 2, (4,))
     with pytest.raises(ValueError, match="BatchNorm1d in train mode.*model.eval"):
-        C.per_sample_grads(model, dict(model.named_parameters()), x, y, F.cross_entropy)
+        P.per_sample_grads(model, dict(model.named_parameters()), x, y, F.cross_entropy)
     model.eval()
-    g = C.per_sample_grads(model, dict(model.named_parameters()), x, y, F.cross_entropy)
+    g = P.per_sample_grads(model, dict(model.named_parameters()), x, y, F.cross_entropy)
     assert g["1.weight"].shape == (4, 4)
 
 
 def test_bad_params_refused(tiny_mlp, tiny_data):
     x, y = tiny_data[0]
     with pytest.raises(ValueError, match="not the parameter of that name"):
-        C.per_sample_grads(tiny_mlp, {"w": torch.zeros(3)}, x, y, F.cross_entropy)
+        P.per_sample_grads(tiny_mlp, {"w": torch.zeros(3)}, x, y, F.cross_entropy)
     with pytest.raises(ValueError, match="non-empty dict"):
-        C.per_sample_grads(tiny_mlp, {}, x, y, F.cross_entropy)
+        P.per_sample_grads(tiny_mlp, {}, x, y, F.cross_entropy)
     with pytest.raises(ValueError, match="8 samples but targets hold 3"):
-        C.per_sample_grads(tiny_mlp, dict(tiny_mlp.named_parameters()), x, y[:3], F.cross_entropy)
+        P.per_sample_grads(tiny_mlp, dict(tiny_mlp.named_parameters()), x, y[:3], F.cross_entropy)
 
 
 # ----------------------------------------------------------------------------- diagonal curvatures
@@ -275,7 +276,7 @@ def test_true_fisher_categorical_matches_expectation():
     probs = torch.softmax(model(x), 1).detach()
     exp = {n: 0 for n in params}
     for c in range(3):  # E_y[g(y)^2] = sum_c p_c g(c)^2, per sample
-        gs = C.per_sample_grads(model, params, x, torch.full_like(y, c), F.cross_entropy)
+        gs = P.per_sample_grads(model, params, x, torch.full_like(y, c), F.cross_entropy)
         for n, g in gs.items():
             exp[n] = exp[n] + (probs[:, c].view(-1, *[1] * (g.dim() - 1)) * g**2).mean(0)
     got = C.diag_fisher(model, params, data, kind="true", mc_samples=30, seed=0)
@@ -401,7 +402,7 @@ def test_unfold_matches_im2col(conv):
         ref = F.unfold(xp.unsqueeze(2), k, dilation=d, stride=s)
     else:
         ref = F.unfold(xp, conv.kernel_size, dilation=conv.dilation, stride=conv.stride)
-    assert torch.equal(C._unfold(conv, x), ref)
+    assert torch.equal(P._unfold(conv, x), ref)
     assert ref.shape[-1] == conv(x)[0, 0].numel()
 
 
@@ -440,14 +441,14 @@ def test_weight_used_outside_its_layer_falls_back():
     model = Tied().double()
     x, y = torch.randn(6, 3, dtype=torch.float64), torch.randint(0, 3, (6,))
     params = dict(model.named_parameters())
-    hooked, _ = C._split(model, params)
-    with C._Capture(hooked) as cap:
+    hooked, _ = P._split(model, params)
+    with P._Capture(hooked) as cap:
         out = model(x)
-    assert cap.untouched_outputs() and not C._sole_uses(out, hooked, cap)
-    assert C._sole_uses(out, {model.b: hooked[model.b]}, cap)
+    assert cap.untouched_outputs() and not P._sole_uses(out, hooked, cap)
+    assert P._sole_uses(out, {model.b: hooked[model.b]}, cap)
     ref = _loop_grads(model, params, x, y, F.cross_entropy)
     _close(
-        C.sum_grad_squared(model, params, x, y, F.cross_entropy),
+        P.sum_grad_squared(model, params, x, y, F.cross_entropy),
         {n: (g**2).sum(0) for n, g in ref.items()},
     )
-    _close(C.per_sample_grads(model, params, x, y, F.cross_entropy), ref)
+    _close(P.per_sample_grads(model, params, x, y, F.cross_entropy), ref)
