@@ -21,7 +21,7 @@ def pruned_values(model, masks):
     return torch.cat([params[n].detach()[~m] for n, m in masks.items()])
 
 
-@pytest.mark.parametrize(
+OPTIMIZERS = pytest.mark.parametrize(
     "make_opt",
     [
         lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, weight_decay=1e-3),
@@ -31,6 +31,9 @@ def pruned_values(model, masks):
     ],
     ids=["sgd-momentum-wd", "nesterov", "adam", "adamw"],
 )
+
+
+@OPTIMIZERS
 def test_pruned_weights_stay_exactly_zero_through_training(tiny_mlp, make_opt):
     x, y = torch.randn(64, 6), torch.randint(0, 3, (64,))
     opt = make_opt(tiny_mlp.parameters())
@@ -149,10 +152,7 @@ def test_weight_used_twice_before_backward(tiny_mlp):
         assert not p.grad[~masks[n]].any()
 
 
-@pytest.mark.parametrize("make_opt", [
-    lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, weight_decay=1e-3),
-    lambda p: torch.optim.Adam(p, lr=1e-2),
-], ids=["sgd-momentum", "adam"])  # fmt: skip
+@OPTIMIZERS
 def test_stale_optimizer_state_cannot_revive_weights_without_optimizer_arg(tiny_mlp, make_opt):
     x, y = torch.randn(32, 6), torch.randint(0, 3, (32,))
     opt = make_opt(tiny_mlp.parameters())

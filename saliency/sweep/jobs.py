@@ -86,6 +86,7 @@ def run_job(
         if job.kind == "dense":
             model = dense_model(cfg, out, job.seed)
             masks = Masks.ones_like(targets(cfg, model))
+            metrics = evaluate_model(cfg, model, scoring=scoring_data(cfg, job.seed))
             for u in todo:
                 _finish(
                     cfg,
@@ -94,7 +95,7 @@ def run_job(
                     u,
                     model,
                     masks,
-                    {"dense": evaluate_model(cfg, model, scoring_seed=job.seed)},
+                    {"dense": metrics},
                     None,
                     None,
                     tb,
@@ -133,7 +134,7 @@ def _job_oneshot(cfg, out, job, todo, tb, notify) -> None:
         masks, cost, predicted = prune_with_cost(
             cfg, model, crit, s, data, loss_fn, scores=None if multi else scores
         )
-        pruned = evaluate_model(cfg, model, scoring_seed=job.seed)
+        pruned = evaluate_model(cfg, model, scoring=data)
         first_order = None
         if predicted is not None:  # loss-unit criteria: also the term their model leaves out
             grads = grads if grads is not None else loss_gradient(dense, data, loss_fn)
@@ -284,10 +285,11 @@ def _job_init(cfg, out, job, todo, tb, notify) -> None:
     ds, spec = dataset(cfg), job.criterion
     model = new_model(cfg, job.seed).to(device(cfg))
     crit = build_criterion(spec, job.seed, cfg.granularity)
+    data = scoring_data(cfg, job.seed)
     masks, cost, predicted = prune_with_cost(
-        cfg, model, crit, u.sparsity, scoring_data(cfg, job.seed), loss_fn_for(ds.task)
+        cfg, model, crit, u.sparsity, data, loss_fn_for(ds.task)
     )
-    phases = {"pruned": evaluate_model(cfg, model, scoring_seed=job.seed)}
+    phases = {"pruned": evaluate_model(cfg, model, scoring=data)}
     epochs = cfg.init["epochs"] if cfg.init["epochs"] is not None else cfg.train["epochs"]
     saliency.attach(model, masks)
     train_model(cfg, model, job.seed, {**cfg.train, "epochs": epochs})

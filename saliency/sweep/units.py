@@ -220,19 +220,19 @@ def prune_with_cost(cfg, model, crit, sparsity, data, loss_fn, *, current=None, 
     return masks, total, predicted if getattr(crit, "loss_units", False) else None
 
 
-def evaluate_model(cfg: SweepConfig, model, *, scoring_seed: int | None = None) -> dict[str, float]:
-    """Test metrics; with `scoring_seed`, also "scoring_loss": the training loss on the samples
-    the criteria of that seed score with, where OBD/OBS predict their loss increase."""
+def evaluate_model(
+    cfg: SweepConfig, model, *, scoring: DataLoader | None = None
+) -> dict[str, float]:
+    """Test metrics; with `scoring` (a `scoring_data` loader), also "scoring_loss": the training
+    loss on the samples the criteria score with, where OBD/OBS predict their loss increase."""
     from saliency.sweep.train import evaluate
 
     ds = dataset(cfg)
     out = {
         k: float(v) for k, v in evaluate(model, ds.test, task=ds.task, device=device(cfg)).items()
     }
-    if scoring_seed is not None:
-        seen = evaluate(
-            model, scoring_data(cfg, scoring_seed).dataset, task=ds.task, device=device(cfg)
-        )
+    if scoring is not None:
+        seen = evaluate(model, scoring.dataset, task=ds.task, device=device(cfg))
         out["scoring_loss"] = float(seen["loss"] if "loss" in seen else seen["mse"])
     return out
 
