@@ -24,23 +24,28 @@ import warnings
 from typing import Literal
 
 import torch
-import torch.nn.functional as F_
 from torch import Tensor, nn
 
-from saliency.criteria.base import default_loss, iter_batches, model_device
-from saliency.per_sample import (
+from saliency import fastpaths
+from saliency.model_io import (
     LossFn,
-    accumulate,
-    batched_dot,
+    _ce_settings,
     check_batch,
-    check_params,
-    check_per_sample,
+    default_loss,
+    forward,
+    iter_batches,
     loss_kind,
     loss_phi,
-    output_passes,
+    model_device,
     per_sample_losses,
-    requiring_grad,
     vmap_or_loop,
+)
+from saliency.per_sample import (
+    accumulate,
+    batched_dot,
+    check_params,
+    output_passes,
+    requiring_grad,
 )
 
 
@@ -60,12 +65,19 @@ Likelihood = Literal["auto", "categorical", "gaussian"]
 
 
 def _setup(model, params, data, loss_fn, n_samples):
+    """Checked arguments: (loss_fn, list of batches). Refuses models known to mix samples."""
     check_params(model, params)
-    check_per_sample(model)
+    fastpaths.check_per_sample(model)
     if n_samples is not None and (not isinstance(n_samples, int) or n_samples < 1):
         raise ValueError(f"n_samples must be a positive int or None (all data); got {n_samples!r}")
     loss_fn = default_loss if loss_fn is None else loss_fn
-    return loss_fn, iter_batches(data, n_samples, device=model_device(model))
+    return loss_fn, list(iter_batches(data, n_samples, device=model_device(model)))
+
+
+def _summed_losses(model, x, y, loss_fn) -> Tensor:
+    """``sum_n l_n`` of a batch from one forward, after proving the samples do not interact."""
+    fastpaths.probe(model, x, ())
+    return per_sample_losses(loss_fn, forward(model, x), y).sum()
 
 
 def _generator(seed: int, device: torch.device) -> torch.Generator:
@@ -177,6 +189,8 @@ def _loss_hessian_sqrt(loss_fn, out: Tensor, y: Tensor) -> Tensor:
     if kind == "ce" and out.dim() == 2:  # softmax cross-entropy: diag(p) - p p^T, any target
         p = torch.softmax(out, 1)
         H = torch.diag_embed(p) - p.unsqueeze(2) * p.unsqueeze(1)
+        if not y.is_floating_point():  # an ignored target has no loss, hence no curvature
+            H = H * (y != _ce_settings(loss_fn)["ignore_index"]).to(H.dtype)[:, None, None]
     elif kind in ("mse_mean", "mse_sum"):  # c ||f - y||^2: 2c I
         c = 1.0 / D if kind == "mse_mean" else 1.0
         return (2 * c) ** 0.5 * torch.eye(D, dtype=out.dtype, device=out.device).expand(B, D, D)
@@ -227,7 +241,7 @@ def diag_ggn(
         raise ValueError(f"backend must be 'auto', 'backpack' or 'torch'; got {backend!r}")
     loss_fn, batches = _setup(model, params, data, loss_fn, n_samples)
     if exact and backend != "torch":
-        why = backpack_unsupported(model, loss_fn)
+        why = backpack_unsupported(model, loss_fn, batches)
         if backend == "backpack" and why:
             raise ValueError(f"backend='backpack' cannot be used: {why}")
         if why is None:
@@ -288,7 +302,7 @@ def diag_hessian_hutchinson(
     with requiring_grad(params):
         for x, y in batches:
             check_batch(x, y)
-            L = per_sample_losses(loss_fn, model(x), y).sum()
+            L = _summed_losses(model, x, y, loss_fn)
             g = torch.autograd.grad(
                 L, [params[n] for n in names], create_graph=True, allow_unused=True
             )
@@ -320,51 +334,10 @@ def diag_hessian_hutchinson(
 
 # ----------------------------------------------------------------------------- exact diagonals
 
-_BACKPACK_LAYERS = (
-    nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ReLU, nn.Sigmoid, nn.Tanh, nn.LeakyReLU,
-    nn.ELU, nn.SELU, nn.LogSigmoid, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d,
-    nn.AvgPool2d, nn.AvgPool3d, nn.Flatten, nn.Dropout, nn.ZeroPad2d,
-)  # fmt: skip
 
-
-def _backpack_loss(loss_fn, out: Tensor):
-    """The BackPACK loss module (sum-reduced) and the factor turning its curvature into
-    ``sum_n`` of the per-sample loss's, or None when ``loss_fn`` is not one BackPACK knows."""
-    if loss_fn in (default_loss, F_.cross_entropy):
-        return nn.CrossEntropyLoss(reduction="sum"), 1.0
-    if loss_fn is F_.mse_loss:
-        return nn.MSELoss(reduction="sum"), 1.0 / out[0].numel()
-    if (
-        type(loss_fn) is nn.CrossEntropyLoss
-        and loss_fn.weight is None
-        and not loss_fn.label_smoothing
-    ):
-        return nn.CrossEntropyLoss(reduction="sum"), 1.0
-    if type(loss_fn) is nn.MSELoss and loss_fn.reduction in ("mean", "sum"):
-        return nn.MSELoss(reduction="sum"), 1.0 / out[
-            0
-        ].numel() if loss_fn.reduction == "mean" else 1.0
-    return None
-
-
-def backpack_unsupported(model: nn.Module, loss_fn: LossFn | None = None) -> str | None:
-    """Why BackPACK cannot compute second-order quantities for this model and loss (None if it
-    can): it needs backpack-for-pytorch, an ``nn.Sequential`` of layers it supports (a custom
-    ``forward`` with functional ops would silently be skipped), and cross-entropy or MSE."""
-    try:
-        import backpack  # noqa: F401
-    except ImportError:
-        return "backpack-for-pytorch is not installed (pip install backpack-for-pytorch)"
-    loss_fn = default_loss if loss_fn is None else loss_fn
-    for name, m in model.named_modules():
-        if any(True for _ in m.children()):
-            if type(m) is not nn.Sequential:
-                return f"BackPACK needs an nn.Sequential model; {name or 'the model'} is a {type(m).__name__}"
-        elif type(m) not in _BACKPACK_LAYERS:
-            return f"BackPACK has no second-order rule for layer {name!r} ({type(m).__name__})"
-    if _backpack_loss(loss_fn, torch.zeros(1, 1)) is None:
-        return f"BackPACK supports cross-entropy and MSE losses, not {loss_fn!r}"
-    return None
+def backpack_unsupported(model: nn.Module, loss_fn: LossFn | None = None, batches=None):
+    """Why BackPACK cannot be used here, or None (``saliency.fastpaths.backpack_reason``)."""
+    return fastpaths.backpack_reason(model, loss_fn, batches)
 
 
 def _backpack_diag(model, params, batches, loss_fn, extension: str) -> DiagCurvature:
@@ -389,7 +362,7 @@ def _backpack_diag(model, params, batches, loss_fn, extension: str) -> DiagCurva
         for x, y in batches:
             check_batch(x, y)
             out = twin(x)
-            lossmod, scale = _backpack_loss(loss_fn, out)
+            lossmod, scale = fastpaths._backpack_loss_module(loss_fn, out)
             with backpack.backpack(ext()), warnings.catch_warnings():
                 # BackPACK's module hooks warn when the inputs do not require grad: harmless here
                 warnings.filterwarnings("ignore", message="Full backward hook is firing")
@@ -407,7 +380,7 @@ def _autograd_diag_hessian(model, params, batches, loss_fn, chunk_size) -> DiagC
     with requiring_grad(params):
         for x, y in batches:
             check_batch(x, y)
-            L = per_sample_losses(loss_fn, model(x), y).sum()
+            L = _summed_losses(model, x, y, loss_fn)
             g = torch.autograd.grad(
                 L, [params[n] for n in names], create_graph=True, allow_unused=True
             )
@@ -464,7 +437,11 @@ def diag_hessian_exact(
     if backend not in ("auto", "backpack", "autograd"):
         raise ValueError(f"backend must be 'auto', 'backpack' or 'autograd'; got {backend!r}")
     loss_fn, batches = _setup(model, params, data, loss_fn, n_samples)
-    why = backpack_unsupported(model, loss_fn) if backend != "autograd" else "backend='autograd'"
+    why = (
+        backpack_unsupported(model, loss_fn, batches)
+        if backend != "autograd"
+        else "backend='autograd'"
+    )
     if backend == "backpack" and why:
         raise ValueError(f"backend='backpack' cannot be used: {why}")
     if why is None:

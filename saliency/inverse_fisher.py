@@ -38,11 +38,17 @@ from typing import Literal
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
 
-from saliency import per_sample
+from saliency import fastpaths, per_sample
 from saliency.apply import attached_masks
-from saliency.criteria.base import LossFn, default_loss, iter_batches, model_device
+from saliency.model_io import (
+    LossFn,
+    default_loss,
+    forward,
+    iter_batches,
+    model_device,
+    per_sample_losses,
+)
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -307,7 +313,8 @@ def exact_inverse_hessian(
     max_params: int = 4096,
     alive: Mapping[str, Tensor] | None = None,
 ) -> InverseCurvature:
-    """Inverse of the full Hessian ``H = d^2 L / dw^2`` of the mean loss over ``n_samples``,
+    """Inverse of the full Hessian ``H = d^2 L / dw^2`` of the mean per-sample loss
+    ``L = (1/m) sum_n l_n`` over ``n_samples``,
     jointly over all of ``params`` (one block, cross-tensor terms kept), by autograd, damped as
     ``H + (damp * mean(diag H) + damp_absolute) I``. The reference for small models: it refuses
     more than ``max_params`` weights (the Hessian has that number squared entries and costs one
@@ -331,12 +338,18 @@ def exact_inverse_hessian(
     blk.alive = blk.flatten(alive).bool()
     flat0 = blk.flatten(params, dt).reshape(-1).detach()
 
+    fastpaths.check_per_sample(model)
+    for x, _ in batches:
+        fastpaths.probe(model, x, ())  # refuses models whose samples interact
+    others = {n: p.detach() for n, p in model.named_parameters() if n not in params}
+
     def loss_of(flat: Tensor) -> Tensor:
         ws = blk.unflatten(flat)
         out = 0
-        for x, y in batches:
-            z = functional_call(model, {n: ws[n].to(params[n].dtype) for n in names}, (x,))
-            out = out + loss_fn(z, y).to(dt) * len(x)
+        values = {**others, **{n: ws[n].to(params[n].dtype) for n in names}}
+        with per_sample.replaced_parameters(model, values):
+            for x, y in batches:
+                out = out + per_sample_losses(loss_fn, forward(model, x), y).sum().to(dt)
         return out / m
 
     H = torch.autograd.functional.hessian(loss_of, flat0).to(dt)

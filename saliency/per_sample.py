@@ -20,36 +20,33 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F_
 from torch import Tensor, nn
-from torch.func import functional_call, grad, vmap
+from torch.func import grad, vmap
 
-from saliency.criteria.base import default_loss
+from saliency import fastpaths
+from saliency.fastpaths import check_per_sample
+from saliency.model_io import (
+    LossFn,
+    check_batch,
+    forward,
+    loss_kind,
+    loss_phi,
+    per_sample_losses,
+    vmap_or_loop,
+)
 
-LossFn = Callable[[Tensor, Tensor], Tensor]
-_CLOSED_FORM = (nn.Linear, nn.Conv1d, nn.Conv2d)
-_BASE_FORWARD = {
-    nn.Linear: nn.Linear.forward,
-    nn.Conv1d: nn.Conv1d.forward,
-    nn.Conv2d: nn.Conv2d.forward,
-}
+__all__ = [
+    "LossFn", "accumulate", "batched_dot", "check_batch", "check_params", "check_per_sample",
+    "loss_kind", "loss_phi", "output_passes", "per_sample_grads", "per_sample_losses",
+    "replaced_parameters", "requiring_grad", "sum_grad_squared", "vmap_or_loop",
+]  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- checks and helpers
-
-
-def check_per_sample(model: nn.Module) -> None:
-    """Raise a ValueError if the model's forward pass mixes samples (BatchNorm in train mode)."""
-    for name, m in model.named_modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training:
-            raise ValueError(
-                f"module {name or type(m).__name__!r} is {type(m).__name__} in train mode: it mixes "
-                "the samples of a batch, so per-sample gradients are undefined; call model.eval() "
-                "before scoring (BatchNorm then uses its running statistics)"
-            )
 
 
 def check_params(model: nn.Module, params: dict[str, Tensor]) -> None:
@@ -77,13 +74,34 @@ def requiring_grad(params: dict[str, Tensor]) -> Iterator[None]:
             p.requires_grad_(req)
 
 
-def per_sample_losses(loss_fn: LossFn, out: Tensor, y: Tensor) -> Tensor:
-    """``[B]`` vector of ``l_n = loss_fn(out[n:n+1], y[n:n+1])`` (vmapped; a loop if that fails)."""
-    return vmap_or_loop(loss_phi(loss_fn), out, y)
+@contextlib.contextmanager
+def replaced_parameters(model: nn.Module, values: dict[str, Tensor]) -> Iterator[None]:
+    """Run ``model`` with the parameters named in ``values`` (``named_parameters`` names)
+    replaced by those tensors, in every module that holds them (tied weights, a module
+    registered twice), and put the original Parameter objects back on exit.
+    ``torch.func.functional_call`` is not used: on a module registered twice it swaps twice and
+    restores once, leaving a plain tensor in place of the model's Parameter."""
+    named = dict(model.named_parameters())
+    by_id = {id(named[n]): v for n, v in values.items()}
+    slots = [
+        (m, attr, p)
+        for m in model.modules()
+        for attr, p in m._parameters.items()
+        if p is not None and id(p) in by_id
+    ]
+    try:
+        for m, attr, p in slots:
+            m._parameters[attr] = by_id[id(p)]
+        yield
+    finally:
+        for m, attr, p in slots:
+            m._parameters[attr] = p
 
 
 def _split(model: nn.Module, params: dict[str, Tensor]):
-    """Which parameters have a closed form: {module: {"weight"/"bias": name}}, and the rest."""
+    """Which parameters may have a closed form (``fastpaths.closed_form_reason``), as
+    {module: {"weight"/"bias": name}}, and the rest (generic path). A parameter held by two
+    modules (tied) is generic; the per-call proofs come later (``output_passes``)."""
     owners: dict[int, list[tuple[nn.Module, str]]] = {}
     for m in model.modules():
         for attr, p in m._parameters.items():
@@ -93,17 +111,11 @@ def _split(model: nn.Module, params: dict[str, Tensor]):
     generic: list[str] = []
     for n, p in params.items():
         own = owners.get(id(p), [])
-        if len(own) == 1:
+        if len(own) == 1 and fastpaths.closed_form_reason(*own[0]) is None:
             m, attr = own[0]
-            base = next((c for c in _CLOSED_FORM if isinstance(m, c)), None)
-            if (
-                base is not None
-                and type(m).forward is _BASE_FORWARD[base]
-                and attr in ("weight", "bias")
-            ):
-                hooked.setdefault(m, {})[attr] = n
-                continue
-        generic.append(n)  # shared (tied) weights, other layers, custom forwards
+            hooked.setdefault(m, {})[attr] = n
+        else:
+            generic.append(n)
     return hooked, generic
 
 
@@ -267,21 +279,19 @@ class _Capture:
         w.r.t. the outputs themselves are then the layers' output gradients."""
         return all(o._version == v for outs in self.outputs.values() for o, v in outs)
 
+    def batch_aligned(self, m: nn.Module, B: int) -> bool:
+        """Every call of layer m took and gave tensors whose dim 0 has the batch size B."""
+        return all(
+            x.dim() > 0 and len(x) == B and o.dim() > 0 and len(o) == B
+            for x, (o, _) in zip(self.inputs[m], self.outputs[m], strict=True)
+        )
+
     def terms(self, m: nn.Module) -> list[tuple[Tensor, Tensor]]:
         """(input, output gradient) of each call of layer m in the last backward pass."""
         ds, xs = self.deltas[m], self.inputs[m]
         pairs = [(xs[i], ds[i]) for i in range(len(xs)) if i in ds]
         ds.clear()
         return pairs
-
-
-def check_batch(x, y) -> None:
-    if not isinstance(x, Tensor) or not isinstance(y, Tensor):
-        raise TypeError(
-            f"inputs and targets must be tensors; got {type(x).__name__} and {type(y).__name__}"
-        )
-    if len(x) != len(y):
-        raise ValueError(f"inputs hold {len(x)} samples but targets hold {len(y)}")
 
 
 def per_sample_grads(
@@ -330,57 +340,11 @@ def sum_grad_squared(
     return sq
 
 
-def loss_kind(loss_fn: LossFn) -> str | None:
-    """ "ce", "mse_mean", "mse_sum" for the losses with closed forms here, else None."""
-    if loss_fn in (default_loss, F_.cross_entropy) or (
-        type(loss_fn) is nn.CrossEntropyLoss and loss_fn.weight is None and loss_fn.ignore_index < 0
-    ):
-        return "ce"
-    if loss_fn is F_.mse_loss or (type(loss_fn) is nn.MSELoss and loss_fn.reduction == "mean"):
-        return "mse_mean"
-    if type(loss_fn) is nn.MSELoss and loss_fn.reduction == "sum":
-        return "mse_sum"
-    return None
-
-
-def _fast_losses(loss_fn: LossFn):
-    """Batched per-sample losses for the common losses (equal to ``loss_fn`` on one sample,
-    whatever its reduction), or None: vmap works for any loss but costs milliseconds per call."""
-    kind = loss_kind(loss_fn)
-    if kind == "ce":
-        eps = getattr(loss_fn, "label_smoothing", 0.0)
-        return lambda o, t: (
-            F_.cross_entropy(o, t, reduction="none", label_smoothing=eps)
-            .reshape(len(o), -1)
-            .mean(1)
-        )
-    if kind is not None:
-        per = "mean" if kind == "mse_mean" else "sum"
-        return lambda o, t: getattr(F_.mse_loss(o, t, reduction="none").reshape(len(o), -1), per)(1)
-    return None
-
-
-def loss_phi(loss_fn: LossFn) -> Callable[[Tensor, Tensor], Tensor]:
-    phi = lambda o, t: loss_fn(o.unsqueeze(0), t.unsqueeze(0))
-    phi.batched = _fast_losses(loss_fn)
-    return phi
-
-
 def batched_dot(o: Tensor, t: Tensor) -> Tensor:
     return (o * t).sum()
 
 
 batched_dot.batched = lambda out, t: (out * t).reshape(len(out), -1).sum(1)
-
-
-def vmap_or_loop(phi, out: Tensor, t: Tensor) -> Tensor:
-    """``[phi(out[n], t[n]) for n]``, batched when ``phi.batched`` exists, else vmapped."""
-    if getattr(phi, "batched", None) is not None:
-        return phi.batched(out, t)
-    try:
-        return vmap(phi)(out, t)
-    except Exception:  # functions that vmap cannot trace (data-dependent control flow)
-        return torch.stack([phi(out[i], t[i]) for i in range(len(out))])
 
 
 def output_passes(model, params, x, phi, make_targets, chunk_size, want):
@@ -391,13 +355,15 @@ def output_passes(model, params, x, phi, make_targets, chunk_size, want):
     check_params(model, params)
     check_per_sample(model)
     hooked, generic = _split(model, params)
+    proven = fastpaths.probe(model, x, hooked)  # raises if the model mixes samples
     acc: dict[str, Tensor] = {}
     passes = 0
     with requiring_grad(params):
         with _Capture(hooked) as cap:
-            out = model(x)
-        if not isinstance(out, Tensor):
-            raise TypeError(f"the model must return one tensor; got {type(out).__name__}")
+            out = forward(model, x)
+        for m in list(hooked):  # closed forms only where the sample axis is proven dim 0
+            if m not in proven or not cap.batch_aligned(m, len(x)):
+                generic += list(hooked.pop(m).values())
         targets = list(make_targets(out.detach()))
         hp = [params[n] for names in hooked.values() for n in names.values()]
         untouched = bool(hooked) and cap.untouched_outputs()
@@ -517,11 +483,29 @@ def accumulate(acc: dict[str, Tensor], n: str, v: Tensor) -> None:
 
 
 def _generic_phi_grads(model, params, names, x, t, phi, chunk_size) -> dict[str, Tensor]:
-    """``vmap(grad(phi(f(x_n), t_n)))`` over ``functional_call``: per-sample gradients of any
-    parameter, ``chunk_size`` samples at a time."""
+    """The generic path: ``vmap(grad(phi(f(x_n), t_n)))`` with the parameters swapped in
+    (``replaced_parameters``; every other parameter detached, so no graph is kept),
+    ``chunk_size`` samples at a time; a plain loop over samples where vmap cannot trace the
+    model (e.g. RNN kernels). Any layout, any layer, tied or shared weights."""
     values = {n: params[n].detach() for n in names}
+    others = {n: p.detach() for n, p in model.named_parameters() if n not in values}
 
     def one(p, xn, tn):
-        return phi(functional_call(model, p, (xn.unsqueeze(0),))[0], tn)
+        with replaced_parameters(model, {**others, **p}):
+            return phi(forward(model, xn.unsqueeze(0))[0], tn)
 
-    return vmap(grad(one), in_dims=(None, 0, 0), chunk_size=chunk_size)(values, x, t)
+    try:
+        g = vmap(grad(one), in_dims=(None, 0, 0), chunk_size=chunk_size)(values, x, t)
+    except Exception:  # not vmappable (in-place kernels, data-dependent control flow): loop
+        g = _loop_phi_grads(model, params, names, x, t, phi)
+    return {n: v.detach() for n, v in g.items()}
+
+
+def _loop_phi_grads(model, params, names, x, t, phi) -> dict[str, Tensor]:
+    """Per-sample gradients by one forward and backward per sample (the slow generic path)."""
+    ps = [params[n] for n in names]
+    rows = []
+    for i in range(len(x)):
+        loss = phi(forward(model, x[i : i + 1])[0], t[i])
+        rows.append(torch.autograd.grad(loss, ps, allow_unused=True, materialize_grads=True))
+    return {n: torch.stack([r[j] for r in rows]) for j, n in enumerate(names)}

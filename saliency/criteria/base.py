@@ -19,15 +19,21 @@ Optional hooks a criterion may define (the pruning loop looks for them):
 from __future__ import annotations
 
 import contextlib
-import itertools
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
 
-LossFn = Callable[[Tensor, Tensor], Tensor]
+from saliency.model_io import (  # noqa: F401  (re-exported: criteria read data through these)
+    LossFn,
+    default_loss,
+    forward,
+    iter_batches,
+    model_device,
+    scalar_loss,
+)
 
 
 @dataclass
@@ -82,54 +88,14 @@ class Criterion(Protocol):
     ) -> dict[str, Tensor]: ...
 
 
-def default_loss(outputs: Tensor, targets: Tensor) -> Tensor:
-    """Mean cross-entropy: the default `loss_fn(outputs, targets)`."""
-    return torch.nn.functional.cross_entropy(outputs, targets)
-
-
-def iter_batches(
-    data: Iterable | None, n_samples: int | None = None, *, device: torch.device | None = None
-) -> Iterator[tuple[Tensor, Tensor]]:
-    """Yield (inputs, targets) batches from `data` until `n_samples` samples were read
-    (the last batch is cut to fit); all of `data` once if `n_samples` is None.
-
-    Raises a ValueError naming the problem when `data` is missing or yields nothing usable.
-    """
-    if data is None:
-        raise ValueError(
-            "this criterion needs data: pass data=<iterable of (inputs, targets) batches>, "
-            "e.g. a torch DataLoader"
-        )
-    seen = 0
-    for batch in data:
-        if not isinstance(batch, (tuple, list)) or len(batch) < 2:
-            raise TypeError(
-                f"data must yield (inputs, targets) pairs; got a {type(batch).__name__}"
-            )
-        x, y = batch[0], batch[1]
-        if n_samples is not None:
-            x, y = x[: n_samples - seen], y[: n_samples - seen]
-        if device is not None:
-            x, y = x.to(device), y.to(device)
-        seen += len(x)
-        yield x, y
-        if n_samples is not None and seen >= n_samples:
-            return
-    if seen == 0:
-        raise ValueError("data yielded no samples")
-
-
-def model_device(model: nn.Module) -> torch.device:
-    p = next(itertools.chain(model.parameters(), model.buffers()), None)
-    return p.device if p is not None else torch.device("cpu")
-
-
 @contextlib.contextmanager
 def preserve_model_state(model: nn.Module) -> Iterator[None]:
-    """Restore training mode, `.grad` and `requires_grad` of every parameter on exit,
-    so a criterion can call backward freely without leaving traces on the model."""
+    """Restore training mode, `.grad`, `requires_grad` of every parameter and every buffer
+    (BatchNorm running statistics, which a train-mode forward updates) on exit, so a criterion
+    can run forward and backward freely without leaving traces on the model."""
     modes = {m: m.training for m in model.modules()}
     saved = [(p, p.grad, p.requires_grad) for p in model.parameters()]
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
     try:
         for p, _, _ in saved:
             p.grad = None
@@ -140,3 +106,6 @@ def preserve_model_state(model: nn.Module) -> Iterator[None]:
         for p, grad, req in saved:
             p.grad = grad
             p.requires_grad_(req)
+        with torch.no_grad():
+            for b, value in buffers:
+                b.copy_(value)

@@ -23,9 +23,10 @@ class OBS:
     (``loss_units``). ``H^-1`` is block diagonal: WoodFisher's damped empirical Fisher on
     contiguous blocks of ``block_size`` weights of each tensor (``hessian="fisher"``, Singh &
     Alistarh 2020), or the exact autograd Hessian of all targets jointly for small models
-    (``hessian="exact"``, up to ``max_params`` weights; damp it if it is not positive definite).
-    See ``saliency.inverse_fisher`` for the damping: ``damp`` is relative to the mean of each
-    block's Fisher diagonal, ``damp_absolute`` is added as is.
+    (``hessian="exact"``, up to ``max_params`` weights). See ``saliency.inverse_fisher`` for the
+    damping: ``damp`` is relative to the mean of each block's curvature diagonal (default 1e-2
+    for the Fisher, **0 for the exact Hessian**, which is then refused with a clear error if it is
+    not positive definite: pass ``damp`` to damp it), ``damp_absolute`` is added as is.
 
     ``apply_update`` (called by ``saliency.prune`` after allocation) applies the joint OBS update for
     the set Q of weights pruned in a block: ``dw = -H^-1[:, Q] (H^-1[Q, Q])^-1 w_Q`` (the
@@ -48,7 +49,7 @@ class OBS:
     hessian: Literal["fisher", "exact"] = "fisher"
     block_size: int = 128
     n_samples: int | None = 1024
-    damp: float = 1e-2
+    damp: float | None = None
     damp_absolute: float = 0.0
     dtype: Literal["float32", "float64"] = "float32"
     method: Literal["cholesky", "woodbury"] = "cholesky"
@@ -68,8 +69,17 @@ class OBS:
         ):
             raise ValueError(f"n_samples must be a positive int or None; got {self.n_samples!r}")
         inverse_fisher._check(
-            self.block_size, self.damp, self.damp_absolute, self.method, self.dtype, self.chunk_size
-        )
+            self.block_size, self.relative_damping, self.damp_absolute, self.method, self.dtype,
+            self.chunk_size,
+        )  # fmt: skip
+
+    @property
+    def relative_damping(self) -> float:
+        """``damp``, or its default: 1e-2 for the Fisher blocks; 0 for ``hessian="exact"``,
+        which must be exact (OBS on a quadratic lands on the constrained optimum)."""
+        if self.damp is not None:
+            return self.damp
+        return 0.0 if self.hessian == "exact" else 1e-2
 
     def schedule(self, sparsity: float | None) -> list[float | None]:
         """Round targets ``1 - (1 - s)^(i/k)``, i = 1..k (geometric in density)."""
@@ -81,7 +91,8 @@ class OBS:
     def inverse(self, model, params, data, loss_fn=None) -> inverse_fisher.InverseCurvature:
         """The block inverse curvature this criterion uses (conditioned on unpruned weights)."""
         loss_fn = default_loss if loss_fn is None else loss_fn
-        kw = dict(n_samples=self.n_samples, damp=self.damp, damp_absolute=self.damp_absolute)
+        kw = dict(n_samples=self.n_samples, damp=self.relative_damping)
+        kw["damp_absolute"] = self.damp_absolute
         kw["dtype"] = self.dtype
         with preserve_model_state(model):
             if self.eval_mode:

@@ -15,9 +15,11 @@ from saliency.criteria import Scores, register_criterion
 from saliency.criteria.base import (
     LossFn,
     default_loss,
+    forward,
     iter_batches,
     model_device,
     preserve_model_state,
+    scalar_loss,
 )
 
 
@@ -32,19 +34,13 @@ def scoring_mode(
     model: nn.Module, params: Mapping[str, Tensor], *, eval_mode: bool
 ) -> Iterator[None]:
     """Put `model` in eval (`eval_mode`) or train mode with `params` requiring grad, and restore
-    on exit, also on error: training mode, `.grad`, `requires_grad` and every buffer (BatchNorm
-    running statistics, which a train-mode forward would otherwise update)."""
-    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    on exit, also on error: training mode, `.grad`, `requires_grad` and every buffer
+    (`preserve_model_state`)."""
     with preserve_model_state(model):
-        try:
-            model.train(not eval_mode)
-            for p in params.values():
-                p.requires_grad_(True)
-            yield
-        finally:
-            with torch.no_grad():
-                for b, saved in buffers:
-                    b.copy_(saved)
+        model.train(not eval_mode)
+        for p in params.values():
+            p.requires_grad_(True)
+        yield
 
 
 def batch_gradients(
@@ -71,7 +67,7 @@ def batch_gradients(
     for i, (x, y) in enumerate(iter_batches(data, n_samples, device=device)):
         if n_batches is not None and i >= n_batches:
             return
-        loss = loss_fn(model(x) / temperature, y)
+        loss = scalar_loss(loss_fn, forward(model, x) / temperature, y)
         grads = torch.autograd.grad(loss, tensors, allow_unused=True, create_graph=create_graph)
         yield (
             len(x),

@@ -9,7 +9,7 @@ from typing import ClassVar
 import torch
 
 from saliency.criteria import Scores, register_criterion
-from saliency.criteria.base import model_device
+from saliency.criteria.base import forward, model_device
 
 
 @register_criterion
@@ -100,7 +100,7 @@ class SynFlow:
                 t.requires_grad_(True)
             dtype = torch.float64 if self.double else next(iter(params.values())).dtype
             x = torch.ones(1, *shape, dtype=dtype, device=model_device(model))
-            R = lin(x).sum()
+            R = forward(lin, x).sum()
             grads = torch.autograd.grad(R, targets, allow_unused=True)
         finally:
             del lin

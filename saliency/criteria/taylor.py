@@ -8,9 +8,11 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
+from saliency import fastpaths
 from saliency.criteria import Scores, register_criterion
-from saliency.criteria.base import default_loss, iter_batches, model_device
+from saliency.criteria.base import default_loss, forward, iter_batches, model_device
 from saliency.criteria.snip import check_counts, scoring_mode
+from saliency.model_io import per_sample_losses
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -48,10 +50,14 @@ class Taylor:
 
     ``a`` is the output of the layer that owns the weight, before any nonlinearity after it
     (with a bias, pruning the channel's weights alone leaves the bias). Per-example gradients
-    are read as ``B * dL/da`` from the batch's mean loss, exact when examples do not interact,
-    hence ``eval_mode=True`` by default (BatchNorm on running statistics). Activations and their
-    gradients are captured by forward hooks removed in all cases; mode, ``.grad``,
-    ``requires_grad`` and buffers are restored.
+    ``dl_n/da`` come from the sum of per-sample losses (``saliency.model_io``; the loss's own
+    reduction over positions and ignore index), exact when examples do not interact, hence
+    ``eval_mode=True`` by default (BatchNorm on running statistics). The sample axis of every
+    scored layer is proven on each batch (``saliency.fastpaths.probe``): a layer whose output
+    does not carry the samples on dim 0 (sequence-first transformers) is refused. Activations are
+    captured by forward hooks (which hand a copy downstream, so in-place activations cannot
+    overwrite them), removed in all cases; mode, ``.grad``, ``requires_grad`` and buffers are
+    restored.
 
     These are channel scores: each channel's score is broadcast over its weights, and
     ``channel_reduce = "mean"`` gives back the exact channel score at granularity "channel".
@@ -81,8 +87,14 @@ class Taylor:
         samples = batches = 0
 
         def capture(n):
-            return lambda module, inputs, output: outs[n].append(output)
+            def hook(module, inputs, output):
+                outs[n].append(output)
+                # later in-place ops (ReLU6(inplace=True)...) must not overwrite a: they get a copy
+                return output.clone()
 
+            return hook
+
+        fastpaths.check_per_sample(model)
         handles = []
         try:
             for n in names:
@@ -91,9 +103,21 @@ class Taylor:
             for i, (x, y) in enumerate(iter_batches(data, self.n_samples, device=device)):
                 if self.n_batches is not None and i >= self.n_batches:
                     break
+                layers = {owners[n][0]: n for n in names}
+                proven = fastpaths.probe(model, x, layers)  # raises if samples interact
+                for m, n in layers.items():
+                    if m not in proven:
+                        raise ValueError(
+                            f"taylor needs the output of the layer of {n!r} to carry the samples "
+                            "on dim 0 (and nothing else mixed into it); that was not the case on "
+                            "this batch (e.g. a sequence-first transformer, a layer on "
+                            "x.transpose(0, 1) or on batch-independent queries). Score that "
+                            "parameter with 'taylor_weight', or use batch_first layouts"
+                        )
                 for v in outs.values():
                     v.clear()
-                loss = loss_fn(model(x), y)
+                # the sum of per-sample losses: its gradient at sample n's activation is dl_n/da
+                loss = per_sample_losses(loss_fn, forward(model, x), y).sum()
                 for n in names:
                     if len(outs[n]) != 1:
                         raise ValueError(
@@ -106,8 +130,7 @@ class Taylor:
                     dim = owners[n][1]
                     if g is None:
                         g = torch.zeros_like(a)
-                    # B * dL/da = dl_n/da for a mean-reduced loss; [B, C, positions]
-                    prod = (a.detach() * g * len(x)).movedim(dim, 1)
+                    prod = (a.detach() * g).movedim(dim, 1)  # [B, C, positions]
                     prod = prod.reshape(prod.shape[0], prod.shape[1], -1)
                     theta = prod.double().mean(2).abs().sum(0)
                     totals[n] = totals[n] + theta if n in totals else theta
