@@ -124,7 +124,11 @@ def _sample_targets(out: Tensor, y: Tensor, loss_fn, likelihood: str, gen) -> Te
             )
         p = torch.softmax(out.float(), dim=1).movedim(1, -1)
         draw = torch.multinomial(p.reshape(-1, p.shape[-1]), 1, generator=gen)
-        return draw.reshape(p.shape[:-1])
+        draw = draw.reshape(p.shape[:-1])
+        ce = _ce_settings(loss_fn)
+        if ce is not None and not y.is_floating_point() and y.shape == draw.shape:
+            draw = torch.where(y == ce["ignore_index"], y, draw)  # padding stays out of the loss
+        return draw
     if likelihood == "gaussian":
         sigma = (2 * _gaussian_scale(loss_fn, out)) ** -0.5
         return out + sigma * torch.randn(
@@ -299,7 +303,7 @@ def diag_hessian_hutchinson(
     gen = _generator(seed, model_device(model))
     names = list(params)
     acc, N, passes = {}, 0, 0
-    with requiring_grad(params):
+    with requiring_grad(params), fastpaths.twice_differentiable():
         for x, y in batches:
             check_batch(x, y)
             L = _summed_losses(model, x, y, loss_fn)
@@ -377,7 +381,7 @@ def _backpack_diag(model, params, batches, loss_fn, extension: str) -> DiagCurva
 def _autograd_diag_hessian(model, params, batches, loss_fn, chunk_size) -> DiagCurvature:
     names = list(params)
     acc, N, passes = {}, 0, 0
-    with requiring_grad(params):
+    with requiring_grad(params), fastpaths.twice_differentiable():
         for x, y in batches:
             check_batch(x, y)
             L = _summed_losses(model, x, y, loss_fn)

@@ -19,7 +19,8 @@ A new layer type adds one rule to a table here, nothing elsewhere.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import contextlib
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -151,6 +152,21 @@ def probe(model: nn.Module, x: Tensor, modules: Iterable[nn.Module]) -> set[nn.M
         if ok:
             proven.add(m)
     return proven
+
+
+# ----------------------------------------------------------------------------- double backward
+
+
+@contextlib.contextmanager
+def twice_differentiable() -> Iterator[None]:
+    """Kernels with a double backward for second derivatives (Hessian-vector products): the
+    fused CPU/CUDA scaled-dot-product attention kernels have none ("derivative for
+    aten::_scaled_dot_product_flash_attention_for_cpu_backward is not implemented"), so
+    attention runs on the reference (math) kernel inside this context, restored on exit."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel([SDPBackend.MATH]):
+        yield
 
 
 # ----------------------------------------------------------------------------- BackPACK

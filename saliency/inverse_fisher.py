@@ -352,7 +352,8 @@ def exact_inverse_hessian(
                 out = out + per_sample_losses(loss_fn, forward(model, x), y).sum().to(dt)
         return out / m
 
-    H = torch.autograd.functional.hessian(loss_of, flat0).to(dt)
+    with fastpaths.twice_differentiable():
+        H = torch.autograd.functional.hessian(loss_of, flat0).to(dt)
     a = blk.alive[0]
     H = H * (a[:, None] & a[None, :])
     lam = _damping(torch.diagonal(H)[None] * m, blk.alive, m, damp, damp_absolute)

@@ -27,7 +27,7 @@ class Arch:
     batch: Callable[[torch.Generator], tuple]
     loss: Callable = F.cross_entropy
     mixes_samples: bool = False  # samples interact in the forward pass: per-sample refused
-    tags: set = field(default_factory=set)
+    tags: set = field(default_factory=set)  # "backpack": BackPACK must take this model
 
     def make(self, seed: int = 0):
         torch.manual_seed(seed)
@@ -338,10 +338,38 @@ def _regression(g):
     )
 
 
+def seq_positions(padding_mode="zeros"):
+    """Sequential Conv1d model with per-position logits [B, C, L] (BackPACK-routable when the
+    padding is zeros; circular padding must step aside)."""
+    return nn.Sequential(
+        nn.Conv1d(2, 3, 3, padding=1, padding_mode=padding_mode), nn.Tanh(), nn.Conv1d(3, C, 1)
+    )
+
+
+def seq_pool_same():
+    return nn.Sequential(
+        nn.Conv2d(1, 2, 3, padding="same"),
+        nn.ReLU(),
+        nn.AvgPool2d(3, stride=2, padding=1, count_include_pad=False),
+        nn.Flatten(),
+        nn.Linear(2 * 2 * 2, C),
+    )
+
+
+def seq_registered_twice():
+    shared = nn.Linear(D, D)
+    return nn.Sequential(shared, nn.Tanh(), shared, nn.Tanh(), nn.Linear(D, C))
+
+
+def _positions(g):
+    x = torch.randn(B, 2, 5, generator=g, dtype=torch.float64)
+    return x, torch.randint(0, C, (B, 5), generator=g)
+
+
 ARCHS = [
-    Arch("mlp", mlp, _x(D)),
-    Arch("mlp_mse_sum", mlp, _regression, nn.MSELoss(reduction="sum"), tags={"regression"}),
-    Arch("cnn", cnn, _x(1, 6, 6)),
+    Arch("mlp", mlp, _x(D), tags={"backpack"}),
+    Arch("mlp_mse_sum", mlp, _regression, nn.MSELoss(reduction="sum"), tags={"backpack"}),
+    Arch("cnn", cnn, _x(1, 6, 6), tags={"backpack"}),
     Arch("encoder_seq_first", lambda: Encoder(False), _x(B, D)),
     Arch("encoder_batch_first", lambda: Encoder(True), _x(B, D)),
     Arch("vit_block", ViTBlock, _x(1, 4, 4)),
@@ -364,6 +392,10 @@ ARCHS = [
     Arch("frozen", Frozen, _x(D)),
     Arch("inplace_acts", InPlaceActs, _x(D)),
     Arch("channels_last", ChannelsLast, _channels_last),
+    Arch("seq_positions", seq_positions, _positions, tags={"backpack"}),
+    Arch("seq_positions_circular", lambda: seq_positions("circular"), _positions),
+    Arch("seq_pool_same", seq_pool_same, _x(1, 4, 4)),
+    Arch("seq_registered_twice", seq_registered_twice, _x(D)),
 ]
 ARCH_IDS = [a.name for a in ARCHS]
 BY_NAME = {a.name: a for a in ARCHS}

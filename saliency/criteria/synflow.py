@@ -73,6 +73,11 @@ class SynFlow:
             )
         for batch in data:
             x = batch[0] if isinstance(batch, (tuple, list)) else batch
+            if not x.is_floating_point():
+                raise ValueError(
+                    f"synflow feeds an all-ones input, so it needs real-valued inputs; the data "
+                    f"holds {x.dtype} inputs (token ids?). Use another criterion for such models"
+                )
             return tuple(x.shape[1:])
         raise ValueError("data yielded no batch to read the input shape from")
 

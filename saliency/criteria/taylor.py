@@ -103,6 +103,18 @@ class Taylor:
             for i, (x, y) in enumerate(iter_batches(data, self.n_samples, device=device)):
                 if self.n_batches is not None and i >= self.n_batches:
                     break
+                for v in outs.values():
+                    v.clear()
+                # the sum of per-sample losses: its gradient at sample n's activation is dl_n/da
+                loss = per_sample_losses(loss_fn, forward(model, x), y).sum()
+                for n in names:
+                    if len(outs[n]) != 1:
+                        raise ValueError(
+                            f"taylor needs each scored layer to run once per forward as a module; "
+                            f"the layer of {n!r} ran {len(outs[n])} times (0: its weight is used "
+                            "functionally, as MultiheadAttention does with out_proj). Leave it "
+                            "out (prunable_parameters(model, exclude=...)) or use 'taylor_weight'"
+                        )
                 layers = {owners[n][0]: n for n in names}
                 proven = fastpaths.probe(model, x, layers)  # raises if samples interact
                 for m, n in layers.items():
@@ -113,16 +125,6 @@ class Taylor:
                             "this batch (e.g. a sequence-first transformer, a layer on "
                             "x.transpose(0, 1) or on batch-independent queries). Score that "
                             "parameter with 'taylor_weight', or use batch_first layouts"
-                        )
-                for v in outs.values():
-                    v.clear()
-                # the sum of per-sample losses: its gradient at sample n's activation is dl_n/da
-                loss = per_sample_losses(loss_fn, forward(model, x), y).sum()
-                for n in names:
-                    if len(outs[n]) != 1:
-                        raise ValueError(
-                            f"taylor needs each scored layer to run once per forward; the layer of "
-                            f"{n!r} ran {len(outs[n])} times"
                         )
                 acts = [outs[n][0] for n in names]
                 grads = torch.autograd.grad(loss, acts, allow_unused=True)

@@ -1,0 +1,477 @@
+"""Every estimator and criterion on every architecture of the zoo, against references written
+here with plain per-sample autograd loops (never `functional_call`), in float64.
+
+Each estimator is a pair (library call, reference); each architecture either matches the
+reference to 1e-8 (relative to the reference's largest entry) or raises the documented refusal
+listed in `REFUSED`. A new estimator joins `ESTIMATORS` and is checked on every architecture.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import re
+
+import pytest
+import torch
+from arch_zoo import ARCH_IDS, ARCHS, _logits, loop_grads, loop_losses
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import saliency
+from saliency import curvature as C
+from saliency import inverse_fisher as IF
+from saliency import per_sample as P
+
+TOL = 1e-8
+MIXES = "track_running_stats=False"
+
+# ----------------------------------------------------------------------------- references
+
+
+@contextlib.contextmanager
+def requiring(ps):
+    """Gradients for the references, whatever the model's requires_grad (frozen layers)."""
+    saved = [(p, p.requires_grad) for p in ps]
+    try:
+        with torch.enable_grad():
+            for p in ps:
+                p.requires_grad_(True)
+            yield
+    finally:
+        for p, r in saved:
+            p.requires_grad_(r)
+
+
+def _grad_or_zeros(out, ps, **kw):
+    gs = torch.autograd.grad(out, ps, allow_unused=True, **kw)
+    return [torch.zeros_like(p) if g is None else g for p, g in zip(ps, gs, strict=True)]
+
+
+class Ref:
+    """Brute-force quantities of one (model, params, batch, loss), computed lazily."""
+
+    def __init__(self, model, params, x, y, loss):
+        self.model, self.params, self.x, self.y, self.loss = model, params, x, y, loss
+        self.names = list(params)
+        self.ps = [params[n] for n in self.names]
+        self.N = len(x)
+        self._cache = {}
+
+    def __getattr__(self, key):
+        if key.startswith("_") or key not in type(self).__dict__.get("_lazy", ()):
+            raise AttributeError(key)
+        if key not in self._cache:
+            with requiring(self.ps):
+                self._cache[key] = getattr(self, "_" + key)()
+        return self._cache[key]
+
+    _lazy = ("grads", "hessian", "ggn")
+
+    def split(self, flat):
+        out, i = {}, 0
+        for n, p in zip(self.names, self.ps, strict=True):
+            out[n] = flat[i : i + p.numel()].view_as(p)
+            i += p.numel()
+        return out
+
+    def _grads(self):
+        return loop_grads(self.model, self.params, self.x, self.y, self.loss)
+
+    def _hessian(self):
+        """Full Hessian of (1/N) sum_n l_n over all params, one double backward per row."""
+        with sdpa_kernel([SDPBackend.MATH]):  # fused attention kernels have no double backward
+            return self._hessian_rows()
+
+    def _hessian_rows(self):
+        L = sum(loop_losses(self.model, self.x, self.y, self.loss)) / self.N
+        g = torch.cat([t.reshape(-1) for t in _grad_or_zeros(L, self.ps, create_graph=True)])
+        rows = []
+        for i in range(len(g)):
+            if g.requires_grad:
+                r = _grad_or_zeros(g[i], self.ps, retain_graph=True)
+                rows.append(torch.cat([t.reshape(-1) for t in r]))
+            else:
+                rows.append(torch.zeros_like(g))
+        return torch.stack(rows).detach()
+
+    def out_hessian(self, n):
+        with requiring(self.ps):
+            return self._out_hessian(n)
+
+    def _out_hessian(self, n):
+        out = _logits(self.model(self.x[n : n + 1])).detach()
+        f = lambda o: self.loss(o.reshape(out.shape), self.y[n : n + 1])
+        return torch.autograd.functional.hessian(f, out.reshape(-1))
+
+    def jacobian(self, n):
+        with requiring(self.ps):
+            return self._jacobian(n)
+
+    def _jacobian(self, n):
+        out = _logits(self.model(self.x[n : n + 1])).reshape(-1)
+        rows = [
+            torch.cat([t.reshape(-1) for t in _grad_or_zeros(out[k], self.ps, retain_graph=True)])
+            for k in range(len(out))
+        ]
+        return torch.stack(rows)  # [outputs, P]
+
+    def _ggn(self):
+        G = 0
+        for n in range(self.N):
+            J, H = self._jacobian(n), self._out_hessian(n)
+            G = G + ((H @ J) * J).sum(0)
+        return self.split(G / self.N)
+
+
+def _close(got, ref, tol=TOL, scale=None):
+    """Max error relative to ``scale`` (default: the reference's largest entry)."""
+    scale = (float(ref.abs().max()) if scale is None else scale) + 1e-30
+    err = float((got.double() - ref.double()).abs().max()) / scale
+    assert got.shape == ref.shape and err <= tol, f"relative error {err:.2e} > {tol:.0e}"
+
+
+def _close_dicts(got, ref, tol=TOL):
+    """Every tensor relative to the largest entry of all (an entry that is zero in exact
+    arithmetic, e.g. a bias a softmax is invariant to, is rounding noise around 0)."""
+    assert set(got) == set(ref)
+    scale = max(float(r.abs().max()) for r in ref.values())
+    for n in ref:
+        try:
+            _close(got[n], ref[n], tol, scale)
+        except AssertionError as e:
+            raise AssertionError(f"{n}: {e}") from None
+
+
+# ----------------------------------------------------------------------------- estimators
+
+
+def per_sample_grads(model, params, x, y, loss, ref):
+    _close_dicts(P.per_sample_grads(model, params, x, y, loss), ref.grads)
+
+
+def sum_grad_squared(model, params, x, y, loss, ref):
+    got = P.sum_grad_squared(model, params, x, y, loss)
+    _close_dicts(got, {n: g.pow(2).sum(0) for n, g in ref.grads.items()})
+
+
+def fisher_empirical(model, params, x, y, loss, ref):
+    got = C.diag_fisher(model, params, [(x, y)], loss)
+    _close_dicts(got, {n: g.pow(2).mean(0) for n, g in ref.grads.items()})
+
+
+def fisher_true(model, params, x, y, loss, ref):
+    mc = 2
+    got = C.diag_fisher(model, params, [(x, y)], loss, kind="true", mc_samples=mc, seed=3)
+    gen = torch.Generator().manual_seed(3)  # the library's draws, replayed
+    out = _logits(model(x)).detach()
+    targets = [C._sample_targets(out, y, loss, "auto", gen) for _ in range(mc)]
+    want = {n: 0 for n in params}
+    for t in targets:
+        for n, g in loop_grads(model, params, x, t, loss).items():
+            want[n] = want[n] + g.pow(2).sum(0) / (len(x) * mc)
+    _close_dicts(got, want)
+
+
+def ggn(backend):
+    def run(model, params, x, y, loss, ref):
+        _close_dicts(C.diag_ggn(model, params, [(x, y)], loss, backend=backend), ref.ggn)
+
+    run.__name__ = f"ggn_{backend}"
+    return run
+
+
+def ggn_monte_carlo(model, params, x, y, loss, ref):
+    mc = 2
+    got = C.diag_ggn(model, params, [(x, y)], loss, exact=False, mc_samples=mc, seed=5)
+    out = _logits(model(x)).detach()
+    S = C._loss_hessian_sqrt(loss, out, y)  # the library's square root, checked here
+    gen = torch.Generator().manual_seed(5)
+    eps = [torch.randint(0, 2, S.shape[::2], generator=gen).double() * 2 - 1 for _ in range(mc)]
+    G = 0
+    for n in range(len(x)):
+        _close(S[n] @ S[n].T, ref.out_hessian(n))
+        J = ref.jacobian(n)
+        for e in eps:
+            G = G + (J.T @ (S[n] @ e[n])) ** 2
+    _close_dicts(got, ref.split(G / (len(x) * mc)))
+
+
+def hessian_diag(backend):
+    def run(model, params, x, y, loss, ref):
+        got = C.diag_hessian_exact(model, params, [(x, y)], loss, backend=backend)
+        _close_dicts(got, ref.split(torch.diagonal(ref.hessian)))
+
+    run.__name__ = f"hessian_{backend}"
+    return run
+
+
+def hutchinson(model, params, x, y, loss, ref):
+    K = 3
+    got = C.diag_hessian_hutchinson(model, params, [(x, y)], loss, n_probes=K, seed=7)
+    # the library's probes, replayed: one per parameter whose gradient depends on the weights
+    with requiring(ref.ps), sdpa_kernel([SDPBackend.MATH]):
+        L = sum(loop_losses(model, x, y, loss))
+        gs = torch.autograd.grad(L, ref.ps, create_graph=True, allow_unused=True)
+    live = [i for i, g in enumerate(gs) if g is not None and g.requires_grad]
+    gen = torch.Generator().manual_seed(7)
+    acc = torch.zeros(sum(p.numel() for p in ref.ps), dtype=torch.float64)
+    offsets = torch.tensor([0] + [p.numel() for p in ref.ps]).cumsum(0)
+    for _ in range(K):
+        z = torch.zeros_like(acc)
+        for i in live:
+            zi = 2.0 * torch.randint(0, 2, ref.ps[i].shape, generator=gen).double() - 1
+            z[offsets[i] : offsets[i + 1]] = zi.reshape(-1)
+        acc += z * (ref.hessian @ z)
+    _close_dicts(got, ref.split(acc / K))
+
+
+def _ref_block_inverse(ref, n, block, damp):
+    """WoodFisher blocks conditioned on the nonzero weights (zeros count as pruned)."""
+    alive = ref.params[n].detach().reshape(-1) != 0
+    G = ref.grads[n].reshape(ref.N, -1) * alive
+    P_ = G.shape[1]
+    nb = -(-P_ // block)
+    G = torch.nn.functional.pad(G, (0, nb * block - P_)).view(ref.N, nb, block)
+    alive = torch.nn.functional.pad(alive, (0, nb * block - P_)).view(nb, block)
+    out = []
+    whole = (G**2).sum(0)[alive].mean() / ref.N
+    for b in range(nb):
+        F = G[:, b].T @ G[:, b] / ref.N
+        mean = torch.diagonal(F)[alive[b]].mean()
+        lam = damp * (mean if mean > 0 else whole)
+        out.append(torch.linalg.inv(F + torch.diag(torch.where(alive[b], lam, 1.0))))
+    return torch.stack(out)
+
+
+def obs_fisher_blocks(model, params, x, y, loss, ref):
+    inv = IF.block_inverse_fisher(
+        model, params, [(x, y)], loss, block_size=8, damp=1e-2, dtype="float64"
+    )
+    for blk in inv.blocks:
+        (n,) = blk.names
+        _close(blk.Hinv, _ref_block_inverse(ref, n, 8, 1e-2))
+
+
+def obs_exact_hessian(model, params, x, y, loss, ref):
+    alive = torch.cat([p.detach().reshape(-1) != 0 for p in ref.ps])  # zeros count as pruned
+    H = ref.hessian * (alive[:, None] & alive[None, :])
+    lam = float(torch.linalg.eigvalsh(H).abs().max()) + 1.0  # definite whatever the model
+    inv = IF.exact_inverse_hessian(model, params, [(x, y)], loss, damp_absolute=lam)
+    damping = alive.to(H.dtype) * lam + (~alive).to(H.dtype)
+    _close(inv.blocks[0].Hinv[0], torch.linalg.inv(H + torch.diag(damping)))
+
+
+ESTIMATORS = [
+    per_sample_grads,
+    sum_grad_squared,
+    fisher_empirical,
+    fisher_true,
+    ggn("torch"),
+    ggn("auto"),
+    ggn_monte_carlo,
+    hessian_diag("autograd"),
+    hessian_diag("auto"),
+    hutchinson,
+    obs_fisher_blocks,
+    obs_exact_hessian,
+]
+
+# (estimator or criterion, arch) -> regex of the refusal; "*" as arch: every arch
+PER_SAMPLE = [e.__name__ for e in ESTIMATORS] + ["obd", "obs", "obs_exact", "taylor"]
+REFUSED = {(e, "resnet_bn_batch_stats"): MIXES for e in PER_SAMPLE}
+_UNPROVEN = "carry the samples on dim 0"
+REFUSED["taylor", "encoder_seq_first"] = "run once per forward"
+for _arch in ("linear_transposed", "linear_reshaped", "learned_queries"):
+    REFUSED["taylor", _arch] = _UNPROVEN
+for _arch in ("shared_twice", "seq_registered_twice", "encoder_batch_first", "vit_block"):
+    REFUSED["taylor", _arch] = "run once per forward"  # twice; or 0 times: MHA's out_proj
+REFUSED["taylor", "conv_transpose"] = "is not the weight of one"
+REFUSED["synflow", "tied_lm_ignore_index"] = REFUSED["synflow", "tied_lm_sum"] = "real-valued"
+
+
+def _expect(name, arch):
+    return REFUSED.get((name, arch.name))
+
+
+@pytest.fixture(params=ARCHS, ids=ARCH_IDS)
+def arch(request):
+    return request.param
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS, ids=lambda e: e.__name__)
+def test_estimator_matches_brute_force(arch, estimator):
+    model, x, y = arch.make()
+    params = dict(model.named_parameters())
+    before = copy.deepcopy(model.state_dict())
+    ref = Ref(model, params, x, y, arch.loss)
+    why = _expect(estimator.__name__, arch)
+    if why:
+        with pytest.raises(ValueError, match=why):
+            estimator(model, params, x, y, arch.loss, ref)
+    else:
+        estimator(model, params, x, y, arch.loss, ref)
+    _untouched(model, params, before)
+
+
+def _untouched(model, params, before):
+    """Same Parameter objects, values, buffers, no .grad, requires_grad as built."""
+    assert all(p is params[n] and p.is_leaf for n, p in model.named_parameters())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_backpack_takes_the_sequential_models_it_supports_and_only_those():
+    for a in ARCHS:
+        model, x, y = a.make()
+        why = C.backpack_unsupported(model, a.loss, [(x, y)])
+        assert (why is None) == ("backpack" in a.tags), (a.name, why)
+
+
+def test_true_fisher_keeps_ignored_positions_ignored():
+    out = torch.randn(2, 5, 3, dtype=torch.float64)
+    y = torch.randint(0, 5, (2, 3))
+    y[0, 1] = -100
+    t = C._sample_targets(out, y, torch.nn.CrossEntropyLoss(), "auto", torch.Generator())
+    assert t[0, 1] == -100 and bool((t[y != -100] >= 0).all())
+
+
+# ----------------------------------------------------------------------------- criteria
+
+
+def _taylor_ref(model, params, x, y, loss):
+    """Per-sample loop: Theta_n = |mean over positions of a * dl_n/da| per output channel."""
+    owners = {id(m.weight): m for m in model.modules() if hasattr(m, "weight")}
+    total = {n: 0 for n in params}
+    for i in range(len(x)):
+        acts = {}
+        hooks = [
+            owners[id(p)].register_forward_hook(
+                lambda m, inp, out, n=n: (acts.__setitem__(n, out), out.clone())[1]
+            )
+            for n, p in params.items()
+        ]
+        try:
+            with requiring(list(params.values())):
+                li = loss(_logits(model(x[i : i + 1])), y[i : i + 1])
+                gs = torch.autograd.grad(li, [acts[n] for n in params])
+        finally:
+            for h in hooks:
+                h.remove()
+        for n, g in zip(params, gs, strict=True):
+            a = acts[n]
+            dim = 1 if isinstance(owners[id(params[n])], torch.nn.modules.conv._ConvNd) else -1
+            prod = (a.detach() * g).movedim(dim, 1)
+            total[n] = total[n] + prod.reshape(1, prod.shape[1], -1).mean(2).abs()[0]
+    out = {}
+    for n, p in params.items():
+        s = total[n] / len(x)
+        s = s / s.norm()
+        out[n] = s.view(-1, *[1] * (p.dim() - 1)).expand(p.shape)
+    return out
+
+
+def _batch_grad(model, params, x, y, loss, T=1.0):
+    with requiring(list(params.values())):
+        return dict(
+            zip(params, _grad_or_zeros(loss(_logits(model(x)) / T, y), list(params.values())))
+        )
+
+
+def _grasp_ref(model, params, x, y, loss):
+    ps = list(params.values())
+    with requiring(ps), sdpa_kernel([SDPBackend.MATH]):
+        L = loss(_logits(model(x)) / 200.0, y)
+        g = _grad_or_zeros(L, ps, create_graph=True)
+        z = sum((gi * gi.detach()).sum() for gi in g if gi.requires_grad)
+        Hg = _grad_or_zeros(z, ps)
+    raw = {n: p.detach() * h for (n, p), h in zip(params.items(), Hg, strict=True)}
+    norm = abs(sum(float(s.sum()) for s in raw.values())) + 1e-10
+    return {n: s / norm for n, s in raw.items()}
+
+
+def _synflow_ref(model, params, x):
+    lin = copy.deepcopy(model).double().eval()
+    with torch.no_grad():
+        for t in lin.state_dict().values():
+            if t.is_floating_point():
+                t.abs_()
+    named = {id(p): n for n, p in model.named_parameters()}
+    lp = dict(lin.named_parameters())
+    ts = [lp[named[id(p)]] for p in params.values()]
+    with requiring(ts):
+        R = _logits(lin(torch.ones(1, *x.shape[1:], dtype=torch.float64))).sum()
+        gs = _grad_or_zeros(R, ts)
+    return {n: (g * t).abs() for n, g, t in zip(params, gs, ts, strict=True)}
+
+
+def _obs_ref(ref, params, block):
+    out = {}
+    for n, p in params.items():
+        Hinv = _ref_block_inverse(ref, n, block, 1e-2)
+        d = torch.diagonal(Hinv, dim1=1, dim2=2).reshape(-1)[: p.numel()].view_as(p)
+        out[n] = p.detach() ** 2 / (2 * d)
+    return out
+
+
+def _criteria():
+    """name -> (hyperparameters, reference(model, params, x, y, loss, ref), tolerance).
+    OBS and taylor return float32 scores: compared at float32 precision."""
+    half_w2 = lambda H, params: {n: 0.5 * H[n] * p.detach() ** 2 for n, p in params.items()}
+    return {
+        "magnitude": ({}, lambda m, ps, x, y, loss, r: {n: p.abs() for n, p in ps.items()}, TOL),
+        "obd": (
+            {"hessian": "fisher"},
+            lambda m, ps, x, y, loss, r: half_w2(
+                {n: g.pow(2).mean(0) for n, g in r.grads.items()}, ps
+            ),
+            TOL,
+        ),
+        "obd_ggn": ({"hessian": "ggn"}, lambda m, ps, x, y, loss, r: half_w2(r.ggn, ps), TOL),
+        "obs": (
+            {"block_size": 8, "dtype": "float64"},
+            lambda m, ps, x, y, loss, r: _obs_ref(r, ps, 8),
+            1e-6,
+        ),
+        "taylor": ({}, lambda m, ps, x, y, loss, r: _taylor_ref(m, ps, x, y, loss), 1e-6),
+        "taylor_weight": (
+            {},
+            lambda m, ps, x, y, loss, r: {
+                n: (g * ps[n].detach()).abs() for n, g in _batch_grad(m, ps, x, y, loss).items()
+            },
+            1e-6,
+        ),
+        "snip": ({"eval_mode": True}, None, 1e-6),
+        "grasp": ({"eval_mode": True}, lambda m, ps, x, y, l, r: _grasp_ref(m, ps, x, y, l), 1e-6),
+        "synflow": ({"rounds": 1}, lambda m, ps, x, y, loss, r: _synflow_ref(m, ps, x), 1e-6),
+    }
+
+
+def _snip_ref(m, ps, x, y, loss):
+    raw = {n: (g * ps[n].detach()).abs() for n, g in _batch_grad(m, ps, x, y, loss).items()}
+    total = sum(float(s.sum()) for s in raw.values())
+    return {n: s / total for n, s in raw.items()}
+
+
+CRITERIA = _criteria()
+
+
+@pytest.mark.parametrize("crit", list(CRITERIA))
+def test_criterion_matches_brute_force(arch, crit):
+    model, x, y = arch.make()
+    params = saliency.prunable_parameters(model)
+    hp, reference, tol = CRITERIA[crit]
+    ref_fn = reference or _snip_ref
+    name = re.sub(r"_ggn$", "", crit)
+    before = copy.deepcopy(model.state_dict())
+    why = _expect(name, arch)
+    if why:
+        with pytest.raises(ValueError, match=why):
+            saliency.score(model, name, data=[(x, y)], loss_fn=arch.loss, **hp)
+        return
+    got = saliency.score(model, name, data=[(x, y)], loss_fn=arch.loss, **hp)
+    _untouched(model, dict(model.named_parameters()), before)
+    if reference is None:
+        want = _snip_ref(model, params, x, y, arch.loss)
+    else:
+        want = ref_fn(model, params, x, y, arch.loss, Ref(model, params, x, y, arch.loss))
+    _close_dicts(dict(got), want, tol)
