@@ -11,6 +11,7 @@ from arch_zoo import ARCH_IDS, ARCHS, _logits
 from test_apply import MAKE_OPTIMIZER, pruned_values
 
 import saliency
+from saliency.allocate import group_index
 from saliency.targets import channel_layout
 
 
@@ -25,10 +26,12 @@ def one_thread():
 
 
 def assert_whole_channels(model, masks):
+    """Every output channel (dim 0, or a column of a group for ConvTranspose) all kept or all pruned."""
     layout = channel_layout(model, saliency.prunable_parameters(model))
     for n, keep in masks.items():
-        per_channel = keep.movedim(layout.get(n, (0, 1))[0], 0).flatten(1)  # groups=1 here
-        assert (per_channel.all(1) | ~per_channel.any(1)).all(), n
+        idx = group_index(keep.shape, "channel", None, "cpu", layout.get(n, (0, 1)))
+        for c in idx.unique():
+            assert keep[idx == c].all() or not keep[idx == c].any(), (n, int(c))
 
 
 @pytest.mark.parametrize("granularity", ["element", "channel"])
