@@ -6,7 +6,9 @@ its elements' scores, and the lowest-scoring groups are pruned. Counts are exact
 equal size, round(sparsity * G) of the G groups (round(sparsity * N) elements for element
 granularity, as `torch.nn.utils.prune`); with unequal groups (global channel scope, edge blocks),
 the number of zeros closest to round(sparsity * N). Ties are broken deterministically by position
-(layer order, then flat index), by a stable sort.
+(layer order, then flat index), by a stable sort. Per-layer limits (`max_layer_sparsity`, and at
+channel granularity the layer-collapse guard `min_layer_channels`) move the zeros a layer may not
+take to the next-lowest groups of other layers, keeping the total where it can be reached.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import logging
 import math
 import re
 from collections.abc import Mapping
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor
@@ -70,15 +72,30 @@ def _as_2d(shape: torch.Size) -> tuple[int, int]:
 
 
 def group_index(
-    shape: torch.Size, granularity: str, block: tuple[int, int] | None, device
+    shape: torch.Size,
+    granularity: str,
+    block: tuple[int, int] | None,
+    device,
+    layout: tuple[int, int] = (0, 1),
 ) -> Tensor:
-    """Group id of every element, shaped like the parameter."""
+    """Group id of every element, shaped like the parameter.
+
+    For "channel", `layout = (dim, groups)` says where output channels run: dim 0 (Linear, Conv:
+    [out, in/groups, *k]) or dim 1 in `groups` blocks of dim 0's rows (ConvTranspose:
+    [in, out/groups, *k], output channel g * (out/groups) + j for row block g, column j).
+    """
     numel = math.prod(shape)
     if granularity == "element":
         return torch.arange(numel, device=device).view(shape)
     if granularity == "channel":
-        out = shape[0] if len(shape) else 1
-        return torch.arange(out, device=device).view(-1, *[1] * (len(shape) - 1)).expand(shape)
+        dim, groups = layout
+        if dim == 0 or len(shape) < 2:
+            out = shape[0] if len(shape) else 1
+            return torch.arange(out, device=device).view(-1, *[1] * (len(shape) - 1)).expand(shape)
+        rows, cols = shape[0], shape[1]
+        group_of_row = torch.arange(rows, device=device) // (rows // groups)
+        ids = group_of_row[:, None] * cols + torch.arange(cols, device=device)[None, :]
+        return ids.view(rows, cols, *[1] * (len(shape) - 2)).expand(shape)
     if granularity == "block":
         h, w = block
         rows, cols = _as_2d(shape)
@@ -110,10 +127,11 @@ def _reduce(s: Tensor, idx: Tensor, n_groups: int, how: str) -> Tensor:
 
 def _select(
     group_scores: Tensor, sizes: Tensor, pruned_before: Tensor, cap: Tensor, target: int
-) -> Tensor:
-    """Pruned flag per group: the lowest-scoring prefix whose zero count is closest to `target`.
+) -> tuple[Tensor, int]:
+    """Pruned flag per group: the lowest-scoring prefix whose zero count is closest to `target`,
+    and the most zeros the per-layer limits let any prefix reach.
 
-    Groups already entirely pruned go first; `cap` marks groups a per-layer maximum forbids.
+    Groups already entirely pruned go first; `cap` marks the groups per-layer limits let go.
     """
     fully = pruned_before == sizes
     key = torch.where(fully, torch.full_like(group_scores, -math.inf), group_scores)
@@ -123,16 +141,10 @@ def _select(
     zeros = int(pruned_before.sum()) + torch.cat([gain.new_zeros(1), gain.cumsum(0)])
     # the prefix of length j leaves zeros[j] zeros; take the closest to target (ties: fewer)
     j = int(torch.argmin((zeros - target).abs()))
-    if int(zeros[-1]) < target:
-        log.warning(
-            "max_layer_sparsity allows only %d of the %d zeros asked for; pruning those",
-            int(zeros[-1]),
-            target,
-        )
     j = max(j, int(fully[order].sum()))  # monotone: already-pruned groups stay pruned
     pruned = torch.zeros_like(fully)
     pruned[order[:j]] = True
-    return pruned
+    return pruned, int(zeros[-1])
 
 
 def _nm_masks(scores, n: int, m: int, current: Masks | None) -> dict[str, Tensor]:
@@ -214,6 +226,88 @@ def _check_block_fits(scores: Mapping[str, Tensor], block: tuple[int, int]) -> N
             )
 
 
+class _Layer(NamedTuple):
+    """One tensor's groups: element -> group index (None for elements), group scores, group
+    sizes, zeros already in force per group, which groups the per-layer limits let go (`cap`:
+    max_layer_sparsity; `guard`: min_layer_channels), and the score tensor itself."""
+
+    idx: Tensor | None
+    scores: Tensor
+    sizes: Tensor
+    before: Tensor
+    cap: Tensor
+    guard: Tensor
+    s: Tensor
+
+
+def _lowest_first(g_scores: Tensor, alive: Tensor) -> Tensor:
+    """Group indices in pruning order: dead groups first, then by score, ties by position."""
+    key = torch.where(alive, g_scores, torch.full_like(g_scores, -math.inf))
+    return torch.sort(key, stable=True).indices
+
+
+def _layer(
+    name: str,
+    s: Tensor,
+    *,
+    granularity: str,
+    how: str,
+    block,
+    layout: tuple[int, int],
+    current: Masks | None,
+    max_layer_sparsity: float | None,
+    min_layer_channels: int,
+) -> _Layer:
+    if granularity == "element":
+        idx, g_scores = None, s.reshape(-1).double()
+        sizes = torch.ones(s.numel(), device=s.device)
+    else:
+        idx = group_index(s.shape, granularity, block, s.device, layout)
+        n_groups = int(idx.max()) + 1 if s.numel() else 0
+        g_scores = _reduce(s, idx, n_groups, how)
+        sizes = torch.zeros(n_groups, device=s.device).index_add_(
+            0, idx.reshape(-1), torch.ones(s.numel(), device=s.device)
+        )
+    before = torch.zeros_like(sizes)
+    if current is not None:
+        dead = (~current[name].to(s.device)).reshape(-1).float()
+        before = dead if idx is None else before.index_add_(0, idx.reshape(-1), dead)
+    gain = sizes - before
+    order = _lowest_first(g_scores, gain > 0)
+    cap = torch.ones_like(sizes, dtype=torch.bool)
+    if max_layer_sparsity is not None:
+        # the groups this layer may lose: dead ones first, then its lowest scores, while the
+        # zeros (old and new) stay within the cap
+        budget = max_layer_sparsity * s.numel() - float(before.sum()) + 1e-9
+        cap = torch.zeros_like(cap)
+        cap[order[gain[order].cumsum(0) <= budget]] = True
+    guard = torch.ones_like(cap)
+    if granularity == "channel" and min_layer_channels:
+        # the highest-scoring live channels, the last to go in pruning order, are protected
+        alive = int((gain > 0).sum())
+        guard[order[len(order) - min(min_layer_channels, alive) :]] = False
+    return _Layer(idx, g_scores, sizes.long(), before.long(), cap, guard, s)
+
+
+def _check_channel_layout(layout: Mapping[str, tuple[int, int]], scores) -> None:
+    for name, value in layout.items():
+        if name not in scores:
+            raise ValueError(f"channel_layout names unknown tensor {name!r}; known: {list(scores)}")
+        shape = tuple(scores[name].shape)
+        ok = isinstance(value, tuple) and len(value) == 2 and all(isinstance(v, int) for v in value)
+        dim, groups = value if ok else (None, None)
+        if not ok or dim not in (0, 1) or groups < 1 or (dim == 1 and len(shape) < 2):
+            raise ValueError(
+                f"channel_layout[{name!r}] must be (dim, groups) with dim 0, or dim 1 on a tensor "
+                f"of 2+ dims, and groups >= 1; got {value!r} for shape {shape}"
+            )
+        if dim == 1 and shape[0] % groups:
+            raise ValueError(
+                f"channel_layout[{name!r}] = {value!r}: dim 0 of shape {shape} does not split "
+                f"into {groups} groups"
+            )
+
+
 def allocate(
     scores: Mapping[str, Tensor],
     sparsity: float | None,
@@ -226,18 +320,32 @@ def allocate(
     current: Masks | None = None,
     layer_sparsity: Mapping[str, float] | None = None,
     max_layer_sparsity: float | None = None,
+    min_layer_channels: int = 1,
+    channel_layout: Mapping[str, tuple[int, int]] | None = None,
 ) -> Masks:
     """Masks pruning the lowest-scoring fraction `sparsity` of the target set (higher score = keep).
 
     scope: "global" ranks all tensors together; "layer" gives every tensor the same sparsity.
-    granularity: "element"; "channel" (output neurons / filters, dim 0; group score reduced by
-    `reduce`, L2 by default so that magnitude matches `ln_structured(n=2, dim=0)`); "block" of
-    `block=(h, w)` on weights viewed as [out, in*k*k], pooled by `pooling` ("avg" or "max", as
-    tfmot's `block_pooling_type`; edge blocks are padded); or "N:M" like "2:4" (keep N of every M
-    consecutive weights along the input dimension; `sparsity` must be None or 1 - N/M).
+    granularity: "element"; "channel" (output neurons / filters, dim 0 unless `channel_layout`
+    says otherwise; group score reduced by `reduce`, L2 by default so that magnitude matches
+    `ln_structured(n=2, dim=0)`); "block" of `block=(h, w)` on weights viewed as [out, in*k*k],
+    pooled by `pooling` ("avg" or "max", as tfmot's `block_pooling_type`; edge blocks are
+    padded); or "N:M" like "2:4" (keep N of every M consecutive weights along the input
+    dimension; `sparsity` must be None or 1 - N/M).
     current: masks already in force; their zeros stay zero and count toward the target.
     layer_sparsity: {name: sparsity} allocated per layer; the other tensors share `sparsity`.
     max_layer_sparsity: no tensor gets more than this fraction pruned (avoids layer collapse).
+    min_layer_channels: at granularity "channel", every tensor keeps at least this many output
+    channels (default 1): a layer with none left passes only its bias, and global channel
+    pruning otherwise empties whole layers (layer collapse) without a word. The guard acts
+    only when needed: if the unguarded allocation leaves every tensor that many channels, it
+    is the result; otherwise a warning names the layers, their highest-scoring channels are
+    kept, and the zeros they cannot take go to the next-lowest channels of the other tensors
+    (global scope), so the total stays the closest reachable to the target; in layer scope,
+    or when every tensor is at its limit, fewer zeros than asked are pruned. 0 turns it off.
+    channel_layout: {name: (dim, groups)} for tensors whose output channels run along dim 1
+    in `groups` blocks of dim 0 (ConvTranspose weights [in, out/groups, *k]: (1, groups));
+    `saliency.prune` derives it from the module types (`targets.channel_layout`).
     """
     _check_scores(scores, current)
     nm, how = check_allocation(sparsity, scope, granularity, reduce, block, pooling)
@@ -248,72 +356,83 @@ def allocate(
         _check_block_fits(scores, block)
     if max_layer_sparsity is not None:
         max_layer_sparsity = check_sparsity(max_layer_sparsity, "max_layer_sparsity")
+    if (
+        isinstance(min_layer_channels, bool)
+        or not isinstance(min_layer_channels, int)
+        or min_layer_channels < 0
+    ):
+        raise ValueError(
+            f"min_layer_channels must be an int >= 0 (0 turns the guard off); got {min_layer_channels!r}"
+        )
+    layout = dict(channel_layout or {})
+    _check_channel_layout(layout, scores)
     overrides = dict(layer_sparsity or {})
     unknown = sorted(set(overrides) - set(scores))
     if unknown:
         raise ValueError(f"layer_sparsity names unknown tensors {unknown}; known: {list(scores)}")
 
-    # per-layer groups: scores, sizes, zeros already in force, eligibility under the cap
-    layers = {}
-    for name, s in scores.items():
-        if granularity == "element":
-            idx, g_scores, sizes = (
-                None,
-                s.reshape(-1).double(),
-                torch.ones(s.numel(), device=s.device),
-            )
-        else:
-            idx = group_index(s.shape, granularity, block, s.device)
-            n_groups = int(idx.max()) + 1 if s.numel() else 0
-            g_scores = _reduce(s, idx, n_groups, how)
-            sizes = torch.zeros(n_groups, device=s.device).index_add_(
-                0, idx.reshape(-1), torch.ones(s.numel(), device=s.device)
-            )
-        if current is not None:
-            dead = (~current[name].to(s.device)).reshape(-1).float()
-            before = (
-                dead
-                if idx is None
-                else torch.zeros_like(sizes).index_add_(0, idx.reshape(-1), dead)
-            )
-        else:
-            before = torch.zeros_like(sizes)
-        cap = torch.ones_like(sizes, dtype=torch.bool)
-        if max_layer_sparsity is not None:
-            # the groups this layer may lose: dead ones first, then its lowest scores, while the
-            # zeros (old and new) stay within the cap
-            gain = sizes - before
-            key = torch.where(gain == 0, torch.full_like(g_scores, -math.inf), g_scores)
-            order = torch.sort(key, stable=True).indices
-            budget = max_layer_sparsity * s.numel() - float(before.sum()) + 1e-9
-            allowed = gain[order].cumsum(0) <= budget
-            cap = torch.zeros_like(cap)
-            cap[order[allowed]] = True
-        layers[name] = (idx, g_scores, sizes.long(), before.long(), cap, s)
+    layers = {
+        name: _layer(
+            name,
+            s,
+            granularity=granularity,
+            how=how,
+            block=block,
+            layout=layout.get(name, (0, 1)),
+            current=current,
+            max_layer_sparsity=max_layer_sparsity,
+            min_layer_channels=min_layer_channels,
+        )
+        for name, s in scores.items()
+    }
 
     def select(names: list[str], target_sparsity: float) -> dict[str, Tensor]:
         cat = [layers[n] for n in names]
-        sizes = torch.cat([t[2].cpu() for t in cat])
-        if bool(
-            (sizes == sizes[0]).all()
-        ):  # equal groups: count in groups, as torch's ln_structured
+        sizes = torch.cat([t.sizes.cpu() for t in cat])
+        if bool((sizes == sizes[0]).all()):  # equal groups: count in groups, as ln_structured
             target = round(target_sparsity * len(sizes)) * int(sizes[0])
         else:
             target = round(target_sparsity * int(sizes.sum()))
-        pruned = _select(
-            torch.cat([t[1].cpu() for t in cat]),
-            sizes,
-            torch.cat([t[3].cpu() for t in cat]),
-            torch.cat([t[4].cpu() for t in cat]),
-            target,
-        )
-        out, start = {}, 0
-        for n, (idx, g, *_rest, s) in zip(names, cat, strict=True):
-            p = pruned[start : start + len(g)].to(s.device)
-            start += len(g)
-            keep = ~(p.view(s.shape) if idx is None else p[idx])
+        g_scores = torch.cat([t.scores.cpu() for t in cat])
+        before = torch.cat([t.before.cpu() for t in cat])
+        cap = torch.cat([t.cap.cpu() for t in cat])
+        pruned, reachable = _select(g_scores, sizes, before, cap, target)
+        bounds = torch.tensor([0] + [len(t.scores) for t in cat]).cumsum(0).tolist()
+        guard = torch.cat([t.guard.cpu() for t in cat])
+        # the unguarded choice prunes a layer's protected (highest-scoring live) channels exactly
+        # when it leaves that layer fewer live channels than the guard keeps
+        short = [
+            n
+            for n, a, b in zip(names, bounds, bounds[1:], strict=False)
+            if (pruned[a:b] & ~guard[a:b]).any()
+        ]
+        if short:
+            pruned, reachable = _select(g_scores, sizes, before, cap & guard, target)
+            zeros = int(before.sum() + ((sizes - before) * pruned).sum())
+            log.warning(
+                "channel allocation at sparsity %.4g would leave %s with fewer than %d output "
+                "channel(s) (a layer with none passes only its bias: layer collapse); kept their "
+                "highest-scoring channels and pruned %d of the %d zeros asked for%s. "
+                "Pass min_layer_channels=0 to allow it.",
+                target_sparsity,
+                ", ".join(map(repr, short)),
+                min_layer_channels,
+                zeros,
+                target,
+                ", taking other layers' next-lowest channels instead" if len(names) > 1 else "",
+            )
+        elif reachable < target:
+            log.warning(
+                "max_layer_sparsity allows only %d of the %d zeros asked for; pruning those",
+                reachable,
+                target,
+            )
+        out = {}
+        for n, t, a, b in zip(names, cat, bounds, bounds[1:], strict=False):
+            p = pruned[a:b].to(t.s.device)
+            keep = ~(p.view(t.s.shape) if t.idx is None else p[t.idx])
             if current is not None:
-                keep &= current[n].to(s.device)
+                keep &= current[n].to(t.s.device)
             out[n] = keep
         return out
 

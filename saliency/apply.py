@@ -11,7 +11,12 @@ zeroed in place, and stay zero because
 - a forward pre-hook re-zeros pruned weights before a forward when the weight was written since
   it was last zeroed (its autograd version counter moved: `load_state_dict`, a manual in-place
   edit). Skipping the multiply otherwise keeps a weight used twice before one `backward()`
-  (two views through one encoder, a module called in a loop) valid for autograd.
+  (two views through one encoder, a module called in a loop) valid for autograd. The same check
+  runs before the forward of the model given to `attach` (for weights whose module is never
+  called: `MultiheadAttention.out_proj`, TransformerEncoderLayer's fused inference path) and
+  before the forward of every other module holding a tied weight (`head.weight = emb.weight`).
+Masks are keyed by canonical name (`model.named_parameters()`): a tied tensor has one mask, held
+by the module of its canonical name, and every module using the tensor sees its zeros.
 Unlike a parametrization or `torch.nn.utils.prune`'s `weight_orig * weight_mask`, the forward
 uses the plain weight tensor (no extra multiply in the autograd graph, no extra parameter copy),
 and `state_dict` keys never change. The mask lives in a non-persistent buffer, so it follows
@@ -30,6 +35,7 @@ from torch.nn.utils import prune as torch_prune
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from saliency.masks import Masks
+from saliency.targets import parameter_aliases, parameter_uses
 
 _BUFFER_SUFFIX = "_saliency_mask"
 
@@ -114,7 +120,8 @@ class _MaskEnforcer:
             if not isinstance(p, nn.Parameter):
                 continue
             held = self._held.get(attr)
-            if held is None or held[0] is not p:
+            # a frozen parameter gets its gradient hook once it is unfrozen
+            if held is None or held[0] is not p or (held[1] is None and p.requires_grad):
                 held = self.hold(module, attr)
             entry = held[2]
             if p._version != entry.version:
@@ -132,13 +139,18 @@ class _MaskEnforcer:
 
         entry = _Enforced(module, key)
         _track(p, entry)
-        self._held[attr] = (p, p.register_post_accumulate_grad_hook(zero_pruned_grad), entry)
+        # torch refuses gradient hooks on tensors that do not require grad (frozen layers)
+        grad_hook = (
+            p.register_post_accumulate_grad_hook(zero_pruned_grad) if p.requires_grad else None
+        )
+        self._held[attr] = (p, grad_hook, entry)
         return self._held[attr]
 
     def release(self, attr: str) -> None:
         held = self._held.pop(attr, None)
         if held is not None:
-            held[1].remove()
+            if held[1] is not None:
+                held[1].remove()
             _untrack(held[0], held[2])
 
     def release_all(self) -> None:
@@ -153,6 +165,21 @@ def _enforcer(module: nn.Module) -> tuple[int, _MaskEnforcer] | None:
     return None
 
 
+class _Rezero:
+    """Forward pre-hook running other modules' enforcers: on the attached model (its masked weights
+    may be used without their module's forward running) and on modules holding a tied weight under
+    a non-canonical name. Holds the modules strongly: deepcopy and pickle map them to the copies."""
+
+    def __init__(self, owners: list[nn.Module]):
+        self.owners = owners
+
+    def __call__(self, module: nn.Module, args) -> None:
+        for owner in self.owners:
+            held = _enforcer(owner)
+            if held is not None:
+                held[1](owner, ())
+
+
 def attach(
     model: nn.Module, masks: Masks, *, optimizer: torch.optim.Optimizer | None = None
 ) -> nn.Module:
@@ -165,7 +192,7 @@ def attach(
     if not isinstance(masks, Masks):
         masks = Masks(masks)
     params = dict(model.named_parameters())
-    masks.check_compatible(params)
+    masks.check_compatible(params, aliases=parameter_aliases(model))
     remove(model, bake=False)
     by_module: dict[str, list[str]] = {}
     for name in masks:
@@ -184,6 +211,20 @@ def attach(
         hook = _MaskEnforcer(attrs)
         module.register_forward_pre_hook(hook)
         hook(module, ())
+    owners = [model.get_submodule(m) for m in by_module]
+    model.register_forward_pre_hook(_Rezero(owners))
+    # modules that use a tied weight under another name re-zero it before their own forward too
+    uses = parameter_uses(model)
+    aliased: dict[int, tuple[nn.Module, list[nn.Module]]] = {}
+    for name in masks:
+        owner = model.get_submodule(_split(name)[0])
+        for _, module, _ in uses[id(params[name])]:
+            if module is not owner and module is not model:
+                entry = aliased.setdefault(id(module), (module, []))
+                if all(o is not owner for o in entry[1]):
+                    entry[1].append(owner)
+    for module, tied_owners in aliased.values():
+        module.register_forward_pre_hook(_Rezero(tied_owners))
     if optimizer is not None:
         clear_optimizer_state(optimizer, model, masks)
     return model
@@ -218,6 +259,8 @@ def remove(model: nn.Module, *, bake: bool = True) -> nn.Module:
     Leaves a plain model whose `state_dict` loads into an unpruned copy. No-op if nothing is attached.
     """
     for module in model.modules():
+        for key in [k for k, h in module._forward_pre_hooks.items() if isinstance(h, _Rezero)]:
+            del module._forward_pre_hooks[key]
         held = _enforcer(module)
         if held is None:
             continue
@@ -235,26 +278,37 @@ def remove(model: nn.Module, *, bake: bool = True) -> nn.Module:
 
 def to_torch_prune(model: nn.Module, masks: Masks) -> nn.Module:
     """Export: put `masks` on `model` through `torch.nn.utils.prune.custom_from_mask`
-    (creates `<name>_orig` parameters and `<name>_mask` buffers, as torch's pruning does)."""
-    masks.check_compatible(dict(model.named_parameters()))
+    (creates `<name>_orig` parameters and `<name>_mask` buffers, as torch's pruning does).
+
+    A tied weight is masked in every module that holds it (each computes its own
+    `weight = weight_orig * weight_mask` from the one shared `weight_orig`), so every use sees
+    the zeros."""
+    params = dict(model.named_parameters())
+    masks.check_compatible(params, aliases=parameter_aliases(model))
+    uses = parameter_uses(model)
     remove(model, bake=True)
     for name, keep in masks.items():
-        mod, attr = _split(name)
-        torch_prune.custom_from_mask(model.get_submodule(mod), attr, keep.to(dtype=torch.float32))
+        done: set[tuple[int, str]] = set()
+        for _, module, attr in uses[id(params[name])]:
+            if (id(module), attr) not in done:  # a module registered twice is masked once
+                done.add((id(module), attr))
+                torch_prune.custom_from_mask(module, attr, keep.to(dtype=torch.float32))
     return model
 
 
 def from_torch_prune(model: nn.Module) -> Masks:
     """Import: masks from the `<name>_mask` buffers of a model pruned with `torch.nn.utils.prune`,
-    keyed by the parameter's plain name ("fc1.weight", not "fc1.weight_orig")."""
+    keyed by the parameter's plain canonical name ("fc1.weight", not "fc1.weight_orig"; a tied
+    weight under the canonical name of its shared `<name>_orig`)."""
+    canonical = {id(p): n for n, p in model.named_parameters()}
     found = {}
     for mod_name, module in model.named_modules():
         for hook in module._forward_pre_hooks.values():
             if isinstance(hook, torch_prune.BasePruningMethod):
                 attr = hook._tensor_name
-                found[f"{mod_name}.{attr}" if mod_name else attr] = (
-                    getattr(module, attr + "_mask") != 0
-                )
+                orig = canonical.get(id(module._parameters.get(attr + "_orig")))
+                name = orig.removesuffix("_orig") if orig else f"{mod_name}.{attr}".lstrip(".")
+                found.setdefault(name, getattr(module, attr + "_mask") != 0)
     if not found:
         raise ValueError("the model has no torch.nn.utils.prune masks (no '<name>_mask' buffers)")
     return Masks(found)

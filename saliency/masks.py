@@ -9,6 +9,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from saliency.targets import parameter_aliases
+
 
 class Masks(Mapping[str, Tensor]):
     """Keep-masks keyed by qualified parameter name (True = keep, False = pruned).
@@ -124,9 +126,25 @@ class Masks(Mapping[str, Tensor]):
     def to(self, device: torch.device | str) -> Masks:
         return Masks({n: m.to(device) for n, m in self._masks.items()})
 
-    def check_compatible(self, params: Mapping[str, Tensor], *, what: str = "model") -> None:
-        """Raise ValueError if names or shapes differ from `params`."""
+    def check_compatible(
+        self,
+        params: Mapping[str, Tensor],
+        *,
+        what: str = "model",
+        aliases: Mapping[str, str] | None = None,
+    ) -> None:
+        """Raise ValueError if names or shapes differ from `params`.
+
+        `aliases` ({other qualified name: canonical name}, `targets.parameter_aliases`) lets the
+        error say which canonical name a tied weight's other name stands for."""
         missing = [n for n in self if n not in params]
+        tied = {n: aliases[n] for n in missing if aliases and n in aliases}
+        if tied:
+            raise ValueError(
+                "masks are keyed by the names model.named_parameters() gives; these tensors are "
+                "shared and named otherwise there: "
+                + ", ".join(f"{n!r} is {c!r}" for n, c in tied.items())
+            )
         if missing:
             raise ValueError(
                 f"masks name parameters the {what} does not have: {missing[:5]}; "
@@ -143,7 +161,7 @@ class Masks(Mapping[str, Tensor]):
     def apply(self, model: nn.Module) -> None:
         """Zero the pruned weights of `model` in place (once; see `saliency.attach` to keep them 0)."""
         params = dict(model.named_parameters())
-        self.check_compatible(params)
+        self.check_compatible(params, aliases=parameter_aliases(model))
         for n, m in self.items():
             params[n].mul_(m.to(params[n].device, params[n].dtype))
 
@@ -162,5 +180,5 @@ class Masks(Mapping[str, Tensor]):
         """Load masks saved with `save`; with `model`, check names and shapes against it."""
         masks = cls.from_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         if model is not None:
-            masks.check_compatible(dict(model.named_parameters()))
+            masks.check_compatible(dict(model.named_parameters()), aliases=parameter_aliases(model))
         return masks

@@ -22,9 +22,16 @@ from saliency.criteria import (
 from saliency.criteria.base import LossFn, model_device
 from saliency.masks import Masks
 from saliency.schedules import Schedule
-from saliency.targets import prunable_parameters
+from saliency.targets import channel_layout, prunable_parameters
 
-ALLOCATE_KWARGS = ("reduce", "block", "pooling", "layer_sparsity", "max_layer_sparsity")
+ALLOCATE_KWARGS = (
+    "reduce",
+    "block",
+    "pooling",
+    "layer_sparsity",
+    "max_layer_sparsity",
+    "min_layer_channels",
+)
 
 
 def _check_scores(
@@ -115,9 +122,15 @@ def prune_step(
     current: Masks | None,
     **allocate_kwargs: Any,
 ) -> Masks:
-    """Allocate from `scores`, apply the criterion's weight update if it has one, zero the pruned."""
+    """Allocate from `scores`, apply the criterion's weight update if it has one, zero the pruned.
+
+    At granularity "channel", where each weight's output channels lie is read from the module
+    that holds it (ConvTranspose weights are [in, out/groups, *k]) and handed to `allocate`.
+    """
     if allocate_kwargs.get("reduce") is None:  # None (a sweep's default): the criterion's own
         allocate_kwargs["reduce"] = getattr(crit, "channel_reduce", None)
+    if allocate_kwargs.get("granularity") == "channel":
+        allocate_kwargs.setdefault("channel_layout", channel_layout(model, params))
     masks = allocate(scores, sparsity, current=current, **allocate_kwargs)
     if callable(getattr(crit, "apply_update", None)):
         crit.apply_update(model, params, masks, scores)
@@ -148,8 +161,9 @@ def prune(
     as `current`) stay pruned. With `keep`, the masks are attached so that training keeps pruned
     weights at zero (`saliency.remove` bakes them in). `cost`, if given, accumulates the
     scoring cost of every round (seconds, samples, backward passes). Keyword arguments named like `allocate`'s
-    (reduce, block, pooling, layer_sparsity, max_layer_sparsity) go there; the rest are the
-    criterion's hyperparameters.
+    (reduce, block, pooling, layer_sparsity, max_layer_sparsity, min_layer_channels) go there;
+    the rest are the criterion's hyperparameters. Channel granularity keeps at least one output
+    channel per layer unless `min_layer_channels=0` (see `allocate`).
     """
     alloc, hparams = _split_kwargs(dict(kwargs))
     _check_before_scoring(sparsity, scope, granularity, alloc)

@@ -429,3 +429,39 @@ def loop_grads(model, params, x, y, loss_fn):
 
 def flat(d: dict, names) -> torch.Tensor:
     return torch.cat([d[n].reshape(-1) for n in names])
+
+
+# ----------------------------------------------------------------------------- appended archs
+
+
+class CrossAttention(nn.Module):
+    """nn.MultiheadAttention with kdim / vdim != embed_dim: separate q/k/v projection weights."""
+
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(D, 2, kdim=3, vdim=5, batch_first=True)
+        self.head = nn.Linear(D, C)
+
+    def forward(self, x):  # [B, L, D + 3 + 5]: queries, keys, values side by side
+        q, k, v = x.split([D, 3, 5], -1)
+        return self.head(self.attn(q, k, v, need_weights=False)[0].mean(1))
+
+
+class ConvTransposedGrouped(nn.Module):
+    """ConvTranspose1d with groups=2: weight [in, out/groups, k]."""
+
+    def __init__(self):
+        super().__init__()
+        self.up = nn.ConvTranspose1d(4, 6, 3, stride=2, groups=2)
+        self.head = nn.Linear(6, C)
+
+    def forward(self, x):  # [B, 4, 3] -> [B, 6, 7]
+        return self.head(torch.tanh(self.up(x)).mean(2))
+
+
+ARCHS += [
+    Arch("cross_attention", CrossAttention, _x(B, D + 3 + 5)),
+    Arch("conv_transpose_grouped", ConvTransposedGrouped, _x(4, 3)),
+]
+ARCH_IDS = [a.name for a in ARCHS]
+BY_NAME = {a.name: a for a in ARCHS}

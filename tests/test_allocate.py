@@ -137,7 +137,8 @@ def test_exact_counts_channel_layer(shapes, sparsity, seed):
     m = allocate(scores, sparsity, scope="layer", granularity="channel")
     for n, s in scores.items():
         dead_channels = (~m[n]).reshape(s.shape[0], -1).all(1)
-        assert int(dead_channels.sum()) == round(sparsity * s.shape[0])
+        # the collapse guard keeps one channel where rounding would take them all
+        assert int(dead_channels.sum()) == min(round(sparsity * s.shape[0]), s.shape[0] - 1)
         assert int((~m[n]).sum()) == int(dead_channels.sum()) * s[0].numel()  # whole channels only
 
 
@@ -166,7 +167,7 @@ def test_monotone_with_current(shapes, s1, s2, granularity, scope, seed):
 def test_global_channel_counts_are_closest_reachable():
     scores = {"a": torch.rand(10, 3), "b": torch.rand(4, 5)}
     for s in (0.1, 0.33, 0.5, 0.9):
-        m = allocate(scores, s, granularity="channel")
+        m = allocate(scores, s, granularity="channel", min_layer_channels=0)
         target = round(s * m.numel)
         # every reachable count is a sum of whole channels; ours is at most half a channel off
         assert abs(m.zeros - target) <= 2.5 or math.isclose(m.zeros, target)
@@ -211,3 +212,72 @@ def test_max_layer_sparsity_counts_zeros_already_in_force():
     masks = saliency.allocate(fresh, 0.5, current=current, max_layer_sparsity=0.6)
     assert masks.layer_sparsity()["a"] <= 0.6 + 1e-9
     assert all(not (masks[n] & ~current[n]).any() for n in masks)  # monotone
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+@pytest.mark.parametrize("dims", [1, 2])
+def test_channel_pruning_of_transposed_convolutions_zeroes_output_channels(dims, groups):
+    """ConvTranspose weights are [in, out/groups, *k]: an output channel is a column of a group."""
+    torch.manual_seed(0)
+    up = (torch.nn.ConvTranspose1d, torch.nn.ConvTranspose2d)[dims - 1](4, 6, 3, groups=groups)
+    model = torch.nn.Sequential(up)
+    masks = saliency.prune(model, "magnitude", 0.5, scope="layer", granularity="channel")
+    out = model(torch.randn(2, 4, *[5] * dims))
+    bias_only = [torch.equal(out[:, c], up.bias[c].expand_as(out[:, c])) for c in range(6)]
+    assert sum(bias_only) == 3 and masks.zeros == 3 * up.weight[: 4 // groups, 0].numel()
+    # whole output channels, and the lowest-norm ones (the norm over each channel's weights)
+    w = up.weight.detach()
+    norms = torch.stack(
+        [
+            w[g * (4 // groups) : (g + 1) * (4 // groups), j].norm()
+            for g in range(groups)
+            for j in range(6 // groups)
+        ]  # fmt: skip
+    )
+    assert [c for c in range(6) if bias_only[c]] == sorted(norms.argsort()[:3].tolist())
+
+
+def test_channel_layout_is_checked():
+    s = {"w": torch.rand(4, 3, 2)}
+    with pytest.raises(ValueError, match="unknown tensor 'v'"):
+        allocate(s, 0.5, granularity="channel", channel_layout={"v": (1, 1)})
+    with pytest.raises(ValueError, match=r"must be \(dim, groups\).*got \(2, 1\)"):
+        allocate(s, 0.5, granularity="channel", channel_layout={"w": (2, 1)})
+    with pytest.raises(ValueError, match="does not split into 3 groups"):
+        allocate(s, 0.5, granularity="channel", channel_layout={"w": (1, 3)})
+    m = allocate(s, 0.5, granularity="channel", channel_layout={"w": (1, 2)})
+    assert m.zeros == 12 and (~m["w"]).reshape(2, 2, 3, 2).all(dim=(1, 3)).sum() == 3
+
+
+def test_global_channel_pruning_never_empties_a_layer(caplog):
+    # a small second layer scored far below the first: unguarded, it goes entirely
+    scores = {"fc1": torch.rand(8, 4) + 10, "fc2": torch.rand(4, 4), "head": torch.rand(3, 4) + 10}
+    bare = allocate(scores, 0.3, granularity="channel", min_layer_channels=0)
+    assert bare["fc2"].logical_not().all()
+    with caplog.at_level("WARNING", logger="saliency.allocate"):
+        m = allocate(scores, 0.3, granularity="channel")
+    assert "fewer than 1 output channel(s)" in caplog.text and "'fc2'" in caplog.text
+    assert "min_layer_channels=0" in caplog.text
+    # one channel of fc2 survives (its best); the zeros go to fc1's lowest channels instead
+    alive = {n: int(m[n].reshape(len(m[n]), -1).any(1).sum()) for n in m}
+    assert alive["fc2"] == 1 and m["fc2"][scores["fc2"].norm(dim=1).argmax()].all()
+    assert m.zeros == bare.zeros == round(0.3 * 15) * 4  # equal channel sizes: exact count
+    # a guard that is not needed changes nothing, and says nothing
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="saliency.allocate"):
+        assert allocate(scores, 0.1, granularity="channel") == allocate(
+            scores, 0.1, granularity="channel", min_layer_channels=0
+        )
+    assert not caplog.text
+    # layer scope: rounding would take all of a 3-channel layer; the guard keeps one
+    m = allocate({"w": torch.rand(3, 2)}, 0.9, scope="layer", granularity="channel")
+    assert m.zeros == 4
+    with pytest.raises(ValueError, match="min_layer_channels must be an int >= 0"):
+        allocate(scores, 0.3, granularity="channel", min_layer_channels=-1)
+
+
+def test_channel_guard_on_models_keeps_every_layer_alive(mlp, tiny_cnn):
+    for model in (mlp, tiny_cnn):
+        masks = saliency.prune(model, "magnitude", 0.9, granularity="channel", keep=False)
+        for n, keep in masks.items():
+            assert keep.reshape(len(keep), -1).any(1).sum() >= 1, n

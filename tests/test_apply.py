@@ -21,15 +21,19 @@ def pruned_values(model, masks):
     return torch.cat([params[n].detach()[~m] for n, m in masks.items()])
 
 
+# every optimizer with weight decay (it pulls on pruned entries too) and state (momentum, moments)
+MAKE_OPTIMIZER = {
+    "sgd-momentum-wd": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, weight_decay=1e-3),
+    "nesterov": lambda p: torch.optim.SGD(
+        p, lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3
+    ),
+    "adam": lambda p: torch.optim.Adam(p, lr=1e-2, weight_decay=1e-3),
+    "adamw": lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.1),
+    "rmsprop": lambda p: torch.optim.RMSprop(p, lr=1e-2, momentum=0.9, weight_decay=1e-3),
+    "adagrad": lambda p: torch.optim.Adagrad(p, lr=0.1, weight_decay=1e-3),
+}
 OPTIMIZERS = pytest.mark.parametrize(
-    "make_opt",
-    [
-        lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, weight_decay=1e-3),
-        lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3),
-        lambda p: torch.optim.Adam(p, lr=1e-2, weight_decay=1e-3),
-        lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.1),
-    ],
-    ids=["sgd-momentum-wd", "nesterov", "adam", "adamw"],
+    "make_opt", list(MAKE_OPTIMIZER.values()), ids=list(MAKE_OPTIMIZER)
 )
 
 
@@ -172,3 +176,72 @@ def test_stale_optimizer_state_cannot_revive_weights_without_optimizer_arg(tiny_
     from saliency import apply as apply_module
 
     assert not apply_module._ENFORCED and not apply_module._step_hook
+
+
+def test_tied_weights_are_masked_once_and_every_use_sees_the_zeros():
+    from arch_zoo import TiedLM
+
+    torch.manual_seed(0)
+    model = TiedLM()
+    fresh = copy.deepcopy(model)
+    masks = saliency.prune(model, "magnitude", sparsity=0.5)
+    assert list(masks) == ["mix.weight", "emb.weight"]
+    assert list(attached_masks(model)) == ["emb.weight", "mix.weight"]
+    keep = masks["emb.weight"]
+    h = torch.randn(2, 4)
+    torch.testing.assert_close(model.head(h), h @ (fresh.emb.weight * keep).T)
+    # a dense reload is re-zeroed before either use runs, the head's alone included
+    model.load_state_dict(fresh.state_dict())
+    torch.testing.assert_close(model.head(h), h @ (fresh.emb.weight * keep).T)
+    assert not model.emb.weight[~keep].any()
+    # gradients from both uses are masked; training keeps the tied zeros
+    opt = torch.optim.Adam(model.parameters(), lr=0.1)
+    tokens = torch.randint(0, 5, (3, 4))
+    for _ in range(3):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(tokens), tokens).backward()
+        assert not model.emb.weight.grad[~keep].any()
+        opt.step()
+    assert not pruned_values(model, masks).any()
+    with pytest.raises(ValueError, match="'head.weight' is 'emb.weight'"):
+        attach(model, Masks({"head.weight": keep}))
+    # export masks both uses; import gives back the canonical name
+    exported = copy.deepcopy(model)
+    saliency.to_torch_prune(exported, masks)
+    assert saliency.from_torch_prune(exported) == masks
+    torch.testing.assert_close(exported.head(h), model.head(h))
+    remove(model)
+    assert not model._forward_pre_hooks and not model.head._forward_pre_hooks
+    fresh.load_state_dict(model.state_dict())
+    assert not pruned_values(fresh, masks).any()
+
+
+def test_weights_used_without_their_module_forward_are_rezeroed():
+    """MultiheadAttention reads out_proj.weight without calling out_proj, and in eval mode under
+    no_grad a TransformerEncoderLayer runs a fused kernel that calls none of its submodules."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(4, 2, dim_feedforward=6, dropout=0.0, batch_first=True)
+    model = nn.Sequential(layer).eval()
+    dense = copy.deepcopy(model)
+    masks = saliency.prune(model, "magnitude", sparsity=0.5)
+    assert "0.self_attn.in_proj_weight" in masks
+    baked = remove(copy.deepcopy(model))
+    model.load_state_dict(dense.state_dict())
+    x = torch.randn(3, 5, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), baked(x))
+    assert not pruned_values(model, masks).any()
+
+
+def test_frozen_layers_can_be_masked_and_unfrozen_later(tiny_mlp):
+    tiny_mlp[0].requires_grad_(False)  # torch refuses gradient hooks on such tensors
+    masks = saliency.prune(tiny_mlp, "magnitude", 0.5)
+    x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    tiny_mlp[0].requires_grad_(True)
+    opt = torch.optim.SGD(tiny_mlp.parameters(), lr=0.1, momentum=0.9)
+    for _ in range(3):
+        opt.zero_grad()
+        nn.functional.cross_entropy(tiny_mlp(x), y).backward()
+        assert not tiny_mlp[0].weight.grad[~masks["0.weight"]].any()
+        opt.step()
+    assert not pruned_values(tiny_mlp, masks).any()
