@@ -344,12 +344,11 @@ def _taylor_ref(model, params, x, y, loss):
     total = {n: 0 for n in params}
     for i in range(len(x)):
         acts = {}
-        hooks = [
-            owners[id(p)].register_forward_hook(
-                lambda m, inp, out, n=n: (acts.__setitem__(n, out), out.clone())[1]
-            )
-            for n, p in params.items()
-        ]
+
+        def keep(n, acts=acts):  # the activation itself; a copy goes on (in-place activations)
+            return lambda m, inp, out: (acts.__setitem__(n, out), out.clone())[1]
+
+        hooks = [owners[id(p)].register_forward_hook(keep(n)) for n, p in params.items()]
         try:
             with requiring(list(params.values())):
                 li = loss(_logits(model(x[i : i + 1])), y[i : i + 1])
@@ -372,9 +371,8 @@ def _taylor_ref(model, params, x, y, loss):
 
 def _batch_grad(model, params, x, y, loss, T=1.0):
     with requiring(list(params.values())):
-        return dict(
-            zip(params, _grad_or_zeros(loss(_logits(model(x)) / T, y), list(params.values())))
-        )
+        gs = _grad_or_zeros(loss(_logits(model(x)) / T, y), list(params.values()))
+        return dict(zip(params, gs, strict=True))
 
 
 def _grasp_ref(model, params, x, y, loss):
