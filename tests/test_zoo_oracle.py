@@ -280,12 +280,15 @@ ESTIMATORS = [
 PER_SAMPLE = [e.__name__ for e in ESTIMATORS] + ["obd", "obs", "obs_exact", "taylor"]
 REFUSED = {(e, "resnet_bn_batch_stats"): MIXES for e in PER_SAMPLE}
 _UNPROVEN = "carry the samples on dim 0"
-REFUSED["taylor", "encoder_seq_first"] = "run once per forward"
+_ATTENTION = "is not the weight of one"  # MultiheadAttention.in_proj_weight: a raw Parameter
+for _arch in ("encoder_seq_first", "encoder_batch_first", "vit_block", "cross_attention"):
+    REFUSED["taylor", _arch] = _ATTENTION
 for _arch in ("linear_transposed", "linear_reshaped", "learned_queries"):
-    REFUSED["taylor", _arch] = _UNPROVEN
-for _arch in ("shared_twice", "seq_registered_twice", "encoder_batch_first", "vit_block"):
-    REFUSED["taylor", _arch] = "run once per forward"  # twice; or 0 times: MHA's out_proj
-REFUSED["taylor", "conv_transpose"] = "is not the weight of one"
+    REFUSED["taylor", _arch] = "carry the samples on dim 0"
+for _arch in ("shared_twice", "seq_registered_twice"):
+    REFUSED["taylor", _arch] = "run once per forward"
+for _arch in ("conv_transpose", "conv_transpose_grouped"):
+    REFUSED["taylor", _arch] = "is not the weight of one"
 REFUSED["synflow", "tied_lm_ignore_index"] = REFUSED["synflow", "tied_lm_sum"] = "real-valued"
 
 

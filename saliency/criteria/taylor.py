@@ -30,7 +30,9 @@ def _owners(model: nn.Module, params) -> dict[str, tuple[nn.Module, int]]:
         if id(p) not in layers:
             raise ValueError(
                 f"taylor scores the output channels of Linear and Conv1d/2d/3d layers; {n!r} "
-                "is not the weight of one (use 'taylor_weight' for other parameters)"
+                "is not the weight of one (attention's in_proj_weight, ConvTranspose...): leave "
+                "it out (prunable_parameters(model, exclude_types=(nn.MultiheadAttention,)) or "
+                "exclude=...) or use 'taylor_weight' for such parameters"
             )
         out[n] = layers[id(p)]
     return out
