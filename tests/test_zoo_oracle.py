@@ -476,3 +476,43 @@ def test_criterion_matches_brute_force(arch, crit):
     else:
         want = ref_fn(model, params, x, y, arch.loss, Ref(model, params, x, y, arch.loss))
     _close_dicts(dict(got), want, tol)
+
+
+def test_obs_update_matches_the_constrained_optimum(arch):
+    """prune(obs) = the joint OBS update dw = -Hinv[:, Q] (Hinv[Q, Q])^-1 w_Q per block, with the
+    reference blocks, on every architecture (or the refusal)."""
+    model, x, y = arch.make()
+    params = saliency.prunable_parameters(model)
+    why = _expect("obs", arch)
+    kw = dict(data=[(x, y)], loss_fn=arch.loss, block_size=8, dtype="float64")
+    if why:
+        with pytest.raises(ValueError, match=why):
+            saliency.prune(model, "obs", sparsity=0.5, **kw)
+        return
+    ref = Ref(model, params, x, y, arch.loss)
+    w0 = {n: p.detach().clone() for n, p in params.items()}
+    blocks = {n: _ref_block_inverse(ref, n, 8, 1e-2) for n in params}
+    masks = saliency.prune(model, "obs", sparsity=0.5, **kw)
+    for n, p in params.items():
+        Hinv, nb = blocks[n], blocks[n].shape[0]
+        w = torch.nn.functional.pad(w0[n].reshape(-1), (0, nb * 8 - w0[n].numel())).view(nb, 8)
+        keep = torch.nn.functional.pad(masks[n].reshape(-1), (0, nb * 8 - w0[n].numel()))
+        keep = keep.view(nb, 8).bool()
+        want = torch.zeros_like(w)
+        for b in range(nb):
+            Q = (~keep[b]) & (torch.arange(8) < w0[n].numel() - 8 * b)
+            dw = -Hinv[b][:, Q] @ torch.linalg.solve(Hinv[b][Q][:, Q], w[b][Q])
+            want[b] = torch.where(keep[b], w[b] + dw, 0.0)
+        _close(p.detach(), want.reshape(-1)[: p.numel()].view_as(p), scale=float(w0[n].abs().max()))
+
+
+def test_obs_exact_with_train_mode_refuses_batch_statistics_and_keeps_running_stats():
+    from arch_zoo import BY_NAME
+
+    model, x, y = BY_NAME["resnet_bn_eval"].make()
+    model.train()  # eval_mode=False scores in the model's own mode
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match="BatchNorm2d in train mode"):
+        saliency.score(model, "obs", data=[(x, y)], hessian="exact", eval_mode=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(m.training for m in model.modules())
