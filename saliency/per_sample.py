@@ -316,6 +316,9 @@ def per_sample_grads(
     grads, _ = output_passes(
         model, params, x, loss_phi(loss_fn), lambda out: [y], chunk_size, "grads"
     )
+    for n, g in grads.items():  # the contract every caller relies on
+        if g.shape != (len(x), *params[n].shape):
+            raise RuntimeError(f"per-sample gradients of {n!r} have shape {tuple(g.shape)}")
     return grads
 
 

@@ -516,3 +516,17 @@ def test_obs_exact_with_train_mode_refuses_batch_statistics_and_keeps_running_st
         saliency.score(model, "obs", data=[(x, y)], hessian="exact", eval_mode=False)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert all(m.training for m in model.modules())
+
+
+def test_random_per_channel_draws_one_score_per_output_channel_of_conv_transpose():
+    from arch_zoo import BY_NAME
+
+    from saliency.allocate import group_index
+
+    model, x, y = BY_NAME["conv_transpose_grouped"].make()
+    w = model.up.weight  # [in, out/groups, k], groups=2
+    s = saliency.score(model, "random", per="channel", params={"up.weight": w})["up.weight"]
+    ids = group_index(w.shape, "channel", None, "cpu", (1, 2))
+    for c in range(int(ids.max()) + 1):
+        assert len(set(s[ids == c].tolist())) == 1
+    assert len(set(s.reshape(-1).tolist())) == int(ids.max()) + 1

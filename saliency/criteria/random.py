@@ -8,7 +8,9 @@ from typing import ClassVar, Literal
 import numpy as np
 import torch
 
+from saliency.allocate import group_index
 from saliency.criteria import Scores, register_criterion
+from saliency.targets import channel_layout
 
 
 def _mixed(seed: int) -> int:
@@ -44,13 +46,14 @@ class Random:
 
     def score(self, model, params, data=None, loss_fn=None) -> Scores:
         g = torch.Generator().manual_seed(_mixed(self.seed))
+        layout = channel_layout(model, params) if self.per == "channel" else {}
         out = {}
         # drawn on the CPU in name order so a seed gives the same scores on every device
         for n, p in sorted(params.items()):
             if self.per == "element" or p.dim() == 0:
                 s = torch.rand(p.shape, generator=g)
-            else:
-                s = torch.rand(p.shape[0], generator=g).view(-1, *[1] * (p.dim() - 1))
-                s = s.expand(p.shape).contiguous()
+            else:  # one draw per output channel, wherever it runs (ConvTranspose: dim 1)
+                ids = group_index(p.shape, "channel", None, "cpu", layout.get(n, (0, 1)))
+                s = torch.rand(int(ids.max()) + 1, generator=g)[ids]
             out[n] = s.to(p.device)
         return Scores(out)
