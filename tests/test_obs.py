@@ -41,7 +41,7 @@ def _obs_update(crit, model, keep, scores):
 
 def test_one_weight_changes_loss_by_saliency():
     model, X, Y = _least_squares()
-    crit = saliency.get_criterion("obs", hessian="exact", damp=0.0, dtype="float64")
+    crit = saliency.get_criterion("obs", hessian="exact", dtype="float64")  # undamped by default
     sc = saliency.score(model, crit, [(X, Y)], F.mse_loss)
     L0 = _mse(model, X, Y)
     Hinv = torch.linalg.inv(2 * X.T @ X / len(X))  # Hessian of the mean squared error
@@ -62,7 +62,7 @@ def test_one_weight_changes_loss_by_saliency():
 @pytest.mark.parametrize("removed", [[1], [1, 3, 4], [0, 2, 3, 5]])
 def test_set_removal_lands_on_least_squares_refit(removed):
     model, X, Y = _least_squares()
-    crit = saliency.get_criterion("obs", hessian="exact", damp=0.0, dtype="float64")
+    crit = saliency.get_criterion("obs", hessian="exact", dtype="float64")  # undamped by default
     sc = saliency.score(model, crit, [(X, Y)], F.mse_loss)
     keep = torch.ones(6, dtype=torch.bool)
     keep[removed] = False
@@ -83,7 +83,7 @@ def test_two_rounds_condition_on_remaining_weights():
     """Round 2 scores a model already pruned at the constrained optimum of round 1: its inverse
     must hold the pruned weights out, so the second update lands on the refit of what is left."""
     model, X, Y = _least_squares(d=8)
-    crit = saliency.get_criterion("obs", hessian="exact", damp=0.0, dtype="float64")
+    crit = saliency.get_criterion("obs", hessian="exact", dtype="float64")  # undamped by default
     data = [(X, Y)]
     m1 = torch.ones(8, dtype=torch.bool)
     m1[[2, 5]] = False
