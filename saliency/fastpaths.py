@@ -128,8 +128,8 @@ def probe(model: nn.Module, x: Tensor, modules: Iterable[nn.Module]) -> set[nn.M
     finally:
         for h in handles:
             h.remove()
-    same1, _ = _rows_differ(*outs) if outs[0].shape == outs[1].shape else (False, False)
-    if outs[0].dim() == 0 or len(outs[0]) != 2 or not same1:
+    oa, ob = outs
+    if oa.dim() == 0 or len(oa) != 2 or oa.shape != ob.shape or not _rows_differ(oa, ob)[0]:
         raise ValueError(
             "the model's output for one sample changes when another sample of the batch changes "
             "(or the output does not carry the batch on dim 0): samples interact in the forward "
@@ -137,21 +137,19 @@ def probe(model: nn.Module, x: Tensor, modules: Iterable[nn.Module]) -> set[nn.M
             "batch-dependent layer) or the model is random (dropout in train mode: call "
             "model.eval()). Per-sample quantities are undefined for such a model"
         )
-    proven = set()
-    for m, (a, b) in seen.items():
-        if not a or len(a) != len(b):
-            continue
-        ok = True
-        for (ia, oa), (ib, ob) in zip(a, b, strict=True):
-            for u, v in ((ia, ib), (oa, ob)):
-                if u.dim() == 0 or len(u) != 2 or u.shape != v.shape:
-                    ok = False
-                    break
-                s1, m0 = _rows_differ(u, v)
-                ok = ok and s1 and (m0 or u is oa)  # inputs must move with sample 0
-        if ok:
-            proven.add(m)
-    return proven
+    return {m for m, (a, b) in seen.items() if a and len(a) == len(b) and all(
+        _per_sample(ia, ib, must_move=True) and _per_sample(oa, ob, must_move=False)
+        for (ia, oa), (ib, ob) in zip(a, b, strict=True)
+    )}  # fmt: skip
+
+
+def _per_sample(u: Tensor, v: Tensor, *, must_move: bool) -> bool:
+    """``u, v``: a layer's input (or output) in the two probe runs. Sample-indexed on dim 0:
+    leading size 2, row 1 unchanged, and (for inputs) row 0 moved with sample 0."""
+    if u.dim() == 0 or len(u) != 2 or u.shape != v.shape:
+        return False
+    same1, moved0 = _rows_differ(u, v)
+    return same1 and (moved0 or not must_move)
 
 
 # ----------------------------------------------------------------------------- double backward
