@@ -94,7 +94,8 @@ def test_repeated_criterion_with_labels_and_hparams():
         ("random-s1", {"seed": 1}),
     ]
     runs = {u.run_id for j in plan(cfg) for u in j.units}
-    assert len(runs) == 2 * 2 * 2 * 2 + 2  # criteria x sparsities x seeds x modes + dense
+    # criteria x sparsities x seeds x modes + dense + the dense fine-tune baseline, per seed
+    assert len(runs) == 2 * 2 * 2 * 2 + 2 + 2
 
 
 def test_all_criteria_with_filtered_defaults():

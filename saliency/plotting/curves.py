@@ -71,9 +71,6 @@ def plot_accuracy_vs_sparsity(
     nrows = math.ceil(len(modes) / ncols)
     width = width or ("single" if ncols == 1 else "double")
     fig, axes = new_figure(width, height or 0.6 + 1.9 * nrows, nrows, ncols, sharey=True)
-    dense_mean, dense_hw, dense_n = D.summarize(
-        D.by_seed_mean(r for r in dense if r.get("metric") == metric), band
-    )
     # one factor for the whole figure: accuracy fractions shown in percent
     k = D.scale(
         metric,
@@ -84,6 +81,7 @@ def plot_accuracy_vs_sparsity(
         ],
     )[1]
     handles: dict[str, Line2D] = {}
+    drawn = []  # (ax, x, mean, style) of every line, for the cut of the y-axis
     for i, ax in enumerate(axes.flat):
         if i >= len(modes):
             ax.set_visible(False)
@@ -97,11 +95,16 @@ def plot_accuracy_vs_sparsity(
         for label, rs, st in D.series(sel).values():
             s, m, hw, _n = D.curve(rs, band)
             (line,) = ax.plot(_x(s, xaxis), m * k, label=label, **st)
+            drawn.append((ax, _x(s, xaxis), m * k, st))
             ax.fill_between(
                 _x(s, xaxis), (m - hw) * k, (m + hw) * k, color=st["color"], alpha=0.18, linewidth=0
             )
             handles.setdefault(label, line)
+        dense_mean, dense_hw, dense_n = D.summarize(
+            D.by_seed_mean(r for r in D.dense_for(dense, mode) if r.get("metric") == metric), band
+        )
         if dense_n:
+            drawn.append((ax, np.array([]), np.array([dense_mean * k]), None))
             if dense_hw > 0:
                 ax.axhspan(
                     (dense_mean - dense_hw) * k,
@@ -123,6 +126,8 @@ def plot_accuracy_vs_sparsity(
         _format_x(ax, xaxis, _x(np.array(sorted(xs)), xaxis))
         if i % ncols == 0:
             ax.set_ylabel(D.METRIC_LABELS.get(metric, metric))
+    if D.HIGHER_IS_BETTER.get(metric, True):
+        _cut_axis(drawn)
     fig.legend(
         list(handles.values()),
         list(handles),
@@ -132,24 +137,72 @@ def plot_accuracy_vs_sparsity(
     return fig
 
 
-def caption(records: Sequence[dict], band: str, metric: str, xaxis: str = "sparsity") -> str:
+def axis_floor(means: np.ndarray) -> float | None:
+    """Where to cut a higher-is-better y-axis, or None: when some means lie far below most of
+    them (a random baseline, a criterion that fails), the axis starts a little under the lower
+    quartile of all means, so the differences between the others stay readable."""
+    v = means[np.isfinite(means)]
+    if v.size < 8:
+        return None
+    q, top = float(np.percentile(v, 25)), float(v.max())
+    span = top - q
+    if span <= 0 or v.min() >= q - 0.5 * span:
+        return None
+    return q - 0.15 * span
+
+
+def _cut_axis(drawn) -> None:
+    """Cut the shared y-axis at `axis_floor`; mark the floor (dotted) and put a triangle on it,
+    in the series' colour, at every mean below it."""
+    floor = axis_floor(np.concatenate([m for _, _, m, _ in drawn]) if drawn else np.array([]))
+    if floor is None:
+        return
+    axes = {id(ax): ax for ax, *_ in drawn}
+    for ax in axes.values():
+        ax.set_ylim(bottom=floor)
+        ax.axhline(floor, color="0.3", lw=0.8, ls=(0, (1, 1.5)), zorder=3, clip_on=False)
+        ax.text(
+            0.01, 0.01, f"axis cut at {floor:.3g}; \u25bc: mean below", transform=ax.transAxes,
+            fontsize="x-small", color="0.3", va="bottom",
+        )  # fmt: skip
+    for ax, x, m, st in drawn:
+        below = np.isfinite(m) & (m < floor)
+        if st is not None and below.any():
+            ax.plot(
+                x[below], np.full(below.sum(), floor), ls="none", marker="v", ms=3.5,
+                color=st["color"], clip_on=False, zorder=4,
+            )  # fmt: skip
+
+
+def caption(
+    records: Sequence[dict], band: str, metric: str, xaxis: str = "sparsity", config: str = ""
+) -> str:
     seeds = sorted({r.get("seed") for r in records if r.get("criterion") != "dense"}, key=str)
     what = (
         "\u00b11 sample standard deviation"
         if band == "std"
         else "95% Student-t confidence interval"
     )
-    return (
-        (
-            f"Test {metric} vs compression ratio 1/(1 - s) on a log axis (s: fraction of "
-            "prunable weights set to zero). "
-            if xaxis == "compression"
-            else f"Test {metric} vs sparsity (fraction of prunable weights set to zero). "
+    x = (
+        f"Test {metric} vs compression ratio 1/(1 - s) on a log axis (s: fraction of "
+        "prunable weights set to zero). "
+        if xaxis == "compression"
+        else f"Test {metric} vs sparsity (fraction of prunable weights set to zero). "
+    )
+    if len(seeds) > 1:
+        lines = (
+            f"Lines: mean over {len(seeds)} seeds; shaded: {what}; dashed black: dense "
+            f"baseline (grey: its {what} over seeds). "
         )
-        + f"Lines: mean over "
-        f"{len(seeds)} seed(s); shaded: {what}; dashed black: dense baseline (grey: its "
-        f"{what} over seeds). One-shot is "
-        f"evaluated right after pruning; other modes after training."
+    else:
+        lines = "Lines: one seed (no spread to show); dashed black: dense baseline. "
+    return (
+        x
+        + lines
+        + "One-shot is evaluated right after pruning; other modes after training, and their "
+        "dense baseline is the dense model given the same extra training (epochs, optimizer), "
+        "where recorded. Where the y-axis is cut, the floor is dotted and a triangle on it marks "
+        "a mean below it." + D.config_note(config)
     )
 
 
@@ -167,15 +220,15 @@ def accuracy_vs_sparsity(
     """Write figure 1 (PNG 200 dpi + PDF + caption .txt) per setting; return the paths written."""
     paths: list[Path] = []
     with paper_style(usetex=usetex):
-        for suffix, recs, dense in D.split_settings(records):
+        for suffix, recs, dense, config in D.split_settings(records):
             m = metric or D.default_metric(recs)
             fig = plot_accuracy_vs_sparsity(
                 recs, metric=m, band=band, xaxis=xaxis, width=width, dense=dense
             )
             if fig is None:
                 continue
-            paths += save_figure(fig, out_dir, stem + suffix)
-            txt = Path(out_dir) / f"{stem}{suffix}.txt"
-            txt.write_text(caption(recs, band, m, xaxis) + "\n")
-            paths.append(txt)
+            D.config_title(fig, config)
+            paths += save_figure(
+                fig, out_dir, stem + suffix, caption=caption(recs, band, m, xaxis, config)
+            )
     return paths
