@@ -115,7 +115,7 @@ def test_demo_config_is_package_data_and_valid():
     raw = tomllib.loads(text)
     assert raw["model"] == "lenet300" and raw["dataset"] == "mnist5k"
     assert raw["modes"] == ["oneshot", "finetune"] and raw["save_scores"] is True
-    assert raw["sparsities"][0] == 0.5 and raw["sparsities"][-1] == 0.98 and len(raw["seeds"]) == 2
+    assert raw["sparsities"][0] == 0.5 and raw["sparsities"][-1] == 0.98 and len(raw["seeds"]) == 3
 
 
 def test_probe_skips_exact_hessians_on_big_models_and_failing_criteria():

@@ -142,17 +142,25 @@ def _check_scores(s1, s2, params: dict) -> list[str]:
     return out
 
 
-def check_criterion(criterion: Any, **hparams: Any) -> None:
+def check_criterion(
+    criterion: Any, *, models: tuple[str, ...] = ("mlp", "cnn"), **hparams: Any
+) -> None:
     """Check the criterion contract (see the module docstring) on a criterion instance, class or
-    registered name (with `hparams`). Returns None; raises `CriterionContractError` naming
-    every rule broken, with the model and starting state where it broke."""
+    registered name (with `hparams`), on the tiny `models` ("mlp": Linear layers only; "cnn":
+    Conv2d, BatchNorm2d, Linear). Returns None; raises `CriterionContractError` naming every
+    rule broken, with the model and starting state where it broke."""
     if isinstance(criterion, type):
         criterion = criterion(**hparams)
         hparams = {}
     crit = get_criterion(criterion, **hparams)
     name = getattr(crit, "name", type(crit).__name__)
     problems: list[str] = []
+    unknown = set(models) - {"mlp", "cnn"}
+    if unknown or not models:
+        raise ValueError(f"models must be a non-empty subset of ('mlp', 'cnn'); got {models!r}")
     for model_name, model0, data in _cases():
+        if model_name not in models:
+            continue
         for how in ("eval, no .grad", "train, stale .grad", "mixed modes, a frozen bias"):
             model = copy.deepcopy(model0)
             _start(model, data, how)

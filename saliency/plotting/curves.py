@@ -137,40 +137,51 @@ def plot_accuracy_vs_sparsity(
     return fig
 
 
-def axis_floor(means: np.ndarray) -> float | None:
-    """Where to cut a higher-is-better y-axis, or None: when some means lie far below most of
-    them (a random baseline, a criterion that fails), the axis starts a little under the lower
-    quartile of all means, so the differences between the others stay readable."""
-    v = means[np.isfinite(means)]
-    if v.size < 8:
-        return None
-    q, top = float(np.percentile(v, 25)), float(v.max())
-    span = top - q
-    if span <= 0 or v.min() >= q - 0.5 * span:
-        return None
-    return q - 0.15 * span
+def axis_floor(panels: list[list[np.ndarray]]) -> float | None:
+    """Where to cut a higher-is-better y-axis shared by `panels` (each a list of series means),
+    or None. A series is far below the others when its median lies under the lower Tukey fence
+    (Q1 - 1.5 IQR) of its panel's series medians (a random baseline, a criterion that fails);
+    the axis then starts just under the lowest mean of the other series, so their differences
+    stay readable, provided that cuts something off."""
+    kept, lowest = [], np.inf
+    for series in panels:
+        series = [m[np.isfinite(m)] for m in series]
+        series = [m for m in series if m.size]
+        if len(series) < 4:
+            return None
+        med = np.array([np.median(m) for m in series])
+        q1, q3 = np.percentile(med, [25, 75])
+        fence = q1 - 1.5 * (q3 - q1)
+        kept += [m for m, md in zip(series, med, strict=True) if md >= fence]
+        lowest = min(lowest, min(float(m.min()) for m in series))
+    lo, hi = min(float(m.min()) for m in kept), max(float(m.max()) for m in kept)
+    floor = lo - 0.04 * (hi - lo)
+    return floor if lowest < floor else None
 
 
 def _cut_axis(drawn) -> None:
-    """Cut the shared y-axis at `axis_floor`; mark the floor (dotted) and put a triangle on it,
-    in the series' colour, at every mean below it."""
-    floor = axis_floor(np.concatenate([m for _, _, m, _ in drawn]) if drawn else np.array([]))
+    """Cut the shared y-axis at `axis_floor`: the floor is dotted, its tick reads "<floor", and a
+    triangle on it, in the series' colour, marks every mean below it."""
+    panels: dict[int, list] = {}
+    for ax, _, m, st in drawn:
+        if st is not None:
+            panels.setdefault(id(ax), []).append(m)
+    floor = axis_floor(list(panels.values())) if panels else None
     if floor is None:
         return
-    axes = {id(ax): ax for ax, *_ in drawn}
-    for ax in axes.values():
+    for ax in {id(ax): ax for ax, *_ in drawn}.values():
         ax.set_ylim(bottom=floor)
         ax.axhline(floor, color="0.3", lw=0.8, ls=(0, (1, 1.5)), zorder=3, clip_on=False)
-        ax.text(
-            0.01, 0.01, f"axis cut at {floor:.3g}; \u25bc: mean below", transform=ax.transAxes,
-            fontsize="x-small", color="0.3", va="bottom",
-        )  # fmt: skip
+        lo, hi = ax.get_ylim()
+        ticks = [t for t in ax.get_yticks() if floor + 0.06 * (hi - lo) < t <= hi]
+        ax.set_yticks([floor, *ticks], [f"<{floor:.0f}", *(f"{t:g}" for t in ticks)])
+        ax.set_ylim(lo, hi)
     for ax, x, m, st in drawn:
         below = np.isfinite(m) & (m < floor)
         if st is not None and below.any():
             ax.plot(
                 x[below], np.full(below.sum(), floor), ls="none", marker="v", ms=3.5,
-                color=st["color"], clip_on=False, zorder=4,
+                color=st["color"], clip_on=False, zorder=4, label="_below",
             )  # fmt: skip
 
 
@@ -201,8 +212,9 @@ def caption(
         + lines
         + "One-shot is evaluated right after pruning; other modes after training, and their "
         "dense baseline is the dense model given the same extra training (epochs, optimizer), "
-        "where recorded. Where the y-axis is cut, the floor is dotted and a triangle on it marks "
-        "a mean below it." + D.config_note(config)
+        "where recorded. Where curves far below the others would stretch the y-axis, it is cut: "
+        "the floor is dotted, its tick reads '<floor', and a triangle on it marks a mean below "
+        "it." + D.config_note(config)
     )
 
 
