@@ -48,7 +48,7 @@ def main(argv=None) -> int:
     args = parse(argv)
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("saliency").setLevel(logging.WARNING if args.quiet else logging.INFO)
-    from saliency.plotting import build_all
+    from saliency.plotting import FigureError, build_all
 
     try:
         paths = build_all(
@@ -59,10 +59,18 @@ def main(argv=None) -> int:
             usetex=args.usetex,
             only=args.only,
             table_sparsities=args.table_sparsities,
+            on_error="raise",
         )
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except FigureError as e:
+        print(*e.paths, sep="\n")
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # an output directory that cannot be written
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     for p in paths:
         print(p)
     return 0 if paths else 1

@@ -5,6 +5,7 @@ score -> allocate -> (update) -> apply; `saliency.prune` does all four in one ca
 
 from saliency.allocate import allocate
 from saliency.apply import attach, attached_masks, from_torch_prune, remove, to_torch_prune
+from saliency.checkpoint import load_checkpoint, save_checkpoint
 from saliency.criteria import (
     Cost,
     Scores,
@@ -13,6 +14,7 @@ from saliency.criteria import (
     get_criterion,
     register_criterion,
 )
+from saliency.criteria.check import CriterionContractError, check_criterion
 from saliency.masks import Masks
 from saliency.prune import GradualPruner, prune, score
 from saliency.schedules import ConstantSparsity, Geometric, OneShot, PolynomialDecay
@@ -23,6 +25,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ConstantSparsity",
     "Cost",
+    "CriterionContractError",
     "Geometric",
     "GradualPruner",
     "Masks",
@@ -33,13 +36,16 @@ __all__ = [
     "attach",
     "attached_masks",
     "available_criteria",
+    "check_criterion",
     "describe_criteria",
     "from_torch_prune",
     "get_criterion",
+    "load_checkpoint",
     "prunable_parameters",
     "prune",
     "register_criterion",
     "remove",
+    "save_checkpoint",
     "score",
     "to_torch_prune",
 ]

@@ -2,15 +2,19 @@
 
 saliency demo [--out DIR] [--workers N]
 saliency run CONFIG [--workers N] [--set key=value ...] [--out DIR] [--executor submitit]
-saliency criteria
+saliency criteria | models | datasets
 saliency report RESULTS... [--metric accuracy]
 saliency figs RESULTS... --out DIR
+
+Exit status: 0 done, 1 a failure (one line on stderr saying why; --debug shows the traceback),
+2 a bad config or argument, 130 interrupted (Ctrl-C; what was recorded is kept).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from importlib import resources
@@ -25,6 +29,7 @@ def _print(*args, **kw) -> None:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="saliency", description=__doc__.splitlines()[0])
+    p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     sub = p.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run (or resume) a sweep from a TOML config")
@@ -77,6 +82,8 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
 
     sub.add_parser("criteria", help="list the registered criteria")
+    sub.add_parser("models", help="list the models a config can name, with their model_kwargs")
+    sub.add_parser("datasets", help="list the datasets a config can name")
 
     rep = sub.add_parser("report", help="mean ± std per criterion and sparsity, as Markdown")
     rep.add_argument("results", nargs="+", type=Path, help="results directories or .jsonl files")
@@ -97,24 +104,66 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    logging.getLogger("saliency.sweep.runner").setLevel(logging.INFO)  # resume notes
+    # a config's `imports` finds modules in the current directory, as with `python -m saliency`
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
     from saliency.sweep.config import ConfigError
+    from saliency.sweep.runner import SweepInterrupted
 
     if getattr(args, "threads", None):
         import torch
 
         torch.set_num_threads(args.threads)  # the application's choice, made once, at the top
+    commands = {
+        "run": cmd_run,
+        "demo": cmd_demo,
+        "criteria": cmd_criteria,
+        "models": cmd_models,
+        "datasets": cmd_datasets,
+        "report": cmd_report,
+        "figs": cmd_figs,
+    }
     try:
-        return {
-            "run": cmd_run,
-            "demo": cmd_demo,
-            "criteria": cmd_criteria,
-            "report": cmd_report,
-            "figs": cmd_figs,
-        }[args.command](args)
+        return commands[args.command](args)
+    except SweepInterrupted as stop:
+        r = stop.result
+        done = r.skipped + r.ran
+        _err(
+            f"saliency {args.command}: interrupted; {done} of {r.units} unit(s) are recorded in "
+            f"{r.records_path} and kept; run the same command again to do the other "
+            f"{r.units - done}"
+        )
+        return 130
+    except KeyboardInterrupt:
+        _err(f"saliency {args.command}: interrupted")
+        return 130
+    except BrokenPipeError:  # `saliency criteria | head`: the reader left; not our failure
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a program killed by the broken pipe returns
     except (ConfigError, FileNotFoundError) as err:
-        print(f"saliency {args.command}: error: {err}", file=sys.stderr)
+        _err(f"saliency {args.command}: error: {err}", debug=args.debug)
         return 2
+    except Exception as err:
+        from saliency.plotting import FigureError
+        from saliency.sweep.runner import SweepLocked
+
+        plain = (OSError, SweepLocked, FigureError)
+        what = str(err) if isinstance(err, plain) else f"{type(err).__name__}: {err}"
+        _err(f"saliency {args.command}: error: {what}", debug=args.debug)
+        return 1
+
+
+def _err(line: str, *, debug: bool = False) -> None:
+    if debug:
+        import traceback
+
+        traceback.print_exc()
+    print(line, file=sys.stderr, flush=True)
 
 
 def _finish_run(result, records) -> None:
@@ -262,6 +311,41 @@ def cmd_criteria(args) -> int:
     return 0
 
 
+def _registry_lines(registry: dict, skip: tuple[str, ...]) -> list[str]:
+    """`name  (keyword=default, ...)  first docstring line` per entry, aligned."""
+    import inspect
+
+    rows = []
+    for name in sorted(registry):
+        fn = registry[name]
+        kw = [
+            f"{p.name}={p.default!r}"
+            for p in inspect.signature(fn).parameters.values()
+            if p.kind is p.KEYWORD_ONLY and p.name not in skip
+        ]
+        doc = (inspect.getdoc(fn) or "").split("\n\n")[0].replace("\n", " ")
+        rows.append((name, ", ".join(kw), doc))
+    w = max((len(r[0]) for r in rows), default=0)
+    return [f"{n:<{w}}  {doc}" + (f" [{kw}]" if kw else "") for n, kw, doc in rows]
+
+
+def cmd_models(args) -> int:
+    from saliency.zoo import models
+
+    for line in _registry_lines(models._MODELS, ()):
+        _print(line)
+    _print("(the [keywords] are what `model_kwargs` in a sweep config can set)")
+    return 0
+
+
+def cmd_datasets(args) -> int:
+    from saliency.zoo import datasets
+
+    for line in _registry_lines(datasets._DATASETS, ("data_root", "seed")):
+        _print(line)
+    return 0
+
+
 def cmd_report(args) -> int:
     from saliency.sweep.records import read_records
     from saliency.sweep.report import markdown
@@ -274,10 +358,14 @@ def cmd_report(args) -> int:
 
 
 def cmd_figs(args) -> int:
-    from saliency.plotting import build_all
+    from saliency.plotting import FigureError, build_all
 
     try:
-        paths = build_all(args.results, args.out, only=args.only)
+        paths = build_all(args.results, args.out, only=args.only, on_error="raise")
+    except FigureError as err:
+        for p in err.paths:
+            _print(p)
+        raise
     except ValueError as err:  # an unknown --only name
         print(f"saliency figs: error: {err}", file=sys.stderr)
         return 2

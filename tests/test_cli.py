@@ -115,7 +115,7 @@ def test_demo_config_is_package_data_and_valid():
     raw = tomllib.loads(text)
     assert raw["model"] == "lenet300" and raw["dataset"] == "mnist5k"
     assert raw["modes"] == ["oneshot", "finetune"] and raw["save_scores"] is True
-    assert raw["sparsities"][0] == 0.5 and raw["sparsities"][-1] == 0.98 and len(raw["seeds"]) == 2
+    assert raw["sparsities"][0] == 0.5 and raw["sparsities"][-1] == 0.98 and len(raw["seeds"]) == 3
 
 
 def test_probe_skips_exact_hessians_on_big_models_and_failing_criteria():
@@ -185,3 +185,68 @@ def test_demo_shrunk_to_the_tiny_model_writes_records_and_figure(tmp_path, capsy
     assert list((tmp_path / "figs").glob("table_*.md"))
     assert main([*figs, "--only", "nope"]) == 2
     assert "nope" in capsys.readouterr().err
+
+
+def test_every_failure_is_one_line_and_nonzero(tmp_path, capsys):
+    from test_plotting import write_results
+
+    d = write_results(tmp_path, scores=False)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    assert main(["figs", str(d), "--out", str(blocker / "figs")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("saliency figs: error:"), err
+    # a figure that fails: the others are written, then a one-line error and status 1
+    import saliency.plotting as P
+
+    P_cost, P.cost = P.cost, lambda *a, **k: 1 / 0
+    try:
+        assert main(["figs", str(d), "--out", str(tmp_path / "f"), "--only", "cost"]) == 1
+    finally:
+        P.cost = P_cost
+    err = capsys.readouterr().err
+    assert "saliency figs: error: 1 figure(s) failed: cost (ZeroDivisionError" in err
+    assert "Traceback" not in err
+
+
+def test_report_survives_garbage_lines(tmp_path, capsys):
+    from test_plotting import write_results
+
+    d = write_results(tmp_path, scores=False)
+    with open(d / "records.jsonl", "ab") as f:
+        f.write(b"\xff\xfe\n{}\n" + b'{"metric": "accuracy", "value": "x"}\n')
+    assert main(["report", str(d)]) == 0
+    assert "| magnitude |" in capsys.readouterr().out
+
+
+def test_broken_pipe_ends_quietly():
+    cmd = f"{sys.executable} -m saliency criteria | head -1"
+    out = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=120)
+    assert out.stdout.count("\n") == 1 and "Traceback" not in out.stderr, out.stderr
+
+
+def test_models_and_datasets_are_listed(capsys):
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert "lenet300" in out and "hidden=(300, 100)" in out and "model_kwargs" in out
+    assert main(["datasets"]) == 0
+    assert "mnist5k" in capsys.readouterr().out
+
+
+def test_console_script_imports_modules_from_the_current_directory(tmp_path):
+    import shutil
+
+    exe = shutil.which("saliency") or str(Path(sys.executable).parent / "saliency")
+    here = Path(__file__).parent
+    for name in ("sweep_plugin.py",):  # the plug-in next to the user's config, not on sys.path
+        shutil.copy(here / name, tmp_path / name)
+    cfg = sweep_fixtures.write_config(tmp_path)
+    out = subprocess.run(
+        [exe, "run", str(cfg), "--out", "r", "--threads", "1", *sets(["seeds=[0]"])],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "r" / "tiny" / "records.jsonl").exists()

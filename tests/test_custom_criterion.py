@@ -111,3 +111,8 @@ def test_wanda_by_name_in_a_sweep_config(wanda_module, tmp_path):
     records = read_records(tmp_path / "wanda_tiny")
     wanda = [r for r in records if r.get("criterion") == "wanda"]
     assert wanda and all(r["sparsity"] == pytest.approx(0.5, abs=0.01) for r in wanda)
+
+
+def test_the_example_passes_the_contract_check(wanda_module):
+    saliency.check_criterion(wanda_module.Wanda(), models=("mlp",))
+    saliency.check_criterion("wanda", models=("mlp",), n_samples=64)

@@ -60,8 +60,13 @@ def _check_complete(records: list[dict]) -> None:
     per_unit = Counter(r["run_id"] for r in records)
     keys = Counter((r["run_id"], r["phase"], r["metric"]) for r in records)
     assert max(keys.values()) == 1, "a record was written twice"
-    # dense: accuracy, loss, scoring_loss; oneshot: the same, pruned; finetune: + final acc, loss
-    assert sorted(Counter(per_unit.values()).items()) == [(3, 2 + 2 * 2 * 8), (5, 2 * 2 * 8)]
+    # dense: accuracy, loss, scoring_loss; oneshot: the same, pruned; finetune: + final acc, loss;
+    # the dense model fine-tuned as the pruned ones (the fair baseline): final acc, loss
+    assert sorted(Counter(per_unit.values()).items()) == [
+        (2, 2),
+        (3, 2 + 2 * 2 * 8),
+        (5, 2 * 2 * 8),
+    ]
 
 
 def test_sigkill_mid_run_then_resume(tmp_path):
@@ -86,7 +91,7 @@ def test_sigkill_mid_run_then_resume(tmp_path):
             proc.kill()
     assert proc.returncode == -signal.SIGKILL
     before = read_records(out / "tiny")
-    n_units = 2 + 2 * 2 * 8 * 2
+    n_units = 2 + 2 + 2 * 2 * 8 * 2  # dense, dense fine-tuned, pruned
     assert 0 < len({r["run_id"] for r in before}) < n_units
     first = {(r["run_id"], r["phase"], r["metric"]): r["value"] for r in before}
     # resume (in this process: the same code path, without a second interpreter start-up)
@@ -149,3 +154,120 @@ def test_resume_retrains_a_deleted_dense_cache(tmp_path, missing):
     assert res2.ran == 1 and len(list((res.out / "cache").iterdir())) == 1
     dense = [r for r in read_records(res.out) if r["criterion"] == "dense"]
     assert len(dense) == 3  # the dense records were not written twice
+
+
+def _tiny_cfg(**changes):
+    from saliency.sweep.config import parse_config, tomllib
+
+    raw = tomllib.loads(sweep_fixtures.TINY)
+    raw.update(seeds=[0], criteria=["magnitude"], modes=["oneshot"], **changes)
+    return parse_config(raw)
+
+
+def test_a_second_run_on_the_directory_is_refused(tmp_path):
+    from saliency.sweep.runner import SweepLocked, _locked, run_sweep
+
+    cfg = _tiny_cfg()
+    with _locked(tmp_path / "tiny"), pytest.raises(SweepLocked, match="in use by another"):
+        run_sweep(cfg, tmp_path)
+    assert run_sweep(cfg, tmp_path).ran == 3  # the lock goes with its holder
+
+
+def test_finished_sweep_writes_nothing_and_stale_tmp_files_go(tmp_path):
+    from saliency.sweep.runner import run_sweep
+
+    cfg = _tiny_cfg()
+    out = run_sweep(cfg, tmp_path).out
+    (out / "config.json").unlink()
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    again = run_sweep(cfg, tmp_path)  # also what works in a read-only directory
+    assert again.ran == 0 and {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
+    # temporary files of writes that died stay only until the next run that writes
+    stale = [out / "config.json.999.tmp", out / "cache" / "dense.pt.999.tmp"]
+    for p in stale:
+        p.write_text("partial")
+    run_sweep(_tiny_cfg(sparsities=[0.5, 0.9, 0.95]), tmp_path)
+    assert not any(p.exists() for p in stale) and (out / "config.json").exists()
+
+
+def test_a_failed_atomic_write_leaves_no_tmp(tmp_path):
+    from saliency.sweep.records import atomic_write
+
+    def fail(tmp):
+        tmp.write_text("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(tmp_path / "config.json", fail)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_resume_with_another_thread_count_says_so(tmp_path):
+    import torch
+
+    from saliency.sweep.runner import run_sweep
+
+    run_sweep(_tiny_cfg(), tmp_path)
+    assert {r["threads"] for r in read_records(tmp_path / "tiny")} == {1}
+    torch.set_num_threads(2)  # restored by the one_thread fixture
+    res = run_sweep(_tiny_cfg(sparsities=[0.5, 0.9, 0.95]), tmp_path)
+    assert any("ran with 1 torch thread(s), this run with 2" in n for n in res.notes), res.notes
+    assert any("resuming: 3 of 4 unit(s)" in n for n in res.notes)
+
+
+def _start_workers(tmp_path):
+    """A 2-worker sweep in its own session (a terminal's process group), once records appear."""
+    config = sweep_fixtures.write_config(tmp_path)
+    out = tmp_path / "results"
+    cmd = [*_cmd(config, out)[:-2], "--workers", "2", "--set", "finetune.epochs=30"]
+    proc = subprocess.Popen(
+        cmd,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    records = out / "tiny" / "records.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if records.exists() and records.read_bytes().count(b"\n") >= 8:
+            return proc, records
+        time.sleep(0.05)
+    proc.kill()
+    pytest.fail(f"no records appeared: {proc.communicate()}")
+
+
+def _group_alive(session: int) -> bool:
+    """Whether a process of the session still runs (a zombie awaiting its reaper does not)."""
+    ps = subprocess.run(["ps", "-o", "stat=", "-g", str(session)], capture_output=True, text=True)
+    return any(not st.startswith("Z") for st in ps.stdout.split())
+
+
+def test_ctrl_c_stops_workers_promptly_with_one_line_and_exit_130(tmp_path):
+    proc, records = _start_workers(tmp_path)
+    start = time.monotonic()
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal sends: the whole group
+    out, err = proc.communicate(timeout=30)
+    assert time.monotonic() - start < 15
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    (line,) = [ln for ln in err.splitlines() if "interrupted" in ln]
+    assert "are recorded in" in line and "run the same command again" in line
+    deadline = time.monotonic() + 5
+    while _group_alive(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _group_alive(proc.pid)  # no worker left behind, writing
+    size = records.stat().st_size
+    time.sleep(1)
+    assert records.stat().st_size == size
+
+
+def test_workers_exit_when_the_parent_is_killed(tmp_path):
+    proc, records = _start_workers(tmp_path)
+    os.kill(proc.pid, signal.SIGKILL)  # the OOM killer takes the parent only
+    proc.communicate(timeout=30)
+    deadline = time.monotonic() + 20
+    while _group_alive(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _group_alive(proc.pid), "workers outlived their parent"

@@ -60,6 +60,9 @@ SCHEMA = {
     "time",
     "saliency_version",
     "label",
+    "settings",
+    "threads",
+    "unit_records",
 }
 CALLS: Counter = Counter()
 
@@ -155,7 +158,10 @@ def test_tiny_sweep_all_modes_end_to_end(tmp_path):
     res = run_sweep(cfg, tmp_path)
     records = read_records(res.out)
     n_units = len({u.run_id for j in plan(cfg) for u in j.units})
-    assert res.units == n_units == 2 + 2 * 2 * 2 * 5 and res.ran == n_units and not res.failures
+    # dense; dense baselines with the training of finetune, gradual, iterative (init trains as
+    # long as the dense model: its baseline is the dense model); criteria x sparsities x modes
+    assert res.units == n_units == 2 + 2 * 3 + 2 * 2 * 2 * 5
+    assert res.ran == n_units and not res.failures
     units = by_unit(records)
     assert len(units) == n_units
     for r in records:
@@ -172,15 +178,15 @@ def test_tiny_sweep_all_modes_end_to_end(tmp_path):
         ("dense", "dense"): 2,
         ("oneshot", "pruned"): 8,
         ("finetune", "pruned"): 8,
-        ("finetune", "final"): 8,
-        ("gradual", "final"): 8,
-        ("iterative", "final"): 8,
+        ("finetune", "final"): 8 + 2,
+        ("gradual", "final"): 8 + 2,
+        ("iterative", "final"): 8 + 2,
         ("init", "pruned"): 8,
         ("init", "final"): 8,
     }
     dense = [r for r in records if r["criterion"] == "dense"]
     assert {(r["mode"], r["sparsity_target"], r["score_seconds"]) for r in dense} == {
-        ("dense", 0.0, None)
+        (m, 0.0, None) for m in ("dense", "finetune", "gradual", "iterative")
     }
     # every pruning mode records what its scoring cost (gradual: summed over pruning steps)
     pruned = [r for r in records if r["criterion"] != "dense"]
@@ -334,19 +340,45 @@ def test_report_separates_sweeps(tmp_path):
     assert "### tiny, oneshot: accuracy" in md and "### other, oneshot: accuracy" in md
 
 
-def test_rerun_with_changed_config_supersedes_and_keeps_old_records(tmp_path):
-    run_sweep(cfg_of(modes=["oneshot"], seeds=[0]), tmp_path)
-    before = len(read_records(tmp_path / "tiny"))
+def test_changed_config_is_reported_and_drawn_apart_never_mixed(tmp_path):
+    """The issue's sequence: run; rerun with train.epochs changed; rerun the first config with
+    one more sparsity. Nothing is lost, and no table mixes the two configurations."""
+    from saliency.sweep.records import config_groups
+
+    first = cfg_of(modes=["oneshot"], seeds=[0])
+    run_sweep(first, tmp_path)
+    n = len(read_records(tmp_path / "tiny"))
     run_sweep(cfg_of(modes=["oneshot"], seeds=[0], train={"epochs": 1}), tmp_path)
-    everything = read_records(tmp_path / "tiny", latest=False)
-    assert len(everything) == 2 * before  # nothing written is lost
-    latest = read_records(tmp_path / "tiny")
-    assert len(latest) == before
-    assert {r["config_hash"] for r in latest} == {everything[-1]["config_hash"]}
-    assert "mean ± std over 1 seed(s)" in markdown(latest)
-    # adding a seed keeps the old seed's records (same observation key only per seed)
-    run_sweep(cfg_of(modes=["oneshot"], seeds=[0, 1], train={"epochs": 1}), tmp_path)
-    assert "mean ± std over 2 seed(s)" in markdown(read_records(tmp_path / "tiny"))
+    third = run_sweep(cfg_of(modes=["oneshot"], seeds=[0], sparsities=[0.5, 0.9, 0.95]), tmp_path)
+    assert third.ran == 2  # only the new sparsity: the first config's units are done
+    assert any("differing in train.epochs" in note for note in third.notes), third.notes
+    records = read_records(tmp_path / "tiny")
+    assert len(records) == 2 * n + 2 * 3  # nothing written is lost
+    groups = config_groups(records)
+    assert [label for label, _ in groups] == ["train.epochs=2", "train.epochs=1"]  # newest first
+    for label, members in groups:
+        epochs = {r["settings"]["train"]["epochs"] for r in members}
+        assert epochs == {int(label[-1])}
+    assert {r["sparsity_target"] for r in groups[0][1]} == {0.0, 0.5, 0.9, 0.95}
+    assert {r["sparsity_target"] for r in groups[1][1]} == {0.0, 0.5, 0.9}
+    md = markdown(records)
+    assert "## Configuration 1 of 2: train.epochs=2" in md
+    assert "## Configuration 2 of 2: train.epochs=1" in md
+    assert "mean ± std over 1 seed(s)" in md and "over 2 seed(s)" not in md
+    # another seed of the same configuration joins it (no new configuration)
+    run_sweep(cfg_of(modes=["oneshot"], seeds=[0, 1], sparsities=[0.5, 0.9, 0.95]), tmp_path)
+    groups = config_groups(read_records(tmp_path / "tiny"))
+    assert len(groups) == 2 and {r["seed"] for r in groups[0][1]} == {0, 1}
+
+
+def test_changed_hparams_under_one_label_split_too(tmp_path, test_criteria):
+    from saliency.sweep.records import config_groups
+
+    run_sweep(cfg_of(modes=["oneshot"], seeds=[0], criteria=[{"name": "t_halfsq"}]), tmp_path)
+    crit = [{"name": "t_halfsq", "bump": 0.5}]
+    run_sweep(cfg_of(modes=["oneshot"], seeds=[0], criteria=crit), tmp_path)
+    labels = [label for label, _ in config_groups(read_records(tmp_path / "tiny"))]
+    assert labels == ["t_halfsq.bump=0.5", "t_halfsq.bump=0.0"]
 
 
 def test_first_order_term_against_autograd():

@@ -94,7 +94,8 @@ def test_repeated_criterion_with_labels_and_hparams():
         ("random-s1", {"seed": 1}),
     ]
     runs = {u.run_id for j in plan(cfg) for u in j.units}
-    assert len(runs) == 2 * 2 * 2 * 2 + 2  # criteria x sparsities x seeds x modes + dense
+    # criteria x sparsities x seeds x modes + dense + the dense fine-tune baseline, per seed
+    assert len(runs) == 2 * 2 * 2 * 2 + 2 + 2
 
 
 def test_all_criteria_with_filtered_defaults():
@@ -198,3 +199,15 @@ def test_run_ids_are_stable_across_processes():
 def test_bad_training_settings_fail_at_parse_time(section, key, value):
     with pytest.raises(ConfigError, match=f"{section}.{key} must be"):
         parse_config(raw(**{section: {key: value}}))
+
+
+def test_every_config_key_is_documented():
+    from saliency.sweep.config import SECTIONS, TOP
+
+    doc = (Path(__file__).parent.parent / "docs" / "config.md").read_text()
+    for key in set(TOP) - set(SECTIONS):
+        assert f"`{key}`" in doc, key
+    for section, keys in SECTIONS.items():
+        assert f"`[{section}]`" in doc, section
+        for key in keys:
+            assert f"`{key}`" in doc, f"{section}.{key}"

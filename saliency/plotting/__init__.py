@@ -28,9 +28,19 @@ from saliency.plotting.tables import metric_table
 
 log = logging.getLogger(__name__)
 
+
+class FigureError(RuntimeError):
+    """Some figures failed (`build_all(..., on_error="raise")`); `paths` holds what was written."""
+
+    def __init__(self, message: str, paths: list[Path]):
+        super().__init__(message)
+        self.paths = paths
+
+
 __all__ = [
     "DOUBLE_COLUMN",
     "FIGURES",
+    "FigureError",
     "SINGLE_COLUMN",
     "accuracy_vs_sparsity",
     "agreement",
@@ -60,11 +70,15 @@ def build_all(
     usetex: bool = False,
     only: Sequence[str] | None = None,
     table_sparsities: Sequence[float] | None = None,
+    on_error: str = "log",
 ) -> list[Path]:
     """Every figure and table from the records in `results_dirs`; returns the files written.
 
     A figure the records cannot support (no scores saved, no OBD/OBS records, ...) is skipped
-    with a logged reason, and one that fails is logged with its error: the build never stops.
+    with a logged reason. One that fails is logged with its error and the others are still
+    built; then, with on_error="raise", `FigureError` names the failures. An output directory
+    that cannot be written fails at once (OSError). Records of several configurations (see
+    `saliency.sweep.records.config_groups`) give each configuration its own files.
     sparsity: the global sparsity for the per-layer and agreement figures (default: the
     recorded target closest to 0.9). only: names of the figures to build (`FIGURES`).
     table_sparsities: the table's columns (default: every recorded target, at most six).
@@ -74,11 +88,15 @@ def build_all(
     unknown = set(only or ()) - set(FIGURES)
     if unknown:
         raise ValueError(f"unknown figure names {sorted(unknown)}; known: {list(FIGURES)}")
+    if on_error not in ("log", "raise"):
+        raise ValueError(f"on_error must be 'log' or 'raise'; got {on_error!r}")
     if isinstance(results_dirs, (str, os.PathLike)):
         results_dirs = [results_dirs]
     dirs = _results_dirs(results_dirs)
     records = read_records(*dirs)
     out = Path(out_dir)
+    _check_writable(out)
+    _log_configs(records)
     steps = _steps(
         records,
         dirs,
@@ -89,18 +107,44 @@ def build_all(
         table_sparsities=table_sparsities,
     )
     paths: list[Path] = []
+    failed: list[str] = []
     for name, make in steps.items():
         if only and name not in only:
             continue
         try:
             got = make()
         except Exception as e:  # one broken figure must not stop the others
-            log.warning("figure %s failed: %s: %s", name, type(e).__name__, e, exc_info=True)
+            failed.append(f"{name} ({type(e).__name__}: {e})")
+            log.warning("figure %s failed: %s: %s", name, type(e).__name__, e)
+            log.debug("figure %s failed", name, exc_info=True)
             continue
         if not got:
             log.info("figure %s: nothing written (see the reason logged above)", name)
         paths += got
+    if failed and on_error == "raise":
+        raise FigureError(f"{len(failed)} figure(s) failed: {'; '.join(failed)}", paths)
     return paths
+
+
+def _check_writable(out: Path) -> None:
+    """Fail before any figure is drawn when `out` cannot be created or written (OSError)."""
+    import tempfile
+
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
+        pass
+
+
+def _log_configs(records) -> None:
+    from saliency.sweep.records import config_groups, config_slug
+
+    groups = config_groups(records)
+    if len(groups) > 1:
+        log.warning(
+            "the records hold %d configurations; each gets its own files: %s",
+            len(groups),
+            "; ".join(f"*{config_slug(label)}*: {label}" for label, _ in groups),
+        )
 
 
 def _results_dirs(given) -> list[Path]:

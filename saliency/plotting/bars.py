@@ -159,10 +159,11 @@ def plot_cost(
     width: str | float = "single",
     height: float | None = None,
 ):
-    """Horizontal bars: wall-clock seconds (log scale) and samples read by the scoring that
-    pruned to `sparsity` (default: the recorded target closest to 0.9), mean over seeds with a
-    std error bar. Single-pass criteria score once; multi-round ones (SynFlow, OBS with
-    recompute_steps) report the sum over their rounds, as the sweep records it."""
+    """Dots with std error bars: wall-clock seconds (log axis) and samples read by the scoring
+    that pruned to `sparsity` (default: the recorded target closest to 0.9), mean over seeds.
+    Single-pass criteria score once; multi-round ones (SynFlow, OBS with recompute_steps) report
+    the sum over their rounds, as the sweep records it. Dots, not bars: a bar's length on a log
+    axis depends on where the axis starts, so only its end would mean anything."""
     mode, s, costs = _costs(records, sparsity)
     if not costs:
         log.info("cost: no records with score_seconds; skipped")
@@ -179,28 +180,33 @@ def plot_cost(
         vals = [c[idx] for c in costs.values()]
         mean = np.array([np.mean(v) if v else np.nan for v in vals])
         sd = np.array([np.std(v, ddof=1) if len(v) > 1 else 0.0 for v in vals])
-        ax.barh(y, np.nan_to_num(mean), xerr=sd, color=colors, height=0.7, error_kw={"lw": 0.6})
+        for yi, m, e, c in zip(y, mean, sd, colors, strict=True):
+            if np.isfinite(m):
+                ax.errorbar(m, yi, xerr=e, fmt="o", color=c, ms=4, elinewidth=0.6, capsize=1.5)
         ax.set_xlabel(title)
         ax.grid(axis="y", visible=False)
         if idx == 2 and np.nanmin(mean) > 0:
             log_axis(ax, "x")
-        if idx == 3 and not np.nan_to_num(mean).any():
-            ax.set_xlim(0, 1)  # all data-free: no meaningless +-0.05 axis
-            ax.set_xticks([0])
+        if idx == 3:
+            ax.set_xlim(left=0)
+            if not np.nan_to_num(mean).any():
+                ax.set_xlim(0, 1)  # all data-free: no meaningless +-0.05 axis
+                ax.set_xticks([0])
         for yi, m, e in zip(y, mean, sd, strict=True):
             if np.isfinite(m):
                 txt = f"{m:.2g}" if idx == 2 else (f"{m:.0f}" if m else "0 (data-free)")
-                # right of the error bar, so a bar's cap never reads as a minus sign
+                # right of the error bar, so a cap never reads as a minus sign
                 ax.annotate(
                     txt,
                     (m + e, yi),
-                    xytext=(3, 0),
+                    xytext=(4, 0),
                     textcoords="offset points",
                     va="center",
                     fontsize="x-small",
                 )
         ax.margins(x=0.25)
     axes[0, 0].set_yticks(y, labels)
+    axes[0, 0].set_ylim(-0.7, n - 0.3)
     fig.suptitle(f"Scoring cost, {D.MODE_SHORT.get(mode, mode)} to s = {s:g}")
     return fig
 
@@ -210,13 +216,14 @@ def layer_sparsity(
 ) -> list[Path]:
     paths: list[Path] = []
     with paper_style(usetex=usetex):
-        for suffix, recs, _ in D.split_settings(records):
+        for suffix, recs, _, config in D.split_settings(records):
             fig = plot_layer_sparsity(recs, sparsity=sparsity, layer_sizes=layer_sizes)
             if fig is not None:
+                D.config_title(fig, config)
                 cap = (
                     "Fraction of each layer's weights pruned by each criterion at one global "
                     "sparsity (dashed), mean over seeds; layer sizes in parentheses when known."
-                )
+                ) + D.config_note(config)
                 paths += save_figure(fig, out_dir, stem + suffix, caption=cap)
     return paths
 
@@ -224,14 +231,16 @@ def layer_sparsity(
 def cost(records, out_dir, *, sparsity=None, stem="cost", usetex=False) -> list[Path]:
     paths: list[Path] = []
     with paper_style(usetex=usetex):
-        for suffix, recs, _ in D.split_settings(records):
+        for suffix, recs, _, config in D.split_settings(records):
             fig = plot_cost(recs, sparsity=sparsity)
             if fig is not None:
+                D.config_title(fig, config)
                 cap = (
                     "Scoring cost per criterion: wall-clock seconds (log scale) and training "
-                    "samples read, mean over seeds (error bar: std). Single-pass criteria score "
-                    "once; multi-round criteria (e.g. SynFlow, OBS with recomputation) report the "
-                    "sum over their rounds. Data-free criteria read no samples."
-                )
+                    "samples read; dots: mean over seeds, error bars: std (none with one seed). "
+                    "Single-pass criteria score once; multi-round criteria (e.g. SynFlow, OBS "
+                    "with recomputation) report the sum over their rounds. Data-free criteria "
+                    "read no samples."
+                ) + D.config_note(config)
                 paths += save_figure(fig, out_dir, stem + suffix, caption=cap)
     return paths

@@ -71,9 +71,6 @@ def plot_accuracy_vs_sparsity(
     nrows = math.ceil(len(modes) / ncols)
     width = width or ("single" if ncols == 1 else "double")
     fig, axes = new_figure(width, height or 0.6 + 1.9 * nrows, nrows, ncols, sharey=True)
-    dense_mean, dense_hw, dense_n = D.summarize(
-        D.by_seed_mean(r for r in dense if r.get("metric") == metric), band
-    )
     # one factor for the whole figure: accuracy fractions shown in percent
     k = D.scale(
         metric,
@@ -84,6 +81,7 @@ def plot_accuracy_vs_sparsity(
         ],
     )[1]
     handles: dict[str, Line2D] = {}
+    drawn = []  # (ax, x, mean, style) of every line, for the cut of the y-axis
     for i, ax in enumerate(axes.flat):
         if i >= len(modes):
             ax.set_visible(False)
@@ -97,11 +95,16 @@ def plot_accuracy_vs_sparsity(
         for label, rs, st in D.series(sel).values():
             s, m, hw, _n = D.curve(rs, band)
             (line,) = ax.plot(_x(s, xaxis), m * k, label=label, **st)
+            drawn.append((ax, _x(s, xaxis), m * k, st))
             ax.fill_between(
                 _x(s, xaxis), (m - hw) * k, (m + hw) * k, color=st["color"], alpha=0.18, linewidth=0
             )
             handles.setdefault(label, line)
+        dense_mean, dense_hw, dense_n = D.summarize(
+            D.by_seed_mean(r for r in D.dense_for(dense, mode) if r.get("metric") == metric), band
+        )
         if dense_n:
+            drawn.append((ax, np.array([]), np.array([dense_mean * k]), None))
             if dense_hw > 0:
                 ax.axhspan(
                     (dense_mean - dense_hw) * k,
@@ -123,6 +126,8 @@ def plot_accuracy_vs_sparsity(
         _format_x(ax, xaxis, _x(np.array(sorted(xs)), xaxis))
         if i % ncols == 0:
             ax.set_ylabel(D.METRIC_LABELS.get(metric, metric))
+    if D.HIGHER_IS_BETTER.get(metric, True):
+        _cut_axis(drawn)
     fig.legend(
         list(handles.values()),
         list(handles),
@@ -132,24 +137,84 @@ def plot_accuracy_vs_sparsity(
     return fig
 
 
-def caption(records: Sequence[dict], band: str, metric: str, xaxis: str = "sparsity") -> str:
+def axis_floor(panels: list[list[np.ndarray]]) -> float | None:
+    """Where to cut a higher-is-better y-axis shared by `panels` (each a list of series means),
+    or None. A series is far below the others when its median lies under the lower Tukey fence
+    (Q1 - 1.5 IQR) of its panel's series medians (a random baseline, a criterion that fails);
+    the axis then starts just under the lowest mean of the other series, so their differences
+    stay readable, provided that cuts something off."""
+    kept, lowest = [], np.inf
+    for series in panels:
+        series = [m[np.isfinite(m)] for m in series]
+        series = [m for m in series if m.size]
+        if len(series) < 4:
+            return None
+        med = np.array([np.median(m) for m in series])
+        q1, q3 = np.percentile(med, [25, 75])
+        fence = q1 - 1.5 * (q3 - q1)
+        kept += [m for m, md in zip(series, med, strict=True) if md >= fence]
+        lowest = min(lowest, min(float(m.min()) for m in series))
+    lo, hi = min(float(m.min()) for m in kept), max(float(m.max()) for m in kept)
+    floor = lo - 0.04 * (hi - lo)
+    return floor if lowest < floor else None
+
+
+def _cut_axis(drawn) -> None:
+    """Cut the shared y-axis at `axis_floor`: the floor is dotted, its tick reads "<floor", and a
+    triangle on it, in the series' colour, marks every mean below it."""
+    panels: dict[int, list] = {}
+    for ax, _, m, st in drawn:
+        if st is not None:
+            panels.setdefault(id(ax), []).append(m)
+    floor = axis_floor(list(panels.values())) if panels else None
+    if floor is None:
+        return
+    for ax in {id(ax): ax for ax, *_ in drawn}.values():
+        ax.set_ylim(bottom=floor)
+        ax.axhline(floor, color="0.3", lw=0.8, ls=(0, (1, 1.5)), zorder=3, clip_on=False)
+        lo, hi = ax.get_ylim()
+        ticks = [t for t in ax.get_yticks() if floor + 0.06 * (hi - lo) < t <= hi]
+        ax.set_yticks([floor, *ticks], [f"<{floor:.0f}", *(f"{t:g}" for t in ticks)])
+        ax.set_ylim(lo, hi)
+    for ax, x, m, st in drawn:
+        below = np.isfinite(m) & (m < floor)
+        if st is not None and below.any():
+            ax.plot(
+                x[below], np.full(below.sum(), floor), ls="none", marker="v", ms=3.5,
+                color=st["color"], clip_on=False, zorder=4, label="_below",
+            )  # fmt: skip
+
+
+def caption(
+    records: Sequence[dict], band: str, metric: str, xaxis: str = "sparsity", config: str = ""
+) -> str:
     seeds = sorted({r.get("seed") for r in records if r.get("criterion") != "dense"}, key=str)
     what = (
         "\u00b11 sample standard deviation"
         if band == "std"
         else "95% Student-t confidence interval"
     )
-    return (
-        (
-            f"Test {metric} vs compression ratio 1/(1 - s) on a log axis (s: fraction of "
-            "prunable weights set to zero). "
-            if xaxis == "compression"
-            else f"Test {metric} vs sparsity (fraction of prunable weights set to zero). "
+    x = (
+        f"Test {metric} vs compression ratio 1/(1 - s) on a log axis (s: fraction of "
+        "prunable weights set to zero). "
+        if xaxis == "compression"
+        else f"Test {metric} vs sparsity (fraction of prunable weights set to zero). "
+    )
+    if len(seeds) > 1:
+        lines = (
+            f"Lines: mean over {len(seeds)} seeds; shaded: {what}; dashed black: dense "
+            f"baseline (grey: its {what} over seeds). "
         )
-        + f"Lines: mean over "
-        f"{len(seeds)} seed(s); shaded: {what}; dashed black: dense baseline (grey: its "
-        f"{what} over seeds). One-shot is "
-        f"evaluated right after pruning; other modes after training."
+    else:
+        lines = "Lines: one seed (no spread to show); dashed black: dense baseline. "
+    return (
+        x
+        + lines
+        + "One-shot is evaluated right after pruning; other modes after training, and their "
+        "dense baseline is the dense model given the same extra training (epochs, optimizer), "
+        "where recorded. Where curves far below the others would stretch the y-axis, it is cut: "
+        "the floor is dotted, its tick reads '<floor', and a triangle on it marks a mean below "
+        "it." + D.config_note(config)
     )
 
 
@@ -167,15 +232,15 @@ def accuracy_vs_sparsity(
     """Write figure 1 (PNG 200 dpi + PDF + caption .txt) per setting; return the paths written."""
     paths: list[Path] = []
     with paper_style(usetex=usetex):
-        for suffix, recs, dense in D.split_settings(records):
+        for suffix, recs, dense, config in D.split_settings(records):
             m = metric or D.default_metric(recs)
             fig = plot_accuracy_vs_sparsity(
                 recs, metric=m, band=band, xaxis=xaxis, width=width, dense=dense
             )
             if fig is None:
                 continue
-            paths += save_figure(fig, out_dir, stem + suffix)
-            txt = Path(out_dir) / f"{stem}{suffix}.txt"
-            txt.write_text(caption(recs, band, m, xaxis) + "\n")
-            paths.append(txt)
+            D.config_title(fig, config)
+            paths += save_figure(
+                fig, out_dir, stem + suffix, caption=caption(recs, band, m, xaxis, config)
+            )
     return paths

@@ -76,25 +76,56 @@ def setting_key(r: dict) -> tuple:
     return (r.get("dataset"), r.get("model"), r.get("scope"), r.get("granularity"))
 
 
-def split_settings(records: Sequence[dict]) -> list[tuple[str, list[dict], list[dict]]]:
-    """[(stem suffix, pruned records, dense records)] per setting. The suffix names only the
-    fields that differ between settings ('' when there is one setting)."""
-    pruned = defaultdict(list)
-    for r in records:
-        if r.get("criterion") != "dense":
-            pruned[setting_key(r)].append(r)
-    keys = sorted(pruned, key=lambda k: tuple(str(x) for x in k))
-    varying = [i for i in range(4) if len({k[i] for k in keys}) > 1]
+def split_settings(records: Sequence[dict]) -> list[tuple[str, list[dict], list[dict], str]]:
+    """[(stem suffix, pruned records, dense records, configuration label)], one per
+    configuration (`records.config_groups`: records made with different settings are never
+    drawn together) and setting (dataset, model, scope, granularity). The suffix names only
+    what differs ('' when there is one of each); the label names the settings that differ
+    between configurations ('' when there is one)."""
+    from saliency.sweep.records import config_groups, config_slug
+
     out = []
-    for k in keys:
-        dense = [
-            r
-            for r in records
-            if r.get("criterion") == "dense" and (r.get("dataset"), r.get("model")) == k[:2]
-        ]
-        suffix = "".join(f"_{k[i]}" for i in varying)
-        out.append((suffix, pruned[k], dense))
+    for config, members in config_groups(list(records)):
+        pruned = defaultdict(list)
+        for r in members:
+            if r.get("criterion") != "dense":
+                pruned[setting_key(r)].append(r)
+        keys = sorted(pruned, key=lambda k: tuple(str(x) for x in k))
+        varying = [i for i in range(4) if len({k[i] for k in keys}) > 1]
+        for k in keys:
+            dense = [
+                r
+                for r in members
+                if r.get("criterion") == "dense" and (r.get("dataset"), r.get("model")) == k[:2]
+            ]
+            suffix = config_slug(config) + "".join(f"_{k[i]}" for i in varying)
+            out.append((suffix, pruned[k], dense, config))
     return out
+
+
+def dense_for(dense: Sequence[dict], mode: str) -> list[dict]:
+    """The dense baseline of a panel: the dense model given the same training as the mode's
+    pruned models (records of criterion 'dense' in that mode) where recorded, else the trained
+    dense model (mode 'dense'; it has the same budget in one-shot mode)."""
+    same = [r for r in dense if r.get("mode") == mode]
+    return same or [r for r in dense if r.get("mode") in ("dense", None)]
+
+
+def config_note(config: str) -> str:
+    """Caption sentence naming a configuration ('' for the only one)."""
+    if not config:
+        return ""
+    return (
+        f" Configuration: {config} (the records hold results of several configurations; "
+        "each has its own files)."
+    )
+
+
+def config_title(fig, config: str) -> None:
+    """Name the configuration at the top of a figure (below a title it already has)."""
+    if config:
+        old = fig.get_suptitle()
+        fig.suptitle("\n".join(t for t in (old, f"Configuration: {config}") if t))
 
 
 def hparams_key(r: dict) -> str:

@@ -32,7 +32,7 @@ def _measured_increase(records: Sequence[dict], dense: Sequence[dict]):
     'loss', or 'mse' for a regression sweep (its loss is the MSE)."""
     metric = measured_metric(records)
     dense_loss = defaultdict(list)
-    for r in dense:
+    for r in D.dense_for(dense, "dense"):  # the model that was pruned
         if r.get("metric") == metric and D.finite(r.get("value")):
             dense_loss[r.get("seed")].append(float(r["value"]))
     out = []
@@ -176,8 +176,10 @@ def loss_prediction(
     """Write figure 4 per setting; return the paths written ([] when no records qualify)."""
     paths: list[Path] = []
     with paper_style(usetex=usetex):
-        for suffix, recs, dense in D.split_settings(records):
+        for suffix, recs, dense, config in D.split_settings(records):
             fig = plot_loss_prediction(recs, dense)
             if fig is not None:
-                paths += save_figure(fig, out_dir, stem + suffix, caption=LOSS_CAPTION)
+                D.config_title(fig, config)
+                cap = LOSS_CAPTION + D.config_note(config)
+                paths += save_figure(fig, out_dir, stem + suffix, caption=cap)
     return paths

@@ -1,5 +1,7 @@
-"""Table: metric at chosen sparsities, mean +- std over seeds, best per column in bold, written
-as LaTeX (booktabs) and Markdown. One row per criterion, one block of rows per mode."""
+"""Table: metric at chosen sparsities, mean +- std over seeds, written as LaTeX (booktabs) and
+Markdown. One row per criterion, one block of rows per mode. The best mean of a column is bold
+only when it is separated from every other one: its +-1 std interval over seeds does not overlap
+theirs (so never with one seed); a difference inside the seed spread is not bolded."""
 
 from __future__ import annotations
 
@@ -35,17 +37,25 @@ def _fmt(metric: str, mean: float, sd: float, n: int) -> tuple[str, str]:
     return f"{mean:.3g}", (f"{sd:.2g}" if n > 1 else "")
 
 
+def separated(best: tuple[float, float, int], other: tuple[float, float, int]) -> bool:
+    """Whether (mean, std, n) `best` stands apart from `other`: both have >= 2 seeds and their
+    mean +- std intervals do not overlap."""
+    (m1, s1, n1), (m2, s2, n2) = best, other
+    return n1 > 1 and n2 > 1 and abs(m1 - m2) > s1 + s2
+
+
 def table_rows(records: Sequence[dict], metric: str, sparsities: Sequence[float]):
-    """[(mode, [(label, [(mean_str, std_str, bold)])])], bold = best mean shown in its column."""
+    """[(mode, [(label, [(mean_str, std_str, bold)])])]; bold = the best mean of its column,
+    where `separated` from every other criterion's."""
     recs = [r for r in records if r.get("criterion") != "dense" and r.get("metric") == metric]
-    better = max if D.HIGHER_IS_BETTER.get(metric, True) else min
+    sign = 1.0 if D.HIGHER_IS_BETTER.get(metric, True) else -1.0
     blocks = []
     for mode in D.modes(recs):
         phase = D.phase_for(recs, mode)
         sel = [r for r in recs if r.get("mode") == mode and r.get("phase") == phase]
-        rows = []
+        rows, stats = [], []
         for label, rs, _ in D.series(sel).values():
-            cells = []
+            cells, row_stats = [], []
             for s in sparsities:
                 vals = D.by_seed_mean(
                     r
@@ -54,23 +64,37 @@ def table_rows(records: Sequence[dict], metric: str, sparsities: Sequence[float]
                 )
                 m, sd, n = D.summarize(vals, "std")
                 cells.append(_fmt(metric, m, sd, n) if n else ("", ""))
+                row_stats.append((m, sd, n))
             rows.append([label, cells])
+            stats.append(row_stats)
         for j in range(len(sparsities)):
-            shown = [float(c[j][0]) for _, c in rows if c[j][0]]
-            best = better(shown) if shown else None
-            for row in rows:
+            col = [(i, st[j]) for i, st in enumerate(stats) if st[j][2]]
+            if len(col) < 2:
+                best = None
+            else:
+                i_best, top = max(col, key=lambda c: sign * c[1][0])
+                best = i_best if all(separated(top, o) for i, o in col if i != i_best) else None
+            for i, row in enumerate(rows):
                 ms, ss = row[1][j]
-                row[1][j] = (ms, ss, bool(ms) and float(ms) == best)
+                row[1][j] = (ms, ss, i == best)
         blocks.append((mode, rows))
     return blocks
 
 
-def _dense_text(dense: Sequence[dict], metric: str) -> str:
-    m, sd, n = D.summarize(D.by_seed_mean(r for r in dense if r.get("metric") == metric), "std")
-    if not n:
-        return ""
-    ms, ss = _fmt(metric, m, sd, n)
-    return f"Dense baseline: {ms}" + (f" \u00b1 {ss}" if ss else "") + "."
+def _dense_text(dense: Sequence[dict], metric: str, modes: Sequence[str]) -> str:
+    parts = []
+    for mode in ("dense", *modes):
+        rs = [r for r in dense if r.get("mode") == mode and r.get("metric") == metric]
+        m, sd, n = D.summarize(D.by_seed_mean(rs), "std")
+        if n:
+            ms, ss = _fmt(metric, m, sd, n)
+            what = (
+                ""
+                if mode == "dense"
+                else f" (given the training of {D.MODE_SHORT.get(mode, mode)})"
+            )
+            parts.append(f"{ms}" + (f" \u00b1 {ss}" if ss else "") + what)
+    return f"Dense baseline: {'; '.join(parts)}." if parts else ""
 
 
 def to_markdown(blocks, sparsities, metric, caption) -> str:
@@ -141,7 +165,7 @@ def metric_table(
     """Write `table_<metric>.tex` and `.md` per setting; return the paths ([] with a logged reason)."""
     paths: list[Path] = []
     out = Path(out_dir)
-    for suffix, recs, dense in D.split_settings(records):
+    for suffix, recs, dense, config in D.split_settings(records):
         m = metric or D.default_metric(recs)
         cols = choose_sparsities(
             (r.get("sparsity_target") for r in recs if r.get("metric") == m), sparsities
@@ -152,9 +176,16 @@ def metric_table(
             continue
         seeds = len({r.get("seed") for r in recs})
         unit = " (%)" if m == "accuracy" else ""
+        bold = (
+            "bold: the best mean of a column, where its \u00b11 std interval over seeds does not "
+            "overlap any other criterion's (no bold where the best is within the seed spread)"
+            if seeds > 1
+            else "one seed: no spread to tell differences apart, so nothing is bold"
+        )
+        modes = [b[0] for b in blocks]
         cap = (
-            f"Test {m}{unit} at sparsity s, mean \u00b1 std over {seeds} seed(s); best per "
-            f"column in bold. {_dense_text(dense, m)}"
+            f"Test {m}{unit} at sparsity s, mean \u00b1 std over {seeds} seed(s); {bold}. "
+            f"{_dense_text(dense, m, modes)}{D.config_note(config)}"
         ).strip()
         name = (stem or f"table_{m}") + suffix
         out.mkdir(parents=True, exist_ok=True)

@@ -28,6 +28,7 @@ from saliency.sweep.units import (  # noqa: F401  (re-exported: the runner and t
     build_criterion,
     cache_path,
     dataset,
+    dense_budget,
     dense_model,
     device,
     evaluate_model,
@@ -64,7 +65,15 @@ def _finish(
     if tb is not None:
         tb.unit(job, unit, recs)
     if notify:
-        notify(unit)
+        notify(("done", unit))
+
+
+def _status(notify, job: Job, what: str, sparsity: float | None = None) -> None:
+    """Tell the progress display what runs now: "obs s=0.9 seed 1: fine-tune"."""
+    if notify:
+        label = job.criterion.label if job.criterion else "dense"
+        at = "" if sparsity is None else f" s={sparsity:g}"
+        notify(("status", f"{label}{at} seed {job.seed}: {what}"))
 
 
 def run_job(
@@ -74,7 +83,10 @@ def run_job(
     done: frozenset[str] = frozenset(),
     notify: Callable[[Unit], None] | None = None,
 ) -> int:
-    """Run the units of `job` whose run_id is not in `done`; returns how many were run."""
+    """Run the units of `job` whose run_id is not in `done`; returns how many were run.
+
+    `notify(event)` sees the progress: ("status", text) when a step starts, ("loss", mean
+    training loss) after every epoch, ("done", unit) when a unit's records are written."""
     from saliency.sweep.tblog import TensorBoard
 
     for mod in cfg.imports:  # a fresh worker process registers the user's plug-ins again
@@ -84,7 +96,8 @@ def run_job(
     tb = TensorBoard.maybe(cfg, out)
     try:
         if job.kind == "dense":
-            model = dense_model(cfg, out, job.seed)
+            _status(notify, job, "train" if todo else "check the cache")
+            model = dense_model(cfg, out, job.seed, notify)
             masks = Masks.ones_like(targets(cfg, model))
             metrics = evaluate_model(cfg, model, scoring=scoring_data(cfg, job.seed))
             for u in todo:
@@ -113,10 +126,11 @@ def _job_oneshot(cfg, out, job, todo, tb, notify) -> None:
     """One scoring pass of the dense model, reused for every sparsity (oneshot and finetune)."""
     from saliency.sweep.records import save_scores
 
-    dense = dense_model(cfg, out, job.seed)
+    dense = dense_model(cfg, out, job.seed, notify)
     ds, spec = dataset(cfg), job.criterion
     crit = build_criterion(spec, job.seed, cfg.granularity)
     data, loss_fn = scoring_data(cfg, job.seed), loss_fn_for(ds.task)
+    _status(notify, job, "score")
     multi = (
         any(list(crit.schedule(s)) != [s] for s in cfg.sparsities)
         if callable(getattr(crit, "schedule", None))
@@ -130,6 +144,7 @@ def _job_oneshot(cfg, out, job, todo, tb, notify) -> None:
             save_scores(out, f"{mode}-seed{job.seed}", spec.label, scores)
     grads = None
     for s in sorted({u.sparsity for u in todo}):
+        _status(notify, job, "prune", s)
         model = copy.deepcopy(dense)
         masks, cost, predicted = prune_with_cost(
             cfg, model, crit, s, data, loss_fn, scores=None if multi else scores
@@ -142,9 +157,10 @@ def _job_oneshot(cfg, out, job, todo, tb, notify) -> None:
         for u in (u for u in todo if u.sparsity == s):
             phases = {"pruned": pruned}
             if u.mode == "finetune":
+                _status(notify, job, "fine-tune", s)
                 ft = copy.deepcopy(model)
                 saliency.attach(ft, masks)
-                train_model(cfg, ft, job.seed, cfg.finetune)
+                train_model(cfg, ft, job.seed, cfg.finetune, notify=notify)
                 saliency.remove(ft)
                 phases["final"] = evaluate_model(cfg, ft)
             _finish(
@@ -171,7 +187,8 @@ def _job_gradual(cfg, out, job, todo, tb, notify) -> None:
     if g["start"] == "init":
         model = new_model(cfg, job.seed).to(device(cfg))
     else:
-        model = dense_model(cfg, out, job.seed)
+        model = dense_model(cfg, out, job.seed, notify)
+    _status(notify, job, "gradual pruning", u.sparsity)
     steps = g["epochs"] * math.ceil(len(ds.train) / cfg.finetune["batch_size"])
     end = g["end_step"] if g["end_step"] is not None else max(g["begin_step"], int(0.75 * steps))
     freq = g["frequency"] or max(1, (end - g["begin_step"]) // 10)
@@ -208,6 +225,7 @@ def _job_gradual(cfg, out, job, todo, tb, notify) -> None:
         job.seed,
         {**cfg.finetune, "epochs": g["epochs"]},
         on_step=on_step,
+        notify=notify,
     )
     masks, cost = pruner.masks, pruner.cost
     if masks is None or pruner.global_step <= end:  # schedule cut short by the epochs
@@ -252,9 +270,10 @@ def _job_iterative(cfg, out, job, todo, tb, notify) -> None:
     """`rounds` geometric prune / fine-tune rounds to the target (Frankle & Carbin 2019)."""
     (u,) = todo
     it, ds, spec = cfg.iterative, dataset(cfg), job.criterion
-    model = dense_model(cfg, out, job.seed)
+    model = dense_model(cfg, out, job.seed, notify)
     crit = build_criterion(spec, job.seed, cfg.granularity)
     data, loss_fn = scoring_data(cfg, job.seed), loss_fn_for(ds.task)
+    _status(notify, job, "iterative pruning", u.sparsity)
     fraction = 1.0 - (1.0 - u.sparsity) ** (1.0 / max(it["rounds"], 1))
     rounds = saliency.Geometric(u.sparsity, fraction).rounds() if u.sparsity > 0 else [0.0]
     masks, cost = None, Cost(backward_passes=0)
@@ -262,7 +281,9 @@ def _job_iterative(cfg, out, job, todo, tb, notify) -> None:
         masks, c, _ = prune_with_cost(cfg, model, crit, s, data, loss_fn, current=masks)
         cost.add(c)
         saliency.attach(model, masks)
-        train_model(cfg, model, job.seed, {**cfg.finetune, "epochs": it["epochs_per_round"]})
+        train_model(
+            cfg, model, job.seed, {**cfg.finetune, "epochs": it["epochs_per_round"]}, notify=notify
+        )
         saliency.remove(model)
     _finish(
         cfg,
@@ -286,13 +307,32 @@ def _job_init(cfg, out, job, todo, tb, notify) -> None:
     model = new_model(cfg, job.seed).to(device(cfg))
     crit = build_criterion(spec, job.seed, cfg.granularity)
     data = scoring_data(cfg, job.seed)
+    _status(notify, job, "prune at init", u.sparsity)
     masks, cost, predicted = prune_with_cost(
         cfg, model, crit, u.sparsity, data, loss_fn_for(ds.task)
     )
     phases = {"pruned": evaluate_model(cfg, model, scoring=data)}
     epochs = cfg.init["epochs"] if cfg.init["epochs"] is not None else cfg.train["epochs"]
     saliency.attach(model, masks)
-    train_model(cfg, model, job.seed, {**cfg.train, "epochs": epochs})
+    _status(notify, job, "train", u.sparsity)
+    train_model(cfg, model, job.seed, {**cfg.train, "epochs": epochs}, notify=notify)
     saliency.remove(model)
     phases["final"] = evaluate_model(cfg, model)
     _finish(cfg, out, job, u, model, masks, phases, cost, predicted, tb, notify)
+
+
+def _job_baseline(cfg, out, job, todo, tb, notify) -> None:
+    """The dense model given the training a mode's pruned models get (`dense_budget`): the
+    fair reference for that mode, since the extra epochs alone improve a model too."""
+    (u,) = todo
+    start, rounds = dense_budget(cfg, u.mode)
+    if start == "init":
+        model = new_model(cfg, job.seed).to(device(cfg))
+    else:
+        model = dense_model(cfg, out, job.seed, notify)
+    _status(notify, job, f"{u.mode} baseline")
+    for settings in rounds:
+        train_model(cfg, model, job.seed, settings, notify=notify)
+    masks = Masks.ones_like(targets(cfg, model))
+    phases = {"final": evaluate_model(cfg, model)}
+    _finish(cfg, out, job, u, model, masks, phases, None, None, tb, notify)

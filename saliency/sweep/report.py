@@ -2,6 +2,7 @@
 
 `summarize` returns rows; `markdown` renders them as a Markdown table (`saliency report`), and
 `summary_table` as a compact text table of the headline metric (the end of `saliency run`).
+Records of different configurations (`records.config_groups`) get separate, labelled tables.
 """
 
 from __future__ import annotations
@@ -81,7 +82,24 @@ def _fmt(metric: str, mean: float, std: float) -> str:
 
 def markdown(records: list[dict[str, Any]]) -> str:
     """One Markdown table per (mode, metric): rows = criteria, columns = sparsities.
-    Accuracy is in percent; every cell is mean ± std over seeds (n seeds in the header)."""
+    Accuracy is in percent; every cell is mean ± std over seeds (n seeds in the header).
+    Records of several configurations: one labelled section each, the newest first."""
+    from saliency.sweep.records import config_groups
+
+    groups = config_groups(records)
+    if len(groups) == 1:
+        return _tables(records)
+    out = [
+        f"The records hold {len(groups)} configurations (different settings under the same "
+        "names); each has its own tables, the most recently run first.\n"
+    ]
+    for i, (label, members) in enumerate(groups, 1):
+        out.append(f"## Configuration {i} of {len(groups)}: {label}\n")
+        out.append(_tables(members))
+    return "\n".join(out)
+
+
+def _tables(records: list[dict[str, Any]]) -> str:
     rows = summarize(records)
     out = []
     by: dict[tuple[str, str, str], list[dict]] = defaultdict(list)

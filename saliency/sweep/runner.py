@@ -4,8 +4,13 @@ A unit is (criterion, sparsity, seed, mode) with a run id hashed from its config
 grouped into jobs so that expensive work is shared: the dense model of a seed is trained once
 (and cached on disk), and in oneshot/finetune modes one scoring pass of a criterion serves every
 sparsity. Jobs run in this process (`workers=1`), in a spawned process pool (`workers>1`), or as
-submitit jobs (`executor="submitit"`); dense jobs first, then the pruning jobs. Workers append
-their own records under a file lock; re-running skips every unit whose run id is recorded.
+submitit jobs (`executor="submitit"`); dense jobs first, then the others. Workers append their
+own records under a file lock; re-running skips every unit whose records are all written.
+
+One run at a time per sweep directory: `run_sweep` holds an exclusive lock on `<dir>/.lock`
+while it works (a second run fails at once with `SweepLocked`). A sweep with nothing left to do
+writes nothing, so finished results can be re-checked in a read-only directory. Ctrl-C stops
+the workers at once and raises `SweepInterrupted` with what was recorded.
 """
 
 from __future__ import annotations
@@ -14,17 +19,43 @@ import logging
 import multiprocessing as mp
 import os
 import queue as queue_mod
+import signal
+import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from saliency.sweep.config import SweepConfig
-from saliency.sweep.jobs import Job, Unit, cache_path, run_job, unit_run_id
-from saliency.sweep.records import iter_records, records_path
+from saliency.sweep.jobs import Job, Unit, cache_path, dense_budget, run_job, unit_run_id
+from saliency.sweep.records import (
+    atomic_write,
+    clean,
+    config_groups,
+    iter_records,
+    records_path,
+)
 
 log = logging.getLogger(__name__)
+
+try:
+    import fcntl
+except ImportError:  # Windows: no directory lock
+    fcntl = None
+
+
+class SweepLocked(RuntimeError):
+    """Another run holds the sweep directory's lock."""
+
+
+class SweepInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped the sweep; `result` counts what was recorded before it."""
+
+    def __init__(self, result: SweepResult):
+        super().__init__("interrupted")
+        self.result = result
 
 
 @dataclass
@@ -35,6 +66,7 @@ class SweepResult:
     ran: int = 0
     seconds: float = 0.0
     failures: list[dict[str, Any]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what a resume found, one line each
 
     @property
     def records_path(self) -> Path:
@@ -42,17 +74,26 @@ class SweepResult:
 
 
 def plan(cfg: SweepConfig) -> list[Job]:
-    """Every job of the sweep: one dense job per seed, then the pruning jobs."""
+    """Every job of the sweep: per seed the dense job and the dense baselines of the modes
+    that train further, then the pruning jobs."""
     jobs = []
     for seed in cfg.seeds:
         jobs.append(
             Job(
-                "dense",
-                seed,
-                None,
-                (Unit(unit_run_id(cfg, seed, "dense", None, 0.0), "dense", 0.0),),
+                "dense", seed, None, (Unit(unit_run_id(cfg, seed, "dense", None, 0), "dense", 0.0),)
             )
         )
+    for seed in cfg.seeds:
+        for m in cfg.modes:
+            if dense_budget(cfg, m) is not None:
+                jobs.append(
+                    Job(
+                        "baseline",
+                        seed,
+                        None,
+                        (Unit(unit_run_id(cfg, seed, m, None, 0.0), m, 0.0),),
+                    )
+                )
     for spec in cfg.criteria:
         for seed in cfg.seeds:
             shared = [
@@ -71,17 +112,10 @@ def plan(cfg: SweepConfig) -> list[Job]:
     return jobs
 
 
-def done_run_ids(out: str | os.PathLike) -> set[str]:
-    return {r["run_id"] for r in iter_records(out) if "run_id" in r}
-
-
 def _pending(cfg: SweepConfig, out: Path, jobs: list[Job], done: set[str]) -> list[Job]:
-    """Jobs with units left. A dense job also runs when its cache is gone but pruning needs it."""
+    """Jobs with units left. A dense job also runs when its cache is gone but another job needs it."""
     needs_dense = {
-        j.seed
-        for j in jobs
-        if j.kind in ("oneshot", "gradual", "iterative")
-        and any(u.run_id not in done for u in j.units)
+        j.seed for j in jobs if j.kind != "dense" and any(u.run_id not in done for u in j.units)
     }
     return [
         j
@@ -107,11 +141,21 @@ def _worker_init(q, threads: int, datasets: dict) -> None:
     _QUEUE = q
     jobs._DATA.update(datasets)  # loaded once by the parent: no re-parsing in every worker
     torch.set_num_threads(threads)  # a worker process of our own: share the cores
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    parent = mp.parent_process()
+    if parent is not None:  # exit when the parent dies (the OOM killer takes only the parent)
+        threading.Thread(target=_exit_with, args=(parent,), daemon=True).start()
 
 
-def _notify(unit: Unit) -> None:
+def _exit_with(parent) -> None:
+    parent.join()
+    os._exit(1)
+
+
+def _notify(event) -> None:
     if _QUEUE is not None:
-        _QUEUE.put(1)
+        kind, value = event
+        _QUEUE.put((kind, 1 if kind == "done" else value))
 
 
 def _worker_job(cfg: SweepConfig, job: Job, out: str, done: frozenset[str]) -> int:
@@ -137,12 +181,13 @@ def run_sweep(
     on_error: str = "raise",
     cluster: str | None = None,
 ) -> SweepResult:
-    """Run (or resume) a sweep into `out_root/<cfg.name>/`; returns counts and failures.
+    """Run (or resume) a sweep into `out_root/<cfg.name>/`; returns counts, failures and notes.
 
     executor: "local" (this process, or a pool of `workers` spawned processes) or "submitit"
     (`cluster` as submitit's AutoExecutor: None picks Slurm when available, "local" runs locally).
     on_error: "raise" stops at the first failing job; "skip" records it in `failures` and goes on.
-    progress: a tqdm bar with ETA on stderr.
+    progress: a tqdm bar with ETA on stderr, naming the step in progress and the training loss.
+    Raises `SweepLocked` when another run works on the directory, `SweepInterrupted` on Ctrl-C.
     """
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip'; got {on_error!r}")
@@ -152,40 +197,145 @@ def run_sweep(
         raise ValueError(f"workers must be a positive int; got {workers!r}")
     _preflight(cfg)
     out = Path(out_root) / cfg.name
-    out.mkdir(parents=True, exist_ok=True)
-    # the config of the latest run (each record carries its own config_hash); written atomically
-    tmp = out / f"config.json.{os.getpid()}.tmp"
-    tmp.write_text(_config_json(cfg))
-    os.replace(tmp, out / "config.json")
     jobs = plan(cfg)
-    done = done_run_ids(out)
     all_units = {u.run_id for j in jobs for u in j.units}
+    threads = _threads(workers, executor)
+    records = clean(iter_records(out))
+    done = {r["run_id"] for r in records if r.get("run_id") is not None}
     result = SweepResult(out, len(all_units), len(all_units & done))
+    result.notes = _resume_notes(records, all_units, threads)
     pending = _pending(cfg, out, jobs, done)
+    if not pending:  # nothing to write: works in a read-only directory
+        return result
+    with _locked(out):
+        _remove_stale_tmp(out)
+        atomic_write(out / "config.json", lambda tmp: tmp.write_text(_config_json(cfg)))
+        _execute(
+            cfg,
+            out,
+            pending,
+            frozenset(done),
+            result,
+            workers,
+            threads,
+            executor,
+            progress,
+            on_error,
+            cluster,
+        )
+    return result
+
+
+def _execute(
+    cfg, out, pending, done, result, workers, threads, executor, progress, on_error, cluster
+) -> None:
     start = time.perf_counter()
     bar = _bar(result.units - result.skipped, progress)
+    show = _show(bar)
     try:
-        frozen = frozenset(done)
         dense = [j for j in pending if j.kind == "dense"]
         rest = [j for j in pending if j.kind != "dense"]
         if executor == "submitit":
             for phase in (dense, rest):
-                _run_submitit(cfg, out, phase, frozen, result, bar, on_error, cluster)
+                _run_submitit(cfg, out, phase, done, result, show, on_error, cluster)
         elif workers > 1 and len(pending) > 1:
-            _run_pool(cfg, out, dense, rest, frozen, result, bar, on_error, workers)
+            _run_pool(cfg, out, dense, rest, done, result, show, on_error, workers, threads)
         else:
             for job in dense + rest:
                 try:
-                    result.ran += run_job(cfg, job, out, frozen, notify=lambda u: bar.update(1))
+                    result.ran += run_job(cfg, job, out, done, notify=show)
                 except Exception as err:
                     if on_error == "raise":
                         raise
                     log.exception("job failed: %s", job)
                     result.failures.append(_failure(job, err))
+    except KeyboardInterrupt:
+        result.ran = len({r["run_id"] for r in clean(iter_records(out))}) - result.skipped
+        raise SweepInterrupted(result) from None
     finally:
         bar.close()
         result.seconds = time.perf_counter() - start
-    return result
+
+
+def _threads(workers: int, executor: str) -> int:
+    """The torch threads each unit of this run computes with."""
+    import torch
+
+    if executor == "local" and workers > 1:
+        return max(1, (os.cpu_count() or 1) // workers)
+    return torch.get_num_threads()
+
+
+def _resume_notes(records: list[dict], units: set[str], threads: int) -> list[str]:
+    """What a resume finds: units of other configurations in the directory (by the settings
+    that differ), and recorded units computed with another number of threads."""
+    notes = []
+    ours = [r for r in records if r.get("run_id") in units]
+    others = [r for r in records if r.get("run_id") not in units]
+    if ours:
+        n = len({r["run_id"] for r in ours})
+        notes.append(
+            f"resuming: {n} of {len(units)} unit(s) of this configuration already recorded"
+        )
+    if others:
+        n = len({r.get("run_id") for r in others})
+        groups = config_groups(ours + others)
+        differ = sorted({k.split("=")[0] for label, _ in groups for k in label.split(", ") if k})
+        why = (
+            f" (differing in {', '.join(differ)})"
+            if differ
+            else " (other criteria, sparsities, seeds or modes)"
+        )
+        notes.append(
+            f"the directory also holds {n} unit(s) not in this run{why}; "
+            "reports and figures show each configuration separately"
+        )
+    other_threads = {r.get("threads") for r in ours if r.get("threads") not in (None, threads)}
+    if other_threads:
+        n = len({r["run_id"] for r in ours if r.get("threads") in other_threads})
+        notes.append(
+            f"{n} recorded unit(s) ran with {', '.join(map(str, sorted(other_threads)))} torch "
+            f"thread(s), this run with {threads}: their losses may differ in the last digits "
+            "(each record says its `threads`)"
+        )
+    return notes
+
+
+class _locked:
+    """An exclusive, non-blocking `flock` on `<out>/.lock` for the duration of a run."""
+
+    def __init__(self, out: Path):
+        self.path = out / ".lock"
+
+    def __enter__(self):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.f = open(self.path, "a+")
+        if fcntl is not None:
+            try:
+                fcntl.flock(self.f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                self.f.seek(0)
+                holder = self.f.read().strip() or "another process"
+                self.f.close()
+                raise SweepLocked(
+                    f"{self.path.parent} is in use by another saliency run ({holder}); wait for "
+                    "it to finish, or use another --out"
+                ) from None
+        self.f.seek(0)
+        self.f.truncate()
+        self.f.write(f"pid {os.getpid()}")
+        self.f.flush()
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()  # releases the lock
+
+
+def _remove_stale_tmp(out: Path) -> None:
+    """Temporary files of writes that died (a killed run); none can be in progress under the lock."""
+    for p in out.rglob("*.tmp"):
+        if "submitit" not in p.parts:
+            p.unlink(missing_ok=True)
 
 
 def _preflight(cfg: SweepConfig) -> None:
@@ -225,66 +375,96 @@ def _bar(total: int, enabled: bool):
     return tqdm(total=total, unit="unit", disable=not enabled, dynamic_ncols=True, smoothing=0.1)
 
 
-def _run_pool(cfg, out, dense, rest, done, result, bar, on_error, workers) -> None:
-    """One pool of spawned workers; the pruning jobs of a seed start when its dense job ends."""
+def _show(bar) -> Callable:
+    """The progress events of `run_job` on the bar: the step in progress as its description,
+    the last epoch's mean training loss as its postfix."""
+
+    def show(event) -> None:
+        kind, value = event
+        if kind == "done":
+            bar.update(1 if isinstance(value, Unit) else value)
+        elif kind == "status":
+            bar.set_description_str(value, refresh=False)
+        elif kind == "loss":
+            bar.set_postfix_str(f"train loss {value:.4g}", refresh=False)
+
+    return show
+
+
+def _run_pool(cfg, out, dense, rest, done, result, show, on_error, workers, threads) -> None:
+    """One pool of spawned workers; the other jobs of a seed start when its dense job ends.
+    On any exception (Ctrl-C included) the workers are terminated at once, not awaited."""
     from saliency.sweep.jobs import _DATA as jobs_data
 
     ctx = mp.get_context("spawn")  # fork after torch has started threads can deadlock
     q = ctx.Queue()
-    threads = max(1, (os.cpu_count() or 1) // workers)
     rest = sorted(rest, key=_heavy_first)  # long jobs first: no worker idles at the tail
     waiting = {seed: [j for j in rest if j.seed == seed] for seed in {j.seed for j in dense}}
     ready = [j for j in rest if j.seed not in waiting]
-    with ProcessPoolExecutor(
+    pool = ProcessPoolExecutor(
         min(workers, len(dense) + len(rest)),
         mp_context=ctx,
         initializer=_worker_init,
         initargs=(q, threads, dict(jobs_data)),
-    ) as pool:
+    )
+    try:
         futures = {pool.submit(_worker_job, cfg, j, str(out), done): j for j in dense + ready}
         remaining = set(futures)
-        try:
-            while remaining:
-                finished, remaining = wait(remaining, timeout=0.2, return_when=FIRST_COMPLETED)
-                _drain(q, bar)
-                for f in finished:
-                    job = futures[f]
-                    try:
-                        result.ran += f.result()
-                    except Exception as err:
-                        if on_error == "raise":
-                            raise
-                        result.failures.append(_failure(job, err))
-                    if job.kind == "dense":  # a failed dense job still lets its jobs report
-                        for j in waiting.pop(job.seed, []):
-                            nf = pool.submit(_worker_job, cfg, j, str(out), done)
-                            futures[nf] = j
-                            remaining.add(nf)
-        finally:
-            for f in remaining:
-                f.cancel()
-    _drain(q, bar)
+        while remaining:
+            finished, remaining = wait(remaining, timeout=0.2, return_when=FIRST_COMPLETED)
+            _drain(q, show)
+            for f in finished:
+                job = futures[f]
+                try:
+                    result.ran += f.result()
+                except Exception as err:
+                    if on_error == "raise":
+                        raise
+                    result.failures.append(_failure(job, err))
+                if job.kind == "dense":  # a failed dense job still lets its jobs report
+                    for j in waiting.pop(job.seed, []):
+                        nf = pool.submit(_worker_job, cfg, j, str(out), done)
+                        futures[nf] = j
+                        remaining.add(nf)
+    except BaseException:
+        _terminate(pool)
+        raise
+    pool.shutdown(wait=True)
+    _drain(q, show)
+
+
+def _terminate(pool: ProcessPoolExecutor) -> None:
+    """Stop a pool's workers now (a unit in progress is lost, never half-counted: see records)."""
+    procs = list((getattr(pool, "_processes", None) or {}).values())
+    for p in procs:
+        if p.is_alive():
+            p.terminate()
+    pool.shutdown(wait=False, cancel_futures=True)
+    for p in procs:
+        p.join(timeout=5)
 
 
 def _heavy_first(job: Job) -> int:
     """Criteria with a weight update (OBS) or several scoring rounds (SynFlow) run first."""
     from saliency.criteria import get_criterion
 
+    if job.criterion is None:
+        return 0
     crit = get_criterion(job.criterion.name, **job.criterion.hparams)
     return -int(
         callable(getattr(crit, "apply_update", None)) or callable(getattr(crit, "schedule", None))
     )
 
 
-def _drain(q, bar) -> None:
+def _drain(q, show) -> None:
     while True:
         try:
-            bar.update(q.get_nowait())
+            show(q.get_nowait())
         except queue_mod.Empty:
             return
 
 
-def _run_submitit(cfg, out, jobs, done, result, bar, on_error, cluster) -> None:
+def _run_submitit(cfg, out, jobs, done, result, show, on_error, cluster) -> None:
     try:
         import submitit
     except ImportError:
@@ -300,7 +480,7 @@ def _run_submitit(cfg, out, jobs, done, result, bar, on_error, cluster) -> None:
         try:
             n = sub.result()
             result.ran += n
-            bar.update(n)
+            show(("done", n))
         except Exception as err:
             if on_error == "raise":
                 raise

@@ -9,7 +9,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -37,9 +36,10 @@ class Unit:
 
 @dataclass(frozen=True)
 class Job:
-    """`kind` "dense" (train and cache the dense model of `seed`), "oneshot" (one scoring pass
-    for every oneshot/finetune unit of a criterion and seed), or "gradual"/"iterative"/"init"
-    (one unit each)."""
+    """`kind` "dense" (train and cache the dense model of `seed`), "baseline" (the dense model
+    given a mode's extra training, see `dense_budget`), "oneshot" (one scoring pass for every
+    oneshot/finetune unit of a criterion and seed), or "gradual"/"iterative"/"init" (one unit
+    each)."""
 
     kind: str
     seed: int
@@ -72,10 +72,14 @@ def dense_key(cfg: SweepConfig, seed: int) -> dict[str, Any]:
     }
 
 
-def unit_run_id(
+AXES = ("seed", "mode", "criterion", "label", "hparams", "sparsity")  # a unit's place in the sweep
+
+
+def unit_config(
     cfg: SweepConfig, seed: int, mode: str, spec: CriterionSpec | None, s: float
-) -> str:
-    """sha256 of the unit's canonical config: what determines its result, nothing else."""
+) -> dict[str, Any]:
+    """What determines a unit's result, nothing else: its run id hashes this, and its records
+    carry it, less the `AXES`, as `settings`."""
     unit = {**dense_key(cfg, seed), "mode": mode}
     if spec is not None:
         unit.update(
@@ -90,11 +94,25 @@ def unit_run_id(
             targets=cfg.targets,
             scoring=cfg.scoring,
         )
-        if mode in ("finetune", "iterative"):
-            unit["finetune"] = cfg.finetune
-        if mode in ("gradual", "iterative", "init"):
-            unit[mode] = getattr(cfg, mode)
-    return digest(unit)
+    if mode in ("finetune", "iterative") or (mode == "gradual" and spec is None):
+        unit["finetune"] = cfg.finetune  # (a gradual unit's run id predates this key)
+    if mode in ("gradual", "iterative", "init"):
+        unit[mode] = getattr(cfg, mode)
+    return unit
+
+
+def unit_run_id(
+    cfg: SweepConfig, seed: int, mode: str, spec: CriterionSpec | None, s: float
+) -> str:
+    """sha256 of the unit's canonical config (`unit_config`)."""
+    return digest(unit_config(cfg, seed, mode, spec, s))
+
+
+def settings_of(cfg: SweepConfig, job: Job, unit: Unit) -> dict[str, Any]:
+    full = unit_config(cfg, job.seed, unit.mode, job.criterion, unit.sparsity)
+    if unit.mode == "gradual":  # trains with the finetune settings, though its run id omits them
+        full.setdefault("finetune", cfg.finetune)
+    return json.loads(json.dumps({k: v for k, v in full.items() if k not in AXES}, default=str))
 
 
 def new_model(cfg: SweepConfig, seed: int) -> torch.nn.Module:
@@ -114,11 +132,13 @@ def device(cfg: SweepConfig) -> torch.device:
     return resolve_device(cfg.device)
 
 
-def train_model(cfg, model, seed, settings, *, on_step=None) -> None:
+def train_model(cfg, model, seed, settings, *, on_step=None, notify=None) -> None:
+    """Train with one section's settings; `notify(("loss", mean loss))` after every epoch."""
     from saliency.sweep.train import train
 
     ds = dataset(cfg)
     keys = ("epochs", "batch_size", "lr", "optimizer", "momentum", "weight_decay")
+    on_epoch = None if notify is None else (lambda _epoch, loss: notify(("loss", loss)))
     train(
         model,
         ds.train,
@@ -127,6 +147,7 @@ def train_model(cfg, model, seed, settings, *, on_step=None) -> None:
         device=device(cfg),
         task=ds.task,
         on_step=on_step,
+        on_epoch=on_epoch,
     )
 
 
@@ -134,19 +155,38 @@ def cache_path(cfg: SweepConfig, out: Path, seed: int) -> Path:
     return out / "cache" / f"dense-seed{seed}-{digest(dense_key(cfg, seed))}.pt"
 
 
-def dense_model(cfg: SweepConfig, out: Path, seed: int) -> torch.nn.Module:
+def dense_model(cfg: SweepConfig, out: Path, seed: int, notify=None) -> torch.nn.Module:
     """The trained dense model of `seed`, from the cache, or trained now and cached atomically."""
+    from saliency.sweep.records import atomic_write
+
     path = cache_path(cfg, out, seed)
     model = new_model(cfg, seed)
     if path.exists():
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     else:
-        train_model(cfg, model, seed, cfg.train)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
-        os.replace(tmp, path)
+        train_model(cfg, model, seed, cfg.train, notify=notify)
+        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        atomic_write(path, lambda tmp: torch.save(state, tmp))
     return model.to(device(cfg))
+
+
+def dense_budget(cfg: SweepConfig, mode: str) -> tuple[str, list[dict[str, Any]]] | None:
+    """(start, training rounds) that give the dense baseline of `mode` the training its pruned
+    models get: start "dense" (the trained dense model) or "init" (a fresh one), then each round
+    of settings in turn. None where the dense model itself has that budget (oneshot; init
+    training as long as the dense model's)."""
+    ft = cfg.finetune
+    if mode == "finetune":
+        return "dense", [ft]
+    if mode == "iterative":
+        return "dense", [{**ft, "epochs": cfg.iterative["epochs_per_round"]}] * cfg.iterative[
+            "rounds"
+        ]
+    if mode == "gradual":
+        return cfg.gradual["start"], [{**ft, "epochs": cfg.gradual["epochs"]}]
+    if mode == "init" and cfg.init["epochs"] not in (None, cfg.train["epochs"]):
+        return "init", [{**cfg.train, "epochs": cfg.init["epochs"]}]
+    return None
 
 
 def scoring_data(cfg: SweepConfig, seed: int) -> DataLoader:
@@ -317,9 +357,12 @@ def make_records(
         "score_backward_passes": cost.backward_passes if cost else None,
         "predicted_loss_increase": predicted,
         "predicted_first_order": first_order,
+        "settings": settings_of(cfg, job, unit),
+        "threads": torch.get_num_threads(),  # changes losses in the last digits
         "time": time.time(),
         "saliency_version": saliency.__version__,
     }
+    base["unit_records"] = sum(len(metrics) for metrics in phases.values())
     return [
         {**base, "phase": phase, "metric": m, "value": v, "split": SPLIT_OF.get(m, "test")}
         for phase, metrics in phases.items()
