@@ -31,6 +31,7 @@ from saliency.model_io import (
     LossFn,
     _ce_settings,
     check_batch,
+    check_loss,
     default_loss,
     forward,
     iter_batches,
@@ -71,7 +72,9 @@ def _setup(model, params, data, loss_fn, n_samples):
     if n_samples is not None and (not isinstance(n_samples, int) or n_samples < 1):
         raise ValueError(f"n_samples must be a positive int or None (all data); got {n_samples!r}")
     loss_fn = default_loss if loss_fn is None else loss_fn
-    return loss_fn, list(iter_batches(data, n_samples, device=model_device(model)))
+    batches = list(iter_batches(data, n_samples, device=model_device(model)))
+    check_loss(loss_fn, model, *batches[0])
+    return loss_fn, batches
 
 
 def _summed_losses(model, x, y, loss_fn) -> Tensor:

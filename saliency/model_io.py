@@ -29,8 +29,18 @@ LossFn = Callable[[Tensor, Tensor], Tensor]
 
 
 def default_loss(outputs: Tensor, targets: Tensor) -> Tensor:
-    """Mean cross-entropy: the default `loss_fn(outputs, targets)`."""
+    """Mean cross-entropy over integer class targets: the default `loss_fn(outputs, targets)`."""
+    _check_class_targets(targets)
     return F_.cross_entropy(outputs, targets)
+
+
+def _check_class_targets(targets: Tensor) -> None:
+    if targets.is_floating_point():
+        raise ValueError(
+            f"the default loss is cross-entropy over integer class labels, but the targets are "
+            f"{targets.dtype} (a regression task?): pass loss_fn=, e.g. torch.nn.MSELoss(), or "
+            "F.cross_entropy itself for soft-label targets"
+        )
 
 
 # ----------------------------------------------------------------------------- models and data
@@ -146,6 +156,12 @@ def scalar_loss(loss_fn: LossFn, out: Tensor, y: Tensor) -> Tensor:
     return loss
 
 
+def check_loss(loss_fn: LossFn, model: nn.Module, x: Tensor, y: Tensor) -> None:
+    """Refuse a loss that is not scalar on one sample (``reduction="none"``), before any work."""
+    with torch.no_grad():
+        scalar_loss(loss_fn, forward(model, x[:1]), y[:1])
+
+
 def _ce_settings(loss_fn: LossFn) -> dict | None:
     """reduction, ignore_index, label_smoothing of a cross-entropy without class weights."""
     if loss_fn in (default_loss, F_.cross_entropy):
@@ -190,6 +206,8 @@ def fast_per_sample_losses(loss_fn: LossFn) -> Callable[[Tensor, Tensor], Tensor
     if ce is not None:
 
         def ce_losses(o: Tensor, t: Tensor) -> Tensor:
+            if loss_fn is default_loss:
+                _check_class_targets(t)
             per = F_.cross_entropy(
                 o, t, reduction="none", ignore_index=ce["ignore_index"],
                 label_smoothing=ce["label_smoothing"],

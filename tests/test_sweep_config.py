@@ -211,3 +211,13 @@ def test_every_config_key_is_documented():
         assert f"`[{section}]`" in doc, section
         for key in keys:
             assert f"`{key}`" in doc, f"{section}.{key}"
+
+
+@pytest.mark.parametrize("missing", ["model", "dataset"])
+def test_a_config_without_model_or_dataset_says_what_to_add(missing):
+    from saliency.sweep.config import ConfigError, parse_config
+
+    raw = {"name": "x", "model": "lenet300", "dataset": "mnist5k", "criteria": ["magnitude"]}
+    raw.pop(missing)
+    with pytest.raises(ConfigError, match=f"names no {missing}: add {missing} ="):
+        parse_config(raw)

@@ -300,6 +300,10 @@ def parse_config(
     from saliency import zoo
 
     for key, avail in (("model", zoo.available_models()), ("dataset", zoo.available_datasets())):
+        if raw[key] is None:
+            _fail(
+                f'the config names no {key}: add {key} = "..." (one of {", ".join(sorted(avail))})'
+            )
         if raw[key] not in avail:
             _fail(f"unknown {key} {raw[key]!r}; available: {', '.join(sorted(avail))}")
     if (
