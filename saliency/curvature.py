@@ -306,7 +306,7 @@ def diag_hessian_hutchinson(
     gen = _generator(seed, model_device(model))
     names = list(params)
     acc, N, passes = {}, 0, 0
-    with requiring_grad(params), fastpaths.twice_differentiable():
+    with requiring_grad(params), fastpaths.reference_kernels():
         for x, y in batches:
             check_batch(x, y)
             L = _summed_losses(model, x, y, loss_fn)
@@ -384,7 +384,7 @@ def _backpack_diag(model, params, batches, loss_fn, extension: str) -> DiagCurva
 def _autograd_diag_hessian(model, params, batches, loss_fn, chunk_size) -> DiagCurvature:
     names = list(params)
     acc, N, passes = {}, 0, 0
-    with requiring_grad(params), fastpaths.twice_differentiable():
+    with requiring_grad(params), fastpaths.reference_kernels():
         for x, y in batches:
             check_batch(x, y)
             L = _summed_losses(model, x, y, loss_fn)

@@ -152,15 +152,16 @@ def _per_sample(u: Tensor, v: Tensor, *, must_move: bool) -> bool:
     return same1 and (moved0 or not must_move)
 
 
-# ----------------------------------------------------------------------------- double backward
+# ----------------------------------------------------------------------------- kernels
 
 
 @contextlib.contextmanager
-def twice_differentiable() -> Iterator[None]:
-    """Kernels with a double backward for second derivatives (Hessian-vector products): the
-    fused CPU/CUDA scaled-dot-product attention kernels have none ("derivative for
-    aten::_scaled_dot_product_flash_attention_for_cpu_backward is not implemented"), so
-    attention runs on the reference (math) kernel inside this context, restored on exit."""
+def reference_kernels() -> Iterator[None]:
+    """Attention on PyTorch's math kernel, restored on exit: the fused scaled-dot-product
+    attention kernels have no double backward ("derivative for
+    aten::_scaled_dot_product_flash_attention_for_cpu_backward is not implemented") and no vmap
+    batching rule (a slow fallback, with a warning per call), both of which the second-order
+    and generic per-sample paths need."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     with sdpa_kernel([SDPBackend.MATH]):

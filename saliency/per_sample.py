@@ -498,7 +498,8 @@ def _generic_phi_grads(model, params, names, x, t, phi, chunk_size) -> dict[str,
             return phi(forward(model, xn.unsqueeze(0))[0], tn)
 
     try:
-        g = vmap(grad(one), in_dims=(None, 0, 0), chunk_size=chunk_size)(values, x, t)
+        with fastpaths.reference_kernels():
+            g = vmap(grad(one), in_dims=(None, 0, 0), chunk_size=chunk_size)(values, x, t)
     except Exception:  # not vmappable (in-place kernels, data-dependent control flow): loop
         g = _loop_phi_grads(model, params, names, x, t, phi)
     return {n: v.detach() for n, v in g.items()}

@@ -9,7 +9,7 @@ import torch
 
 from saliency.criteria import Scores, register_criterion
 from saliency.criteria.snip import batch_gradients, check_counts, mean_gradient, scoring_mode
-from saliency.fastpaths import twice_differentiable
+from saliency.fastpaths import reference_kernels
 
 
 @register_criterion
@@ -54,7 +54,7 @@ class GraSP:
     def score(self, model, params, data, loss_fn=None) -> Scores:
         kw = {"n_samples": self.n_samples, "n_batches": self.n_batches}
         Hg = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in params.items()}
-        with scoring_mode(model, params, eval_mode=self.eval_mode), twice_differentiable():
+        with scoring_mode(model, params, eval_mode=self.eval_mode), reference_kernels():
             g, samples, batches = mean_gradient(
                 model, params, data, loss_fn, temperature=self.temperature, **kw
             )
