@@ -171,7 +171,8 @@ class Transposed(nn.Module):
     ],
 )
 def test_kfac_refuses_layouts_where_its_factors_are_undefined(make, x, params, match):
-    model = make().eval()
+    model = make().double().eval()
+    x = x.double()
     named = dict(model.named_parameters())
     y = torch.randint(0, 3, (len(x),))
     with pytest.raises(ValueError, match=match):

@@ -225,8 +225,10 @@ def hutchinson(model, params, x, y, loss, ref):
     _close_dicts(got, ref.split(acc / K))
 
 
-def _ref_block_inverse(ref, n, block, damp):
-    """WoodFisher blocks conditioned on the nonzero weights (zeros count as pruned)."""
+def _ref_block_inverse(ref, n, block, damp, scope="layer"):
+    """WoodFisher blocks conditioned on the nonzero weights (zeros count as pruned), damped by
+    ``damp`` times the mean alive Fisher diagonal of the tensor (``scope="layer"``) or of the
+    block (``"block"``, a dead block borrowing the tensor's)."""
     alive = ref.params[n].detach().reshape(-1) != 0
     G = ref.grads[n].reshape(ref.N, -1) * alive
     P_ = G.shape[1]
@@ -238,18 +240,20 @@ def _ref_block_inverse(ref, n, block, damp):
     for b in range(nb):
         F = G[:, b].T @ G[:, b] / ref.N
         mean = torch.diagonal(F)[alive[b]].mean()
-        lam = damp * (mean if mean > 0 else whole)
+        lam = damp * (mean if mean > 0 and scope == "block" else whole)
         out.append(torch.linalg.inv(F + torch.diag(torch.where(alive[b], lam, 1.0))))
     return torch.stack(out)
 
 
 def obs_fisher_blocks(model, params, x, y, loss, ref):
-    inv = IF.block_inverse_fisher(
-        model, params, [(x, y)], loss, block_size=8, damp=1e-2, dtype="float64"
-    )
-    for blk in inv.blocks:
-        (n,) = blk.names
-        _close(blk.Hinv, _ref_block_inverse(ref, n, 8, 1e-2))
+    for scope in ("layer", "block"):
+        inv = IF.block_inverse_fisher(
+            model, params, [(x, y)], loss, block_size=8, damp=1e-2, dtype="float64",
+            damp_scope=scope,
+        )  # fmt: skip
+        for blk in inv.blocks:
+            (n,) = blk.names
+            _close(blk.Hinv, _ref_block_inverse(ref, n, 8, 1e-2, scope))
 
 
 def obs_exact_hessian(model, params, x, y, loss, ref):
@@ -495,7 +499,7 @@ def _criteria():
         ),
         "obd_ggn": ({"hessian": "ggn"}, lambda m, ps, x, y, loss, r: half_w2(r.ggn, ps), TOL),
         "obs": (
-            {"block_size": 8, "dtype": "float64"},
+            {"block_size": 8, "dtype": "float64", "selection": "single"},
             lambda m, ps, x, y, loss, r: _obs_ref(r, ps, 8),
             1e-6,
         ),

@@ -55,7 +55,7 @@ class OBS:
     dtype: Literal["float32", "float64"] = "float32"
     method: Literal["cholesky", "woodbury"] = "cholesky"
     update: bool = True
-    selection: Literal["single", "greedy"] = "single"
+    selection: Literal["single", "greedy"] | None = None
     recompute_steps: int = 1
     fisher: Literal["empirical", "true"] = "empirical"
     mc_samples: int = 1
@@ -69,9 +69,9 @@ class OBS:
             raise ValueError(f"hessian must be 'fisher', 'exact' or 'kfac'; got {self.hessian!r}")
         if self.fisher not in ("empirical", "true"):
             raise ValueError(f"fisher must be 'empirical' or 'true'; got {self.fisher!r}")
-        if self.hessian == "kfac" and self.selection != "single":
+        if self.hessian == "kfac" and self.selection == "greedy":
             raise ValueError("selection='greedy' needs block inverses; use hessian='fisher'")
-        if self.selection not in ("single", "greedy"):
+        if self.selection not in (None, "single", "greedy"):
             raise ValueError(f"selection must be 'single' or 'greedy'; got {self.selection!r}")
         if self.damp_scope not in ("layer", "block"):
             raise ValueError(f"damp_scope must be 'layer' or 'block'; got {self.damp_scope!r}")
@@ -93,6 +93,15 @@ class OBS:
         if self.damp is not None:
             return self.damp
         return 0.0 if self.hessian == "exact" else 1e-2
+
+    @property
+    def selection_rule(self) -> str:
+        """``selection``, or its default: ``"greedy"`` for the Fisher blocks; ``"single"`` for
+        ``hessian="exact"`` (one block over all weights: the greedy pass would cost
+        ``P^3``) and ``"kfac"`` (no blocks to condition)."""
+        if self.selection is not None:
+            return self.selection
+        return "greedy" if self.hessian == "fisher" else "single"
 
     def schedule(self, sparsity: float | None) -> list[float | None]:
         """Round targets ``1 - (1 - s)^(i/k)``, i = 1..k (geometric in density)."""
@@ -133,7 +142,7 @@ class OBS:
                 w = p.detach().to(torch.float64)
                 s = w.square() / (2 * inv.factors[n].inv_diag().to(w.device))
                 scores[n] = torch.where(w != 0, s, 0).to(torch.float32)
-        elif self.selection == "greedy":
+        elif self.selection_rule == "greedy":
             for blk in inv.blocks:
                 g = greedy_scores(blk.Hinv, blk.flatten(params, torch.float64), blk.alive)
                 for n, v in blk.unflatten(g).items():
