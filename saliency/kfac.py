@@ -251,7 +251,7 @@ def masked_solve(
     w: Tensor,
     keep: Tensor,
     *,
-    tol: float = 1e-10,
+    tol: float = 1e-8,
     max_iter: int = 2000,
 ) -> Tensor:
     """The OBS update within one layer under K-FAC: the weights ``w + dw`` minimizing
