@@ -143,11 +143,23 @@ def _check(block_size, damp, damp_absolute, method, dtype, chunk_size) -> torch.
     return _DTYPES[dtype]
 
 
-def _damping(diag_sum: Tensor, alive: Tensor, m: int, damp: float, damp_absolute: float) -> Tensor:
-    """Per-block lambda from the Fisher diagonal sums ``[nb, B]`` (alive entries only)."""
+def _damping(
+    diag_sum: Tensor,
+    alive: Tensor,
+    m: int,
+    damp: float,
+    damp_absolute: float,
+    scope: str = "layer",
+) -> Tensor:
+    """Per-block lambda ``[nb]`` from the Fisher diagonal sums ``[nb, B]`` (alive entries only):
+    ``damp`` times the mean diagonal of the whole tensor (``scope="layer"``) or of each block
+    (``"block"``; blocks whose diagonal is all zero borrow the tensor's mean), plus
+    ``damp_absolute``."""
+    whole = (diag_sum * alive).sum() / (m * alive.sum().clamp(min=1))
+    if scope == "layer":
+        return (damp * whole + damp_absolute).expand(len(diag_sum)).clone()
     count = alive.sum(1).clamp(min=1)
     mean = (diag_sum * alive).sum(1) / (m * count)
-    whole = (diag_sum * alive).sum() / (m * alive.sum().clamp(min=1))
     mean = torch.where(mean > 0, mean, whole)  # dead blocks borrow the tensor's mean
     return damp * mean + damp_absolute
 
@@ -207,6 +219,7 @@ def block_inverse_fisher(
     n_samples: int | None = 1024,
     damp: float = 1e-2,
     damp_absolute: float = 0.0,
+    damp_scope: Literal["layer", "block"] = "layer",
     method: Literal["cholesky", "woodbury"] = "cholesky",
     dtype: Literal["float32", "float64"] = "float32",
     chunk_size: int = 128,
@@ -218,6 +231,8 @@ def block_inverse_fisher(
     ``alive`` (default :func:`alive_masks`) selects the weights the inverse is conditioned on.
     The model's mode, ``.grad``, hooks and ``requires_grad`` are left as they were."""
     dt = _check(block_size, damp, damp_absolute, method, dtype, chunk_size)
+    if damp_scope not in ("layer", "block"):
+        raise ValueError(f"damp_scope must be 'layer' or 'block'; got {damp_scope!r}")
     params = dict(params)
     alive = alive_masks(model, params) if alive is None else dict(alive)
     batches = _read(data, n_samples, model_device(model))
@@ -271,7 +286,9 @@ def block_inverse_fisher(
         for n, blk in groups.items():
             F = GtG.pop(n)
             F /= m
-            lam = _damping(torch.diagonal(F, dim1=1, dim2=2) * m, blk.alive, m, damp, damp_absolute)
+            lam = _damping(
+                torch.diagonal(F, dim1=1, dim2=2) * m, blk.alive, m, damp, damp_absolute, damp_scope
+            )
             d = torch.where(blk.alive, lam[:, None], torch.ones_like(lam)[:, None])
             F += torch.diag_embed(d.to(dt))
             blk.Hinv, blk.damping = _invert(F, n, "or use more samples than the block size"), lam
@@ -284,7 +301,7 @@ def block_inverse_fisher(
             for n, gn in g.items():
                 sq[n] += gn.pow(2).sum(1)
         for n, blk in groups.items():
-            lam = _damping(sq[n], blk.alive, m, damp, damp_absolute)
+            lam = _damping(sq[n], blk.alive, m, damp, damp_absolute, damp_scope)
             d = torch.where(blk.alive, lam[:, None], torch.ones_like(lam)[:, None])
             if bool((d <= 0).any()):
                 raise ValueError(f"the Woodbury recursion needs lambda > 0; got 0 for {n!r}")

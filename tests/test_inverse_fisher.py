@@ -34,13 +34,14 @@ def _explicit_fisher(model, p, x, y):
     return G.T @ G / len(x)
 
 
+@pytest.mark.parametrize("scope", ["layer", "block"])
 @pytest.mark.parametrize("B", [8, 35, 64])
-def test_blocks_match_inverse_of_explicit_damped_fisher(B):
+def test_blocks_match_inverse_of_explicit_damped_fisher(B, scope):
     model, (x, y) = _mlp(), _data()
     params = _weights(model)
     inv = block_inverse_fisher(
         model, params, [(x[:10], y[:10]), (x[10:], y[10:])], block_size=B, damp=0.05,
-        dtype="float64", chunk_size=7,
+        dtype="float64", chunk_size=7, damp_scope=scope,
     )  # fmt: skip
     for blk in inv.blocks:
         (n,) = blk.names
@@ -49,7 +50,7 @@ def test_blocks_match_inverse_of_explicit_damped_fisher(B):
         for b in range(blk.Hinv.shape[0]):
             sl = slice(b * B, min(P, (b + 1) * B))  # the last block is partial (5*7=35, 7*3=21)
             Fb = Fx[sl, sl]
-            lam = 0.05 * Fb.diagonal().mean()
+            lam = 0.05 * (Fb if scope == "block" else Fx).diagonal().mean()
             ref = torch.linalg.inv(Fb + lam * torch.eye(len(Fb), dtype=Fb.dtype))
             k = sl.stop - sl.start
             torch.testing.assert_close(blk.Hinv[b, :k, :k], ref, rtol=1e-8, atol=1e-10)
@@ -85,7 +86,9 @@ def test_pruned_weights_are_conditioned_out():
     alive = alive_masks(model, params)
     assert int((~alive["0.weight"]).sum()) == 3
     Fx = _explicit_fisher(model, params["0.weight"], x, y)[:16, :16]
-    inv = block_inverse_fisher(model, params, [(x, y)], block_size=16, dtype="float64")
+    inv = block_inverse_fisher(
+        model, params, [(x, y)], block_size=16, dtype="float64", damp_scope="block"
+    )
     K = torch.tensor([i for i in range(16) if i not in (1, 4, 9)])
     FK = Fx[K][:, K]
     ref = torch.linalg.inv(FK + 0.01 * FK.diagonal().mean() * torch.eye(len(K), dtype=Fx.dtype))

@@ -225,8 +225,10 @@ def hutchinson(model, params, x, y, loss, ref):
     _close_dicts(got, ref.split(acc / K))
 
 
-def _ref_block_inverse(ref, n, block, damp):
-    """WoodFisher blocks conditioned on the nonzero weights (zeros count as pruned)."""
+def _ref_block_inverse(ref, n, block, damp, scope="layer"):
+    """WoodFisher blocks conditioned on the nonzero weights (zeros count as pruned), damped by
+    ``damp`` times the mean alive Fisher diagonal of the tensor (``scope="layer"``) or of the
+    block (``"block"``, a dead block borrowing the tensor's)."""
     alive = ref.params[n].detach().reshape(-1) != 0
     G = ref.grads[n].reshape(ref.N, -1) * alive
     P_ = G.shape[1]
@@ -238,18 +240,20 @@ def _ref_block_inverse(ref, n, block, damp):
     for b in range(nb):
         F = G[:, b].T @ G[:, b] / ref.N
         mean = torch.diagonal(F)[alive[b]].mean()
-        lam = damp * (mean if mean > 0 else whole)
+        lam = damp * (mean if mean > 0 and scope == "block" else whole)
         out.append(torch.linalg.inv(F + torch.diag(torch.where(alive[b], lam, 1.0))))
     return torch.stack(out)
 
 
 def obs_fisher_blocks(model, params, x, y, loss, ref):
-    inv = IF.block_inverse_fisher(
-        model, params, [(x, y)], loss, block_size=8, damp=1e-2, dtype="float64"
-    )
-    for blk in inv.blocks:
-        (n,) = blk.names
-        _close(blk.Hinv, _ref_block_inverse(ref, n, 8, 1e-2))
+    for scope in ("layer", "block"):
+        inv = IF.block_inverse_fisher(
+            model, params, [(x, y)], loss, block_size=8, damp=1e-2, dtype="float64",
+            damp_scope=scope,
+        )  # fmt: skip
+        for blk in inv.blocks:
+            (n,) = blk.names
+            _close(blk.Hinv, _ref_block_inverse(ref, n, 8, 1e-2, scope))
 
 
 def obs_exact_hessian(model, params, x, y, loss, ref):
@@ -259,6 +263,60 @@ def obs_exact_hessian(model, params, x, y, loss, ref):
     inv = IF.exact_inverse_hessian(model, params, [(x, y)], loss, damp_absolute=lam)
     damping = alive.to(H.dtype) * lam + (~alive).to(H.dtype)
     _close(inv.blocks[0].Hinv[0], torch.linalg.inv(H + torch.diag(damping)))
+
+
+def _patches(m, a):
+    """``[T, C_in * k]`` input patches of one sample ``a [1, C, *spatial]`` of a Conv1d/2d,
+    padded as the module pads (for the K-FAC reference)."""
+    pad = m._reversed_padding_repeated_twice
+    if any(pad):
+        a = torch.nn.functional.pad(
+            a, pad, mode="constant" if m.padding_mode == "zeros" else m.padding_mode
+        )
+    k, d, st = m.kernel_size, m.dilation, m.stride
+    if isinstance(m, torch.nn.Conv1d):
+        a, k, d, st = a.unsqueeze(2), (1, *k), (1, *d), (1, *st)
+    return torch.nn.functional.unfold(a, k, dilation=d, stride=st)[0].T
+
+
+def kfac(model, params, x, y, loss, ref):
+    """K-FAC factors A = (1/N) sum_n (1/T) sum_t a a^T, G = (1/N) sum_n sum_t g g^T of the
+    prunable weights, from a loop over samples (layer input and d l_n / d output by hooks),
+    and OBS's K-FAC saliency w^2 / (2 [(A (x) G + lambda I)^-1]_qq) from them."""
+    from saliency import kfac as K
+
+    ps = {n: p for n, p in saliency.prunable_parameters(model).items() if n in params}
+    got = K.kfac_factors(model, ps, [(x, y)], loss, damp=1e-2)
+    mods = {n: model.get_submodule(n.rsplit(".", 1)[0]) for n in ps}
+    A = {n: 0 for n in ps}
+    G = {n: 0 for n in ps}
+    with requiring(list(ps.values())):
+        for i in range(len(x)):
+            seen = {}
+            hs = [m.register_forward_hook(lambda m, a, o, n=n, seen=seen: seen.__setitem__(n, (a[0], o)))
+                  for n, m in mods.items()]  # fmt: skip
+            try:
+                li = loss(_logits(model(x[i : i + 1])), y[i : i + 1])
+            finally:
+                for h in hs:
+                    h.remove()
+            gs = _grad_or_zeros(li, [seen[n][1] for n in ps])
+            for (n, m), g in zip(mods.items(), gs, strict=True):
+                a = seen[n][0].detach()
+                if isinstance(m, torch.nn.Linear):
+                    a, g = a.reshape(-1, m.in_features), g.reshape(-1, m.out_features)
+                else:
+                    a, g = _patches(m, a), g[0].reshape(m.out_channels, -1).T
+                A[n] = A[n] + a.T @ a / len(a) / len(x)
+                G[n] = G[n] + g.T @ g / len(x)
+    scores = saliency.score(model, "obs", [(x, y)], loss, params=ps, hessian="kfac")
+    for n, p in ps.items():
+        _close(got.factors[n].A, A[n])
+        _close(got.factors[n].G, G[n])
+        lam = 1e-2 * float(torch.diagonal(A[n]).mean() * torch.diagonal(G[n]).mean())
+        H = torch.kron(G[n], A[n]) + lam * torch.eye(A[n].shape[0] * G[n].shape[0])
+        d = torch.diagonal(torch.linalg.inv(H)).view_as(p)
+        _close(scores[n], p.detach() ** 2 / (2 * d), 1e-6)
 
 
 ESTIMATORS = [
@@ -274,6 +332,7 @@ ESTIMATORS = [
     hutchinson,
     obs_fisher_blocks,
     obs_exact_hessian,
+    kfac,
 ]
 
 # (estimator or criterion, arch) -> regex of the refusal; "*" as arch: every arch
@@ -289,6 +348,17 @@ for _arch in ("shared_twice", "seq_registered_twice"):
     REFUSED["taylor", _arch] = "run once per forward"
 for _arch in ("conv_transpose", "conv_transpose_grouped"):
     REFUSED["taylor", _arch] = "is not the weight of one"
+_KFAC_TYPES = "K-FAC covers weights of nn.Linear and nn.Conv1d/2d"
+for _arch, _why in {
+    **dict.fromkeys(("encoder_seq_first", "encoder_batch_first", "vit_block"), _KFAC_TYPES),
+    **dict.fromkeys(("cross_attention", "conv_transpose", "conv_transpose_grouped"), _KFAC_TYPES),
+    "conv1d_3d": _KFAC_TYPES,
+    "conv_variants": "groups=2",
+    **dict.fromkeys(("linear_transposed", "linear_reshaped", "learned_queries"), "did not prove"),
+    **dict.fromkeys(("tied_lm_ignore_index", "tied_lm_sum"), "held by exactly one module"),
+    **dict.fromkeys(("shared_twice", "seq_registered_twice"), "held by exactly one module"),
+}.items():
+    REFUSED["kfac", _arch] = _why
 REFUSED["synflow", "tied_lm_ignore_index"] = REFUSED["synflow", "tied_lm_sum"] = "real-valued"
 
 
@@ -429,7 +499,7 @@ def _criteria():
         ),
         "obd_ggn": ({"hessian": "ggn"}, lambda m, ps, x, y, loss, r: half_w2(r.ggn, ps), TOL),
         "obs": (
-            {"block_size": 8, "dtype": "float64"},
+            {"block_size": 8, "dtype": "float64", "selection": "single"},
             lambda m, ps, x, y, loss, r: _obs_ref(r, ps, 8),
             1e-6,
         ),

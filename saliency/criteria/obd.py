@@ -9,7 +9,7 @@ from saliency import curvature
 from saliency.criteria import Scores, register_criterion
 from saliency.criteria.base import default_loss, preserve_model_state
 
-_HESSIANS = ("fisher", "true_fisher", "ggn", "hutchinson", "exact")
+_HESSIANS = ("fisher", "true_fisher", "ggn", "hutchinson", "exact", "kfac", "kfac_true")
 
 
 @register_criterion
@@ -30,6 +30,9 @@ class OBD:
     - ``"true_fisher"``: Fisher with labels drawn from the model, ``mc_samples`` per sample.
     - ``"hutchinson"``: Rademacher estimate with ``n_probes`` Hessian-vector products (a
       fallback: noisy, entries may be negative).
+    - ``"kfac"`` / ``"kfac_true"``: the diagonal ``diag(G)_j diag(A)_i`` of the K-FAC
+      approximation ``A (x) G`` (empirical / true Fisher; ``saliency.kfac``, Martens & Grosse
+      2015), undamped; Linear and Conv1d/2d weights only (others are refused).
     - ``"exact"``: the exact Hessian diagonal (BackPACK, or autograd up to ``max_params``
       weights). It can be negative away from a minimum: such weights are predicted to lower
       the loss and are pruned first.
@@ -48,7 +51,9 @@ class OBD:
     # a channel's predicted loss increase is the sum of its weights' (diagonal: no cross terms)
     channel_reduce: ClassVar[str] = "sum"
 
-    hessian: Literal["fisher", "true_fisher", "ggn", "hutchinson", "exact"] = "ggn"
+    hessian: Literal["fisher", "true_fisher", "ggn", "hutchinson", "exact", "kfac", "kfac_true"] = (
+        "ggn"
+    )
     n_samples: int | None = 1024
     mc_samples: int = 1
     exact_ggn: bool = True
@@ -79,6 +84,18 @@ class OBD:
             return curvature.diag_ggn(
                 model, params, data, loss_fn, exact=self.exact_ggn, mc_samples=self.mc_samples,
                 seed=self.seed, backend=self.backend, **kw,
+            )  # fmt: skip
+        if self.hessian in ("kfac", "kfac_true"):
+            from saliency import kfac
+
+            fisher = "true" if self.hessian == "kfac_true" else "empirical"
+            K = kfac.kfac_factors(
+                model, params, data, loss_fn, fisher=fisher, mc_samples=self.mc_samples,
+                seed=self.seed, damp=0.0, **kw,
+            )  # fmt: skip
+            return curvature.DiagCurvature(
+                {n: f.diag().to(params[n]) for n, f in K.factors.items()},
+                samples=K.samples, backward_passes=K.backward_passes,
             )  # fmt: skip
         if self.hessian == "hutchinson":
             return curvature.diag_hessian_hutchinson(

@@ -8,7 +8,7 @@ from typing import ClassVar, Literal
 
 import torch
 
-from saliency import inverse_fisher
+from saliency import inverse_fisher, kfac
 from saliency.criteria import Scores, register_criterion
 from saliency.criteria.base import default_loss, preserve_model_state
 
@@ -46,22 +46,35 @@ class OBS:
     loss_units: ClassVar[bool] = True
     channel_reduce: ClassVar[str] = "sum"
 
-    hessian: Literal["fisher", "exact"] = "fisher"
+    hessian: Literal["fisher", "exact", "kfac"] = "fisher"
     block_size: int = 128
     n_samples: int | None = 1024
     damp: float | None = None
     damp_absolute: float = 0.0
+    damp_scope: Literal["layer", "block"] = "layer"
     dtype: Literal["float32", "float64"] = "float32"
     method: Literal["cholesky", "woodbury"] = "cholesky"
     update: bool = True
+    selection: Literal["single", "greedy"] | None = None
     recompute_steps: int = 1
+    fisher: Literal["empirical", "true"] = "empirical"
+    mc_samples: int = 1
+    seed: int = 0
     eval_mode: bool = True
     chunk_size: int = 128
     max_params: int = 4096
 
     def __post_init__(self) -> None:
-        if self.hessian not in ("fisher", "exact"):
-            raise ValueError(f"hessian must be 'fisher' or 'exact'; got {self.hessian!r}")
+        if self.hessian not in ("fisher", "exact", "kfac"):
+            raise ValueError(f"hessian must be 'fisher', 'exact' or 'kfac'; got {self.hessian!r}")
+        if self.fisher not in ("empirical", "true"):
+            raise ValueError(f"fisher must be 'empirical' or 'true'; got {self.fisher!r}")
+        if self.hessian == "kfac" and self.selection == "greedy":
+            raise ValueError("selection='greedy' needs block inverses; use hessian='fisher'")
+        if self.selection not in (None, "single", "greedy"):
+            raise ValueError(f"selection must be 'single' or 'greedy'; got {self.selection!r}")
+        if self.damp_scope not in ("layer", "block"):
+            raise ValueError(f"damp_scope must be 'layer' or 'block'; got {self.damp_scope!r}")
         if not isinstance(self.recompute_steps, int) or self.recompute_steps < 1:
             raise ValueError(f"recompute_steps must be an int >= 1; got {self.recompute_steps!r}")
         if self.n_samples is not None and (
@@ -81,6 +94,15 @@ class OBS:
             return self.damp
         return 0.0 if self.hessian == "exact" else 1e-2
 
+    @property
+    def selection_rule(self) -> str:
+        """``selection``, or its default: ``"greedy"`` for the Fisher blocks; ``"single"`` for
+        ``hessian="exact"`` (one block over all weights: the greedy pass would cost
+        ``P^3``) and ``"kfac"`` (no blocks to condition)."""
+        if self.selection is not None:
+            return self.selection
+        return "greedy" if self.hessian == "fisher" else "single"
+
     def schedule(self, sparsity: float | None) -> list[float | None]:
         """Round targets ``1 - (1 - s)^(i/k)``, i = 1..k (geometric in density)."""
         if sparsity is None or self.recompute_steps == 1:
@@ -97,23 +119,40 @@ class OBS:
         with preserve_model_state(model):
             if self.eval_mode:
                 model.eval()
+            if self.hessian == "kfac":
+                kw.pop("dtype")
+                return kfac.kfac_factors(
+                    model, params, data, loss_fn, fisher=self.fisher, mc_samples=self.mc_samples,
+                    seed=self.seed, **kw,
+                )  # fmt: skip
             if self.hessian == "exact":
                 return inverse_fisher.exact_inverse_hessian(
                     model, params, data, loss_fn, max_params=self.max_params, **kw
                 )
             return inverse_fisher.block_inverse_fisher(
                 model, params, data, loss_fn, block_size=self.block_size, method=self.method,
-                chunk_size=self.chunk_size, **kw,
+                chunk_size=self.chunk_size, damp_scope=self.damp_scope, **kw,
             )  # fmt: skip
 
     def score(self, model, params, data, loss_fn=None) -> Scores:
         inv = self.inverse(model, params, data, loss_fn)
-        diag, alive = inv.diag(), inv.alive()
         scores = Scores()
-        for n, p in params.items():
-            w = p.detach().to(diag[n].dtype)
-            s = w.square() / (2 * diag[n].to(w.device))
-            scores[n] = torch.where(alive[n].to(w.device), s, 0).to(torch.float32)
+        if isinstance(inv, kfac.KFAC):
+            for n, p in params.items():
+                w = p.detach().to(torch.float64)
+                s = w.square() / (2 * inv.factors[n].inv_diag().to(w.device))
+                scores[n] = torch.where(w != 0, s, 0).to(torch.float32)
+        elif self.selection_rule == "greedy":
+            for blk in inv.blocks:
+                g = greedy_scores(blk.Hinv, blk.flatten(params, torch.float64), blk.alive)
+                for n, v in blk.unflatten(g).items():
+                    scores[n] = v.to(torch.float32).to(params[n].device)
+        else:
+            diag, alive = inv.diag(), inv.alive()
+            for n, p in params.items():
+                w = p.detach().to(diag[n].dtype)
+                s = w.square() / (2 * diag[n].to(w.device))
+                scores[n] = torch.where(alive[n].to(w.device), s, 0).to(torch.float32)
         scores.extra["obs"] = inv
         scores.cost.samples = inv.samples
         scores.cost.backward_passes = inv.backward_passes
@@ -131,6 +170,9 @@ class OBS:
                     p.masked_fill_(~masks[n].to(p.device).bool(), 0.0)
             return
         inv = getattr(scores, "extra", {}).get("obs")
+        if isinstance(inv, kfac.KFAC):
+            _kfac_update(inv, params, masks)
+            return
         if not isinstance(inv, inverse_fisher.InverseCurvature):
             raise ValueError(
                 "scores hold no OBS inverse curvature (scores.extra['obs']): pass the scores "
@@ -156,24 +198,104 @@ class OBS:
                     p.copy_(torch.where(masks[n].to(p.device).bool(), v.to(p), 0))
 
 
-def _obs_delta(Hinv: torch.Tensor, w: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
-    """``dw = -Hinv[:, Q] (Hinv[Q, Q])^-1 w_Q`` per block, batched over blocks with any Q:
-    ``A = P Hinv P + (I - P)`` (P the 0/1 diagonal of Q) makes every block a full-size SPD
-    system ``A z = P w`` whose solution is zero off Q, so ``dw = -Hinv z``. In float64."""
-    dw = torch.zeros_like(w)
+def _kfac_update(inv, params, masks) -> None:
+    missing = sorted(set(params) - set(inv.factors))
+    if missing:
+        raise ValueError(f"params {missing[:5]} have no K-FAC factors in these scores")
+    _check_same_state(inv, params)
+    with torch.no_grad():
+        for n, p in params.items():
+            keep = masks[n].to(p.device).bool() & (p != 0)
+            p.copy_(kfac.masked_solve(inv.factors[n], p.detach(), keep).to(p))
+
+
+def greedy_scores(Hinv: torch.Tensor, w: torch.Tensor, alive: torch.Tensor) -> torch.Tensor:
+    """Joint OBS costs along the greedy removal order within each block, ``[nb, B]``.
+
+    Per block, repeatedly remove the alive weight of least saliency ``w_q^2 / (2 [Hinv]_qq)``,
+    apply its OBS update ``w <- w - Hinv[:, q] w_q / [Hinv]_qq`` and condition the inverse on the
+    removal, ``Hinv <- Hinv - Hinv[:, q] Hinv[q, :] / [Hinv]_qq`` (Hassibi & Stork 1993, eq. 5;
+    the sequential form of OBC, Frantar & Alistarh 2022). The saliency of step t is then the
+    exact increase of the quadratic model ``1/2 w_Q^T (Hinv_QQ)^-1 w_Q`` from the first t-1
+    removals to the first t, so removal costs add up jointly instead of as if each weight were
+    removed alone. A weight's score is the running maximum of those increments up to its step:
+    non-decreasing along the order, so any global threshold removes a greedy prefix of every
+    block. Not-alive weights score 0. In float64."""
+    H = Hinv.to(torch.float64).clone()
+    w = w.to(torch.float64).clone()
+    a = alive.clone()
+    nb, B = w.shape
+    out = torch.zeros(nb, B, dtype=torch.float64, device=w.device)
+    run = torch.zeros(nb, dtype=torch.float64, device=w.device)
+    rows = torch.arange(nb, device=w.device)
+    for _ in range(B):
+        live = a.any(1)
+        if not bool(live.any()):
+            break
+        d = torch.diagonal(H, dim1=1, dim2=2)
+        s = torch.where(a, w.square() / (2 * d.clamp(min=1e-300)), torch.inf)
+        q = s.argmin(1)
+        run = torch.where(live, torch.maximum(run, s[rows, q]), run)
+        out[rows[live], q[live]] = run[live]
+        hq = H[rows, :, q] * live[:, None]  # [nb, B], zero for finished blocks
+        hqq = torch.where(live, d[rows, q], 1.0)
+        w -= hq * (w[rows, q] / hqq)[:, None]
+        H -= hq[:, :, None] * hq[:, None, :] / hqq[:, None, None]
+        w[rows[live], q[live]] = 0.0
+        a[rows[live], q[live]] = False
+    return out
+
+
+def predicted_increase(inv, params, masks) -> dict[str, float]:
+    """Loss increase the quadratic model predicts for pruning ``params`` to ``masks``, for the
+    weights alive in ``inv``: ``"joint"``, ``sum_blocks 1/2 w_Q^T (Hinv_QQ)^-1 w_Q`` (the OBS
+    update moves the kept weights; Hassibi & Stork 1993), and ``"single"``, the sum of the
+    one-weight saliencies ``sum_q w_q^2 / (2 [Hinv]_qq)`` (as if each weight were removed
+    alone; equal to the joint value only when the Q sub-block of ``Hinv`` is diagonal)."""
+    joint = single = 0.0
+    if isinstance(inv, kfac.KFAC):
+        for n, f in inv.factors.items():
+            w = params[n].detach().to(torch.float64)
+            keep = masks[n].to(w.device).bool() & (w != 0)
+            dw = kfac.masked_solve(f, w, keep) - w
+            joint += 0.5 * float((dw * f.matvec(dw)).sum())
+            single += float((w.square() / (2 * f.inv_diag()) * (w != 0) * ~keep).sum())
+        return {"joint": joint, "single": single}
+    for blk in inv.blocks:
+        keep = blk.flatten({n: masks[n].bool() for n in blk.names}).bool()
+        w = blk.flatten(params, torch.float64)
+        Q = blk.alive & ~keep
+        z = _obs_z(blk.Hinv, w, Q)
+        joint += 0.5 * float((w * Q * z).sum())
+        d = torch.diagonal(blk.Hinv, dim1=-2, dim2=-1).to(torch.float64)
+        single += float((w.square() / (2 * d) * Q).sum())
+    return {"joint": joint, "single": single}
+
+
+def _obs_z(Hinv: torch.Tensor, w: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
+    """``z = (Hinv[Q, Q])^-1 w_Q`` per block (zero off Q), batched as in :func:`_obs_delta`."""
+    z = torch.zeros_like(w, dtype=torch.float64)
     rows = Q.any(1).nonzero().squeeze(1)
     if len(rows) == 0:
-        return dw
+        return z
     H = Hinv[rows].to(torch.float64)
     q = Q[rows].to(torch.float64)
     A = H * (q[:, :, None] * q[:, None, :]) + torch.diag_embed(1.0 - q)
     L, info = torch.linalg.cholesky_ex(A)
+    b = (w[rows].to(torch.float64) * q).unsqueeze(-1)
     if bool((info != 0).any()):  # rounding made a sub-block indefinite: fall back to LU
-        z = torch.linalg.solve(A, (w[rows] * q).unsqueeze(-1))
+        z[rows] = torch.linalg.solve(A, b).squeeze(-1)
     else:
-        z = torch.cholesky_solve((w[rows] * q).unsqueeze(-1), L)
-    dw[rows] = -(H @ z).squeeze(-1)
-    return dw
+        z[rows] = torch.cholesky_solve(b, L).squeeze(-1)
+    return z
+
+
+def _obs_delta(Hinv: torch.Tensor, w: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
+    """``dw = -Hinv[:, Q] (Hinv[Q, Q])^-1 w_Q`` per block, batched over blocks with any Q:
+    ``A = P Hinv P + (I - P)`` (P the 0/1 diagonal of Q) makes every block a full-size SPD
+    system ``A z = P w`` whose solution is zero off Q, so ``dw = -Hinv z``. In float64."""
+    z = _obs_z(Hinv, w, Q)
+    return -(Hinv.to(torch.float64) @ z.unsqueeze(-1)).squeeze(-1)
 
 
 def _check_same_state(inv, params) -> None:

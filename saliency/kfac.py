@@ -1,0 +1,291 @@
+"""Kronecker-factored curvature (K-FAC) of Linear and Conv1d/2d weights, for OBD and OBS.
+
+K-FAC (Martens & Grosse 2015; KFC for convolutions, Grosse & Martens 2016; used for pruning by
+EigenDamage, Wang et al. 2019) approximates the Fisher block of a layer with weight
+``W [out, in]`` (convolutions: ``in = C_in * prod(kernel)``) by a Kronecker product
+
+    F_W ~ A (x) G,   A = (1/m) sum_n (1/T) sum_t a_nt a_nt^T,   G = (1/m) sum_n sum_t g_nt g_nt^T,
+
+``a_nt`` the layer's input at position t (a patch for convolutions, T positions per sample),
+``g_nt = dl_n / ds_nt`` the gradient of sample n's own loss w.r.t. the layer's output there,
+m samples. In the row-major vec of ``W``: ``F[(j, i), (j', i')] = G[j, j'] A[i, i']``, so that
+``F vec(V) = vec(G V A)``. ``fisher="empirical"`` uses the data's labels, ``"true"`` labels
+drawn from the model (``mc_samples`` per sample).
+
+What it is. For a Linear on ``[B, in]`` (one position) and a loss with constant output Hessian
+(least squares) and the true Fisher, ``A (x) G`` is the GGN exactly when the layer has one
+output (``G`` is a scalar); with several outputs, K-FAC assumes ``a`` and ``g`` independent. With
+the empirical Fisher on least squares and one output, ``A (x) G`` is the Hessian times a scalar.
+Over positions (a Linear on ``[B, L, D]``, convolutions) it further assumes positions
+uncorrelated (K-FAC "expand", Eschenhagen et al. 2023). Elsewhere it is an approximation only.
+
+Refused (``ValueError`` naming the parameter): a target that is not the weight of an
+``nn.Linear``/``nn.Conv1d``/``nn.Conv2d`` with its own ``forward`` (biases, attention's
+``in_proj_weight``, ConvTranspose, embeddings), a weight held by two modules, a layer run more
+or less than once per forward, a layer whose sample axis the two-sample probe does not prove
+(``saliency.fastpaths.probe``), grouped convolutions, and models that mix samples.
+
+Inverse. ``A = U_A diag(s_A) U_A^T``, ``G = U_G diag(s_G) U_G^T`` (eigendecompositions), so
+``(A (x) G + lambda I)^-1 vec(V) = vec(U_G [(U_G^T V U_A) / (s_G s_A^T + lambda)] U_A^T)`` and its
+diagonal is ``(U_G^2) [1 / (s_G s_A^T + lambda)] (U_A^2)^T``; the full matrix is never formed.
+``lambda = damp * mean(diag A) * mean(diag G) + damp_absolute``: relative to the layer's mean
+Fisher diagonal, as the block inverse (``saliency.inverse_fisher``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from saliency import fastpaths
+from saliency.model_io import (
+    LossFn,
+    default_loss,
+    forward,
+    iter_batches,
+    model_device,
+    per_sample_losses,
+)
+from saliency.per_sample import _delta_factor, _input_factor, check_params, requiring_grad
+
+log = logging.getLogger(__name__)
+
+_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d)
+
+
+@dataclass
+class KroneckerFactors:
+    """``A [in, in]``, ``G [out, out]`` of one layer's weight ``[out, *]`` (float64), their
+    eigendecompositions, the damping ``lambda`` and the weight's shape."""
+
+    A: Tensor
+    G: Tensor
+    shape: torch.Size
+    damping: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.sA, self.UA = torch.linalg.eigh(self.A)
+        self.sG, self.UG = torch.linalg.eigh(self.G)
+        # tiny negative eigenvalues from rounding of a PSD matrix
+        self.sA, self.sG = self.sA.clamp(min=0), self.sG.clamp(min=0)
+
+    def _2d(self, v: Tensor) -> Tensor:
+        return v.reshape(self.shape[0], -1).to(self.A.dtype)
+
+    def diag(self) -> Tensor:
+        """``diag(A (x) G) + lambda``, shaped like the weight."""
+        d = torch.outer(torch.diagonal(self.G), torch.diagonal(self.A)) + self.damping
+        return d.reshape(self.shape)
+
+    def matvec(self, V: Tensor) -> Tensor:
+        """``(A (x) G + lambda I) vec(V)`` as ``G V A + lambda V``."""
+        V = self._2d(V)
+        return (self.G @ V @ self.A + self.damping * V).reshape(self.shape)
+
+    def inv_diag(self) -> Tensor:
+        """``diag((A (x) G + lambda I)^-1)``, shaped like the weight."""
+        M = 1.0 / self._eig()
+        return ((self.UG**2) @ M @ (self.UA**2).T).reshape(self.shape)
+
+    def _eig(self) -> Tensor:
+        e = torch.outer(self.sG, self.sA) + self.damping
+        if bool((e <= 0).any()):
+            raise ValueError(
+                f"the K-FAC curvature of a {tuple(self.shape)} weight is singular: pass damp "
+                "(relative) or damp_absolute > 0, or use more samples than inputs"
+            )
+        return e
+
+
+@dataclass
+class KFAC:
+    """Per-parameter Kronecker factors, with what they cost."""
+
+    factors: dict[str, KroneckerFactors]
+    samples: int = 0
+    backward_passes: int = 0
+    state: dict[str, tuple[float, float]] = field(default_factory=dict)
+
+
+def _owners(model: nn.Module, params: Mapping[str, Tensor]) -> dict[str, nn.Module]:
+    """name -> the Linear/Conv module whose ``weight`` it is; refuses anything else."""
+    holders: dict[int, list[tuple[str, nn.Module, str]]] = {}
+    for mname, m in model.named_modules(remove_duplicate=False):
+        for attr, p in m._parameters.items():
+            if p is not None:
+                holders.setdefault(id(p), []).append((mname, m, attr))
+    out = {}
+    for n, p in params.items():
+        own = holders.get(id(p), [])
+        if len({id(m) for _, m, _ in own}) != 1 or len(own) != 1:
+            where = ", ".join(repr(mn) for mn, _, _ in own)
+            raise ValueError(
+                f"K-FAC needs {n!r} held by exactly one module, once; it is held by {where}: "
+                "the Kronecker factors of a shared weight are undefined (use hessian='fisher')"
+            )
+        _, m, attr = own[0]
+        why = fastpaths.closed_form_reason(m, attr)
+        if why is None and attr != "weight":
+            why = "K-FAC covers layer weights, not biases"
+        if why is None and not isinstance(m, _TYPES):
+            why = f"no K-FAC factors for {type(m).__name__}"
+        if why is None and getattr(m, "groups", 1) != 1:
+            why = f"grouped convolution (groups={m.groups}) has one Kronecker product per group"
+        if why is not None:
+            raise ValueError(
+                f"K-FAC cannot factor {n!r} ({type(m).__name__}.{attr}): {why}. K-FAC covers "
+                "weights of nn.Linear and nn.Conv1d/2d (groups=1); use hessian='fisher' "
+                "(block WoodFisher) or exclude the parameter"
+            )
+        out[n] = m
+    return out
+
+
+def kfac_factors(
+    model: nn.Module,
+    params: Mapping[str, nn.Parameter],
+    data: Iterable,
+    loss_fn: LossFn = default_loss,
+    *,
+    fisher: Literal["empirical", "true"] = "empirical",
+    n_samples: int | None = 1024,
+    mc_samples: int = 1,
+    seed: int = 0,
+    damp: float = 1e-2,
+    damp_absolute: float = 0.0,
+) -> KFAC:
+    """K-FAC factors of every target weight (module docstring), accumulated in float64 from
+    one forward and one backward per batch (``mc_samples`` backwards for the true Fisher). The
+    model's ``.grad``, mode and ``requires_grad`` are left as they were; call it in ``eval()``."""
+    from saliency.curvature import _generator, _sample_targets
+
+    if fisher not in ("empirical", "true"):
+        raise ValueError(f"fisher must be 'empirical' or 'true'; got {fisher!r}")
+    if not (damp >= 0 and damp_absolute >= 0):
+        raise ValueError(f"damp and damp_absolute must be >= 0; got {damp!r}, {damp_absolute!r}")
+    if not isinstance(mc_samples, int) or mc_samples < 1:
+        raise ValueError(f"mc_samples must be a positive int; got {mc_samples!r}")
+    params = dict(params)
+    check_params(model, params)
+    fastpaths.check_per_sample(model)
+    owners = _owners(model, params)
+    mods = {m: n for n, m in owners.items()}
+    dev = model_device(model)
+    gen = _generator(seed, dev)
+    A = {n: 0.0 for n in params}
+    G = {n: 0.0 for n in params}
+    m_total, passes = 0, 0
+    for x, y in iter_batches(data, n_samples, device=dev):
+        proven = fastpaths.probe(model, x, mods)
+        for m, n in mods.items():
+            if m not in proven:
+                raise ValueError(
+                    f"K-FAC cannot factor {n!r}: the two-sample probe did not prove that its "
+                    "layer carries the samples on dim 0 of its input and output, once per "
+                    "forward (a layer on transposed/reshaped tensors, or run twice); use "
+                    "hessian='fisher'"
+                )
+        calls: dict[nn.Module, list[tuple[Tensor, Tensor]]] = {m: [] for m in mods}
+
+        def hook(m, inputs, out, calls=calls):
+            calls[m].append((inputs[0].detach(), out))
+
+        handles = [m.register_forward_hook(hook) for m in mods]
+        try:
+            with requiring_grad(params):
+                out = forward(model, x)
+        finally:
+            for h in handles:
+                h.remove()
+        for m, c in calls.items():
+            if len(c) != 1:
+                raise ValueError(
+                    f"K-FAC cannot factor {mods[m]!r}: its layer ran {len(c)} times in one "
+                    "forward (its factors are undefined); use hessian='fisher'"
+                )
+        outs = [calls[m][0][1] for m in mods]
+        if fisher == "empirical":
+            targets = [y]
+        else:
+            targets = [
+                _sample_targets(out.detach(), y, loss_fn, "auto", gen) for _ in range(mc_samples)
+            ]
+        for k, t in enumerate(targets):
+            with torch.enable_grad():
+                loss = per_sample_losses(loss_fn, out, t).sum()
+                grads = torch.autograd.grad(
+                    loss, outs, retain_graph=k < len(targets) - 1, allow_unused=True
+                )
+            passes += 1
+            for (m, n), g, o in zip(mods.items(), grads, outs, strict=True):
+                g = torch.zeros_like(o) if g is None else g
+                d = _delta_factor(m, g.detach()).to(torch.float64)  # [B, T, out] or [B,1,out,L]
+                if not isinstance(m, nn.Linear):
+                    d = d[:, 0].transpose(1, 2)  # [B, L, out]
+                G[n] = G[n] + torch.einsum("bto,btp->op", d, d) / len(targets)
+        for m, n in mods.items():
+            a = _input_factor(m, calls[m][0][0]).to(torch.float64)
+            if not isinstance(m, nn.Linear):
+                a = a[:, 0].transpose(1, 2)  # [B, L, in * k]
+            A[n] = A[n] + torch.einsum("bti,btj->ij", a, a) / a.shape[1]
+        m_total += len(x)
+    if m_total == 0:
+        raise ValueError("data yielded no samples")
+    factors = {}
+    for n, p in params.items():
+        An, Gn = A[n] / m_total, G[n] / m_total
+        lam = damp * float(torch.diagonal(An).mean() * torch.diagonal(Gn).mean()) + damp_absolute
+        factors[n] = KroneckerFactors(An, Gn, p.shape, lam)
+    from saliency.inverse_fisher import _fingerprint
+
+    return KFAC(factors, m_total, passes, _fingerprint(params))
+
+
+def masked_solve(
+    f: KroneckerFactors,
+    w: Tensor,
+    keep: Tensor,
+    *,
+    tol: float = 1e-8,
+    max_iter: int = 2000,
+) -> Tensor:
+    """The OBS update within one layer under K-FAC: the weights ``w + dw`` minimizing
+    ``1/2 dw^T (A (x) G + lambda I) dw`` subject to ``(w + dw)[~keep] = 0`` (Hassibi & Stork
+    1993, jointly over every removed weight). Solved by conjugate gradients on the kept
+    coordinates, ``H_KK u = -(H d0)_K`` with ``d0 = -w`` off K, using only Kronecker products
+    (``G V A``), Jacobi-preconditioned; a warning is logged if it stops short of ``tol``."""
+    w = w.to(torch.float64)
+    K = keep.to(torch.float64).reshape(w.shape)
+    d0 = -w * (1 - K)
+    b = -f.matvec(d0) * K
+    pre = torch.where(K.bool(), 1.0 / f.diag().clamp(min=1e-300), 0.0)
+    u = torch.zeros_like(w)
+    r = b.clone()
+    z = pre * r
+    p = z.clone()
+    rz = float((r * z).sum())
+    b_norm = float(b.norm()) + 1e-300
+    for _ in range(max_iter):
+        if float(r.norm()) <= tol * b_norm:
+            break
+        Hp = f.matvec(p) * K
+        alpha = rz / float((p * Hp).sum())
+        u += alpha * p
+        r -= alpha * Hp
+        z = pre * r
+        rz_new = float((r * z).sum())
+        p = z + (rz_new / rz) * p
+        rz = rz_new
+    else:
+        log.warning(
+            "K-FAC OBS update: conjugate gradients stopped at relative residual %.2e after %d "
+            "iterations (raise damp for a better conditioned system)",
+            float(r.norm()) / b_norm,
+            max_iter,
+        )
+    return (w + d0 + u) * K
