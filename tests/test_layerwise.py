@@ -127,3 +127,13 @@ def test_refusals_name_the_problem():
         saliency.get_criterion("wanda", n_samples=0)
     with pytest.raises(ValueError, match="layer '0.weight'.*damp > 0"):
         saliency.prune(model, "obc", 0.5, data=_mlp_data(n=4), scope="layer", damp=0.0)
+
+
+def test_pydoc_chars_and_char_gpt_shapes():
+    from saliency import zoo
+
+    ds = zoo.get_dataset("pydoc_chars")
+    x, y = ds.train[:2]
+    assert x.shape == y.shape == (2, 64) and torch.equal(x[0, 1:], y[0, :-1])
+    model = zoo.get_model("char_gpt", input_shape=ds.input_shape, num_classes=ds.num_classes)
+    assert model(x).shape == (2, ds.num_classes, 64)
