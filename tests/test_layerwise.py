@@ -48,8 +48,8 @@ def test_conv_rows_times_weight_matrix_is_the_convolution(conv):
 
 def test_conv_nm_groups_run_along_input_channels_as_allocate():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(4, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 36, 4))
-    data = [(torch.randn(16, 4, 8, 8), torch.zeros(16, dtype=torch.long))]
+    model = nn.Sequential(nn.Conv2d(4, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 16, 4))
+    data = [(torch.randn(16, 4, 6, 6), torch.zeros(16, dtype=torch.long))]
     masks = saliency.prune(model, "obc", None, data=data, scope="layer", granularity="2:4")
     keep = masks["0.weight"]  # [out, in, kh, kw]: 2 of every 4 input channels at each position
     assert bool((keep.sum(1) == 2).all())

@@ -394,3 +394,17 @@ def test_layerwise_solvers_run_in_a_sweep_on_its_scoring_data(tmp_path):
     pruned = [r for r in read_records(res.out) if r["criterion"] != "dense"]
     assert {r["criterion"] for r in pruned} == {"wanda", "sparsegpt", "obc"}
     assert all(abs(r["sparsity"] - 0.5) < 1e-6 and r["score_seconds"] > 0 for r in pruned)
+
+
+def test_report_keeps_granularities_apart():
+    from saliency.sweep.report import markdown
+
+    def rec(g, v, seed=0):
+        return {"run_id": f"{g}{seed}", "phase": "pruned", "mode": "oneshot", "granularity": g,
+                "criterion": "wanda", "metric": "perplexity", "sparsity_target": 0.5, "value": v}  # fmt: skip
+
+    text = markdown([rec("element", 6.0), rec("element", 8.0, 1), rec("2:4", 9.0)])
+    assert "### oneshot, element: perplexity, mean ± std over 2 seed(s)" in text
+    assert (
+        "| wanda | 7 ± 1.4 |" in text and "### oneshot, 2:4" in text and "| wanda | 9 ± 0 |" in text
+    )
