@@ -447,3 +447,10 @@ def allocate(
             for n in rest:
                 result.update(select([n], sparsity))
     return Masks({n: result[n] for n in scores})
+
+
+def nm_keep(score: Tensor, n: int, m: int, alive: Tensor | None = None) -> Tensor:
+    """Keep mask of the N:M pattern on one score tensor: the n highest of every m consecutive
+    entries along dim 1 (entries not `alive` are never kept); the rule `allocate` uses for "N:M"."""
+    current = None if alive is None else Masks({"w": alive})
+    return _nm_masks({"w": score}, n, m, current)["w"]

@@ -246,6 +246,9 @@ def probe_criteria(raw: dict) -> dict[str, str]:
                 if dataclasses.is_dataclass(crit)
                 else []
             )
+            if callable(getattr(crit, "solve_layer", None)) and raw.get("scope") != "layer":
+                skipped[name] = "a layer-wise solver: it needs scope = 'layer'"
+                continue
             if "exact" in values and n_params > EXACT_LIMIT:
                 skipped[name] = (
                     f"exact Hessian of {n_params:,} parameters needs {n_params:,}^2 "

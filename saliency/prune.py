@@ -20,6 +20,7 @@ from saliency.criteria import (
     get_criterion,
 )
 from saliency.criteria.base import LossFn, model_device
+from saliency.layerwise import check_settings, is_solver, prune_layerwise
 from saliency.masks import Masks
 from saliency.schedules import Schedule
 from saliency.targets import channel_layout, prunable_parameters
@@ -116,17 +117,32 @@ def prune_step(
     model: nn.Module,
     crit: Criterion,
     params: Mapping[str, nn.Parameter],
-    scores: Scores,
+    scores: Scores | None,
     sparsity: float | None,
     *,
     current: Masks | None,
+    data: Iterable | None = None,
     **allocate_kwargs: Any,
 ) -> Masks:
     """Allocate from `scores`, apply the criterion's weight update if it has one, zero the pruned.
 
+    Layer-wise solvers (OBC, SparseGPT, Wanda: `layerwise.is_solver`) choose masks and update
+    weights together on each layer's calibration inputs: they ignore `scores` and run
+    `layerwise.prune_layerwise` on `data` instead of allocate + update.
+
     At granularity "channel", where each weight's output channels lie is read from the module
     that holds it (ConvTranspose weights are [in, out/groups, *k]) and handed to `allocate`.
     """
+    if is_solver(crit):
+        scope, granularity = (
+            allocate_kwargs.pop("scope", "global"),
+            allocate_kwargs.pop("granularity", "element"),
+        )
+        check_settings(crit, sparsity, scope, granularity, allocate_kwargs)
+        masks = prune_layerwise(model, crit, params, data, sparsity, granularity=granularity,
+                                current=current, layer_sparsity=allocate_kwargs.get("layer_sparsity"))  # fmt: skip
+        masks.apply(model)
+        return masks
     if allocate_kwargs.get("reduce") is None:  # None (a sweep's default): the criterion's own
         allocate_kwargs["reduce"] = getattr(crit, "channel_reduce", None)
     if allocate_kwargs.get("granularity") == "channel":
@@ -172,6 +188,14 @@ def prune(
     attached = attached_masks(model)
     masks = _restrict(current if current is not None else attached, params)
     rounds = crit.schedule(sparsity) if callable(getattr(crit, "schedule", None)) else [sparsity]
+    if is_solver(crit):  # refuse bad settings before any work; one solve, its cost measured
+        check_settings(crit, sparsity, scope, granularity, alloc)
+        start = time.perf_counter()
+        masks = prune_step(model, crit, params, None, sparsity, current=masks, data=data,
+                           scope=scope, granularity=granularity, **alloc)  # fmt: skip
+        if cost is not None:
+            cost.add(Cost(seconds=time.perf_counter() - start, backward_passes=0))
+        rounds = []
     for s in rounds:
         scores = score(model, crit, data, loss_fn, params=params)
         if cost is not None:

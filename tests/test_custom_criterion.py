@@ -34,7 +34,7 @@ def wanda_module(tmp_path, monkeypatch):
     try:
         yield importlib.import_module(name)
     finally:
-        _REGISTRY.pop("wanda", None)
+        _REGISTRY.pop("wanda_score", None)
         sys.modules.pop(name, None)
 
 
@@ -44,7 +44,7 @@ def test_example_is_short():
 
 
 def test_wanda_by_name_in_prune(wanda_module):
-    assert "wanda" in saliency.available_criteria()
+    assert "wanda_score" in saliency.available_criteria()
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
     model.train()
@@ -63,12 +63,12 @@ def test_wanda_by_name_in_prune(wanda_module):
         "0.weight": model[0].weight.detach().abs() * x.norm(dim=0),
         "3.weight": model[3].weight.detach().abs() * h.norm(dim=0),
     }
-    s = saliency.score(model, "wanda", data=data, n_samples=30)
+    s = saliency.score(model, "wanda_score", data=data, n_samples=30)
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
     assert model.training and all(not m._forward_hooks for m in model.modules())
     for n in expect:
         torch.testing.assert_close(s[n], expect[n], rtol=1e-5, atol=1e-6)
-    masks = saliency.prune(model, "wanda", 0.5, data=data, scope="layer", n_samples=30)
+    masks = saliency.prune(model, "wanda_score", 0.5, data=data, scope="layer", n_samples=30)
     for n, m in masks.items():
         assert int((~m).sum()) == m.numel() // 2
         kept_min = expect[n][m].min()
@@ -91,9 +91,9 @@ def test_wanda_by_name_in_a_sweep_config(wanda_module, tmp_path):
     seeds = [0]
     sparsities = [0.5]
     modes = ["oneshot"]
-    criteria = ["magnitude", "wanda"]
+    criteria = ["magnitude", "wanda_score"]
 
-    [criterion_defaults.wanda]
+    [criterion_defaults.wanda_score]
     n_samples = 32
 
     [train]
@@ -105,11 +105,11 @@ def test_wanda_by_name_in_a_sweep_config(wanda_module, tmp_path):
     batch_size = 32
     """
     cfg = parse_config(tomllib.loads(text.replace("\n    ", "\n")))
-    assert [c.name for c in cfg.criteria] == ["magnitude", "wanda"]
+    assert [c.name for c in cfg.criteria] == ["magnitude", "wanda_score"]
     assert dict(cfg.criteria[1].hparams)["n_samples"] == 32
     sweep_runner.run_sweep(cfg, tmp_path)
     records = read_records(tmp_path / "wanda_tiny")
-    wanda = [r for r in records if r.get("criterion") == "wanda"]
+    wanda = [r for r in records if r.get("criterion") == "wanda_score"]
     assert wanda and all(r["sparsity"] == pytest.approx(0.5, abs=0.01) for r in wanda)
 
 

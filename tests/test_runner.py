@@ -414,3 +414,29 @@ def test_gradual_from_scratch(tmp_path):
     assert {u.run_id for j in plan(cfg) for u in j.units if u.mode == "gradual"}.isdisjoint(
         u.run_id for j in plan(other) for u in j.units if u.mode == "gradual"
     )
+
+
+def test_layerwise_solvers_run_in_a_sweep_on_its_scoring_data(tmp_path):
+    """OBC / SparseGPT / Wanda get the sweep's scoring data (they ignore scores); the records
+    hold the exact sparsity and the solve time."""
+    cfg = cfg_of(seeds=[0], sparsities=[0.5], modes=["oneshot"], scope="layer",
+                 criteria=["wanda", "sparsegpt", "obc"])  # fmt: skip
+    res = run_sweep(cfg, tmp_path)
+    assert res.ran == res.units == 4 and not res.failures
+    pruned = [r for r in read_records(res.out) if r["criterion"] != "dense"]
+    assert {r["criterion"] for r in pruned} == {"wanda", "sparsegpt", "obc"}
+    assert all(abs(r["sparsity"] - 0.5) < 1e-6 and r["score_seconds"] > 0 for r in pruned)
+
+
+def test_report_keeps_granularities_apart():
+    from saliency.sweep.report import markdown
+
+    def rec(g, v, seed=0):
+        return {"run_id": f"{g}{seed}", "phase": "pruned", "mode": "oneshot", "granularity": g,
+                "criterion": "wanda", "metric": "perplexity", "sparsity_target": 0.5, "value": v}  # fmt: skip
+
+    text = markdown([rec("element", 6.0), rec("element", 8.0, 1), rec("2:4", 9.0)])
+    assert "### oneshot, element: perplexity, mean ± std over 2 seed(s)" in text
+    assert (
+        "| wanda | 7 ± 1.4 |" in text and "### oneshot, 2:4" in text and "| wanda | 9 ± 0 |" in text
+    )

@@ -28,8 +28,13 @@ MODE_SHORT = {
     "gradual": "gradual",
     "init": "at initialization",
 }
-METRIC_LABELS = {"accuracy": "Test accuracy (%)", "mse": "Test MSE", "loss": "Test loss"}
-HIGHER_IS_BETTER = {"accuracy": True, "mse": False, "loss": False}
+METRIC_LABELS = {
+    "perplexity": "Test perplexity",
+    "accuracy": "Test accuracy (%)",
+    "mse": "Test MSE",
+    "loss": "Test loss",
+}
+HIGHER_IS_BETTER = {"perplexity": False, "accuracy": True, "mse": False, "loss": False}
 BANDS = ("std", "ci95")
 
 
@@ -38,9 +43,10 @@ def finite(x) -> bool:
 
 
 def default_metric(records: Iterable[dict]) -> str | None:
-    """'accuracy' for classification sweeps, 'mse' for regression, else 'loss'; None if no records."""
+    """'perplexity' for language models (sequence targets), 'accuracy' for other classification
+    sweeps, 'mse' for regression, else 'loss'; None if no records."""
     metrics = {r.get("metric") for r in records}
-    for m in ("accuracy", "mse", "loss"):
+    for m in ("perplexity", "accuracy", "mse", "loss"):
         if m in metrics:
             return m
     return None

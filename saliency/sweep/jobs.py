@@ -17,6 +17,7 @@ from pathlib import Path
 
 import saliency
 from saliency.criteria import Cost
+from saliency.layerwise import is_solver
 from saliency.masks import Masks
 from saliency.prune import score
 from saliency.sweep.config import SweepConfig
@@ -137,7 +138,7 @@ def _job_oneshot(cfg, out, job, todo, tb, notify) -> None:
         else False
     )
     scores = None
-    if not multi or cfg.save_scores:
+    if (not multi and not is_solver(crit)) or cfg.save_scores:  # solvers ignore scores
         scores = score(dense, crit, data, loss_fn, params=targets(cfg, dense))
         if cfg.save_scores:
             mode = "oneshot" if "oneshot" in cfg.modes else "finetune"

@@ -39,11 +39,13 @@ def count_flops(model: nn.Module, input_shape: Sequence[int]) -> tuple[int, int]
     try:
         model.eval()
         p = next(model.parameters(), None)
+        first = next((m for m in model.modules() if not list(m.children())), None)
+        tokens = isinstance(first, torch.nn.Embedding)  # a language model reads token ids
         x = torch.zeros(
             1,
             *input_shape,
             device=p.device if p is not None else None,
-            dtype=p.dtype if p is not None else None,
+            dtype=torch.long if tokens else p.dtype if p is not None else None,
         )
         with torch.no_grad():
             model(x)

@@ -21,10 +21,12 @@ def _label(r: dict[str, Any]) -> str:
 
 
 def summarize(records: list[dict[str, Any]], metrics: tuple[str, ...] | None = None) -> list[dict]:
-    """Rows {sweep, mode, label, phase, metric, sparsity, mean, std, n} grouped over seeds.
+    """Rows {sweep, mode, granularity, label, phase, metric, sparsity, mean, std, n} grouped
+    over seeds.
 
     Per unit only its last phase counts (final over pruned); the dense baseline is one row per
-    metric. Sorted by mode, label, metric, sparsity.
+    metric. Granularities stay apart (2:4 and element at 50% are different experiments). Sorted
+    by mode, granularity, label, metric, sparsity.
     """
     last: dict[str, str] = {}
     for r in records:
@@ -38,6 +40,7 @@ def summarize(records: list[dict[str, Any]], metrics: tuple[str, ...] | None = N
         key = (
             r.get("sweep", ""),
             r["mode"],
+            r.get("granularity", "element"),
             _label(r),
             r["phase"],
             r["metric"],
@@ -45,12 +48,13 @@ def summarize(records: list[dict[str, Any]], metrics: tuple[str, ...] | None = N
         )
         groups[key].append(float(r["value"]))
     rows = []
-    for (sweep, mode, label, phase, metric, s), vals in groups.items():
+    for (sweep, mode, granularity, label, phase, metric, s), vals in groups.items():
         finite = [v for v in vals if math.isfinite(v)]
         rows.append(
             {
                 "sweep": sweep,
                 "mode": mode,
+                "granularity": granularity,
                 "label": label,
                 "phase": phase,
                 "metric": metric,
@@ -65,6 +69,8 @@ def summarize(records: list[dict[str, Any]], metrics: tuple[str, ...] | None = N
         key=lambda r: (
             r["sweep"],
             order.get(r["mode"], 9),
+            r["granularity"] != "element",
+            r["granularity"],
             r["label"] != "dense",
             r["label"],
             r["metric"],
@@ -81,7 +87,7 @@ def _fmt(metric: str, mean: float, std: float) -> str:
 
 
 def markdown(records: list[dict[str, Any]]) -> str:
-    """One Markdown table per (mode, metric): rows = criteria, columns = sparsities.
+    """One Markdown table per (mode, granularity, metric): rows = criteria, columns = sparsities.
     Accuracy is in percent; every cell is mean ± std over seeds (n seeds in the header).
     Records of several configurations: one labelled section each, the newest first."""
     from saliency.sweep.records import config_groups
@@ -100,19 +106,22 @@ def markdown(records: list[dict[str, Any]]) -> str:
 
 
 def _tables(records: list[dict[str, Any]]) -> str:
+    """One table per (mode, granularity, metric) of one configuration."""
     rows = summarize(records)
     out = []
-    by: dict[tuple[str, str, str], list[dict]] = defaultdict(list)
+    by: dict[tuple[str, str, str, str], list[dict]] = defaultdict(list)
     for r in rows:
-        by[(r["sweep"], r["mode"], r["metric"])].append(r)
+        by[(r["sweep"], r["mode"], r["granularity"], r["metric"])].append(r)
     several = len({k[0] for k in by}) > 1
-    for (sweep, mode, metric), group in by.items():
+    grains = len({k[2] for k in by if k[1] != "dense"}) > 1
+    for (sweep, mode, granularity, metric), group in by.items():
         sps = sorted({r["sparsity"] for r in group})
         labels = list(dict.fromkeys(r["label"] for r in group))
         cells = {(r["label"], r["sparsity"]): r for r in group}
         n = max(r["n"] for r in group)
         unit = " (%)" if metric == "accuracy" else ""
         where = f"{sweep}, " if several else ""
+        mode = f"{mode}, {granularity}" if grains and mode != "dense" else mode
         out.append(f"### {where}{mode}: {metric}{unit}, mean ± std over {n} seed(s)\n")
         out.append("| criterion | " + " | ".join(f"{s:g}" for s in sps) + " |")
         out.append("|---|" + "---:|" * len(sps))

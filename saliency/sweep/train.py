@@ -7,6 +7,7 @@ forward, so SGD (momentum, weight decay), Adam and AdamW never move a pruned wei
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Literal
 
@@ -164,8 +165,9 @@ def evaluate(
             x, y = x.to(dev), y.to(dev)
             out = model(x)
             loss_sum += float(loss_fn(out, y)) * len(y)
-            if task == "classification":
-                correct += int((out.argmax(1) == y).sum())
+            if task == "classification":  # sequences (targets [B, T]): per-sample token accuracy
+                hit = (out.argmax(1) == y).double()
+                correct += float(hit.reshape(len(y), -1).mean(1).sum())
             n += len(y)
     finally:
         model.train(was_training)
@@ -173,4 +175,7 @@ def evaluate(
         raise ValueError("evaluate: the dataset is empty")
     if task == "regression":
         return {"mse": loss_sum / n}
-    return {"accuracy": correct / n, "loss": loss_sum / n}
+    metrics = {"accuracy": correct / n, "loss": loss_sum / n}
+    if y.dim() > 1:  # language models: per-token perplexity exp(mean cross-entropy)
+        metrics["perplexity"] = math.exp(metrics["loss"])
+    return metrics

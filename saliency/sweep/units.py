@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import saliency
 from saliency.criteria import Cost, for_granularity, get_criterion
+from saliency.layerwise import is_solver
 from saliency.masks import Masks
 from saliency.prune import prune_step, score
 from saliency.sweep.config import CriterionSpec, SweepConfig, digest
@@ -230,6 +231,11 @@ def prune_with_cost(cfg, model, crit, sparsity, data, loss_fn, *, current=None, 
     increase of `loss_units` criteria sums, round by round, the scores of the newly pruned entries.
     """
     params = targets(cfg, model)
+    if is_solver(crit):  # OBC, SparseGPT, Wanda: masks and updates solved on `data`, no scores
+        start = time.perf_counter()
+        masks = prune_step(model, crit, params, None, sparsity, current=current, data=data,
+                           scope=cfg.scope, granularity=cfg.granularity, **cfg.allocate)  # fmt: skip
+        return masks, Cost(seconds=time.perf_counter() - start, backward_passes=0), None
     rounds = crit.schedule(sparsity) if callable(getattr(crit, "schedule", None)) else [sparsity]
     if scores is not None:
         rounds = [sparsity]

@@ -3,6 +3,7 @@
 Not imported by the core: `import saliency` never loads this package.
 """
 
+from saliency.zoo import text as _text  # noqa: F401,E402  (registers pydoc_chars, char_gpt)
 from saliency.zoo.datasets import (
     Dataset,
     available_datasets,

@@ -1,0 +1,195 @@
+"""Layer-wise pruning with sequential propagation: capture -> solve -> apply, layer after layer.
+
+The papers' procedure (OBC, SparseGPT, Wanda): layer k is calibrated on the inputs it receives
+once the layers before it are pruned, so it also absorbs their error. The layers are taken in
+the order of a probe forward on the first calibration batch; consecutive layers reading the
+very same input tensor (an attention block's q, k and v projections) form one group and are
+solved on the same capture. For each group, the calibration batches run through the model up
+to the group's last call (the forward is cut there), hooks accumulate ``H = 2 X^T X / n`` of
+the group's layers (never ``X`` itself), the solver returns ``(W', mask)`` of each layer, and
+``W'`` is written into the model before the next group is captured. Memory: one ``[d, d]`` per
+layer of the group and the calibration inputs; time: about one forward of the calibration set
+per group over the prefix of the model that precedes it (a transformer of B blocks: ~4B partial
+forwards), instead of caching every block's activations.
+
+A solver criterion defines ``solve_layer(W, H, pattern, alive) -> (W', keep)`` on matrices
+(``saliency.solvers``), ``diag_only`` (Wanda needs only ``diag H``) and ``n_samples``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from saliency import capture
+from saliency.allocate import check_allocation, check_sparsity
+from saliency.masks import Masks
+from saliency.model_io import iter_batches, model_device
+
+log = logging.getLogger(__name__)
+
+# allocate keywords a layer-wise solver accepts at their defaults only (anything else is refused)
+_DEFAULTS = {"reduce": None, "block": None, "pooling": "avg", "max_layer_sparsity": None,
+             "min_layer_channels": 1, "channel_layout": None}  # fmt: skip
+
+
+def is_solver(crit: Any) -> bool:
+    """True for criteria that choose masks and update weights together, layer by layer."""
+    return callable(getattr(crit, "solve_layer", None))
+
+
+def check_settings(crit, sparsity, scope: str, granularity: str, alloc: Mapping[str, Any]):
+    """(sparsity, (N, M) or None) after refusing what a layer-wise solver cannot do."""
+    name = getattr(crit, "name", type(crit).__name__)
+    if scope != "layer":
+        raise ValueError(
+            f"{name!r} solves each layer on its own inputs: pass scope='layer' (per-layer "
+            f"sparsities through layer_sparsity={{name: sparsity}}); got scope={scope!r}"
+        )
+    nm, _ = check_allocation(sparsity, scope, granularity)
+    if nm is None and granularity != "element":
+        raise ValueError(
+            f"{name!r} prunes at granularity 'element' or 'N:M' (like '2:4'); got {granularity!r}"
+        )
+    bad = sorted(k for k, v in alloc.items() if k in _DEFAULTS and v != _DEFAULTS[k])
+    bad += sorted(k for k in alloc if k not in _DEFAULTS and k != "layer_sparsity")
+    if bad:
+        raise ValueError(f"{name!r} does not take the allocation setting(s) {bad}")
+    return sparsity, nm
+
+
+def _to_matrix(t: Tensor) -> Tensor:
+    return t if t.dim() == 2 else t.movedim(1, -1).reshape(t.shape[0], -1)
+
+
+def _groups(model, modules, x) -> tuple[list[list[str]], dict[str, int]]:
+    calls = capture.call_order(model, modules, x)
+    missing = sorted(set(modules) - {n for n, _ in calls})
+    if missing:
+        raise ValueError(
+            f"layers {missing[:5]} never ran on the calibration data, so they cannot be calibrated: "
+            f"{capture.WAY_OUT}"
+        )
+    counts = {n: sum(1 for k, _ in calls if k == n) for n in modules}
+    groups: list[list[str]] = []
+    last: Tensor | None = None
+    for n, x_in in calls:
+        if any(n in g for g in groups):
+            continue
+        if groups and x_in is last:
+            groups[-1].append(n)
+        else:
+            groups.append([n])
+        last = x_in
+    return groups, counts
+
+
+def prune_layerwise(
+    model: nn.Module,
+    crit: Any,
+    params: Mapping[str, nn.Parameter],
+    data: Iterable,
+    sparsity: float | None,
+    *,
+    granularity: str = "element",
+    current: Masks | None = None,
+    layer_sparsity: Mapping[str, float] | None = None,
+) -> Masks:
+    """Prune ``params`` in place with ``crit.solve_layer``, sequentially (module docstring).
+
+    Every layer gets ``sparsity`` (exact count per layer) or its ``layer_sparsity`` override, or
+    the N:M pattern of ``granularity``; ``current`` zeros stay zero and count toward the target.
+    Returns the masks (not attached: ``saliency.prune`` attaches them)."""
+    nm, _ = check_allocation(sparsity, "layer", granularity)
+    overrides = dict(layer_sparsity or {})
+    unknown = sorted(set(overrides) - set(params))
+    if unknown:
+        raise ValueError(f"layer_sparsity names unknown tensors {unknown}; known: {list(params)}")
+    if nm is not None and overrides:
+        raise ValueError("layer_sparsity cannot be combined with an N:M granularity")
+    pattern = {n: (check_sparsity(overrides.get(n, sparsity)) if nm is None else None, nm)
+               for n in params}  # fmt: skip
+    modules = capture.layer_modules(model, params)
+    device = model_device(model)
+    batches = [x for x, _ in iter_batches(data, crit.n_samples, device=device)]
+    modes = {m: m.training for m in model.modules()}
+    model.eval()  # calibration sees the network as it is used: no dropout, running statistics
+    try:
+        groups, calls = _groups(model, modules, batches[0])
+        keep: dict[str, Tensor] = {}
+        for group in groups:
+            part = {n: modules[n] for n in group}
+            with capture.capturing(part, diag_only=crit.diag_only, calls=calls) as (stats, seen):
+                for x in batches:
+                    capture.run_until_stop(model, x, seen)
+            for n in group:
+                module = modules[n]
+                alive = None if current is None else _to_matrix(current[n].to(device).bool())
+                W = capture.weight_matrix(module)
+                try:
+                    W2, k = crit.solve_layer(W, stats[n].H, pattern[n], alive)
+                except ValueError as e:
+                    raise ValueError(f"layer {n!r}: {e}") from e
+                with torch.no_grad():
+                    module.weight.copy_(capture.from_matrix(module, W2.to(W)))
+                keep[n] = capture.from_matrix(module, k.to(device)).contiguous()
+                log.debug("%s: %s, %d rows, sparsity %.3f", crit.name, n, stats[n].n,
+                          1 - float(k.float().mean()))  # fmt: skip
+    finally:
+        for m, mode in modes.items():
+            m.train(mode)
+    return Masks({n: keep[n] for n in params})
+
+
+def dense_stats(model, params, data, *, n_samples, diag_only) -> dict[str, capture.Stats]:
+    """Input statistics of every layer on the unpruned model in one pass (no propagation): what
+    a solver criterion's ``score`` reads."""
+    modules = capture.layer_modules(model, params)
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        never = dict.fromkeys(modules, 1 << 62)  # never cut the forward short
+        with capture.capturing(modules, diag_only=diag_only, calls=never) as (stats, seen):
+            for x, _ in iter_batches(data, n_samples, device=model_device(model)):
+                capture.run_until_stop(model, x, seen)
+    finally:
+        for m, mode in modes.items():
+            m.train(mode)
+    return stats
+
+
+def check_hparams(crit) -> None:
+    """Refuse bad ``n_samples`` / ``damp`` / ``block_size`` when the criterion is built."""
+    n = crit.n_samples
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+        raise ValueError(f"n_samples must be a positive int or None (all the data); got {n!r}")
+    damp = getattr(crit, "damp", 0.0)
+    if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not damp >= 0:
+        raise ValueError(f"damp must be a number >= 0 (relative to mean diag H); got {damp!r}")
+    b = getattr(crit, "block_size", 1)
+    if isinstance(b, bool) or not isinstance(b, int) or b < 1:
+        raise ValueError(f"block_size must be a positive int; got {b!r}")
+
+
+def obs_scores(crit, model, params, data) -> dict[str, Tensor]:
+    """Layer-wise OBS saliency ``w_q^2 / (2 [H^-1]_qq)`` of every weight on the dense model, with
+    the criterion's damped ``H`` of its own layer: the cost of the first greedy step of OBC, and
+    what OBC and SparseGPT rank by before any update."""
+    from saliency import solvers
+
+    stats = dense_stats(model, params, data, n_samples=crit.n_samples, diag_only=False)
+    modules = capture.layer_modules(model, params)
+    out = {}
+    for n, st in stats.items():
+        try:
+            Hinv = solvers.inverse(solvers.damped(st.H, crit.damp))
+        except ValueError as e:
+            raise ValueError(f"layer {n!r}: {e}") from e
+        W = capture.weight_matrix(modules[n]).double().cpu()
+        s = W.square() / (2 * torch.diagonal(Hinv))[None, :]
+        out[n] = capture.from_matrix(modules[n], s.float()).to(params[n].device).contiguous()
+    return out
