@@ -394,6 +394,7 @@ def _untouched(model, params, before):
 
 
 def test_backpack_takes_the_sequential_models_it_supports_and_only_those():
+    pytest.importorskip("backpack", reason="BackPACK is optional (pip install --no-deps ...)")
     for a in ARCHS:
         model, x, y = a.make()
         why = C.backpack_unsupported(model, a.loss, [(x, y)])
