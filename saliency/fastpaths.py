@@ -143,6 +143,17 @@ def probe(model: nn.Module, x: Tensor, modules: Iterable[nn.Module]) -> set[nn.M
     )}  # fmt: skip
 
 
+def require_sample_axis(
+    model: nn.Module, x: Tensor, layers: dict[nn.Module, str], message: str
+) -> None:
+    """``probe`` for criteria that have no generic path: raise ``message.format(name=...)``
+    for the first layer (named ``layers[module]``) whose sample axis is not proven."""
+    proven = probe(model, x, layers)
+    for m, name in layers.items():
+        if m not in proven:
+            raise ValueError(message.format(name=repr(name)))
+
+
 def _per_sample(u: Tensor, v: Tensor, *, must_move: bool) -> bool:
     """``u, v``: a layer's input (or output) in the two probe runs. Sample-indexed on dim 0:
     leading size 2, row 1 unchanged, and (for inputs) row 0 moved with sample 0."""

@@ -181,15 +181,12 @@ def kfac_factors(
     G = {n: 0.0 for n in params}
     m_total, passes = 0, 0
     for x, y in iter_batches(data, n_samples, device=dev):
-        proven = fastpaths.probe(model, x, mods)
-        for m, n in mods.items():
-            if m not in proven:
-                raise ValueError(
-                    f"K-FAC cannot factor {n!r}: the two-sample probe did not prove that its "
-                    "layer carries the samples on dim 0 of its input and output, once per "
-                    "forward (a layer on transposed/reshaped tensors, or run twice); use "
-                    "hessian='fisher'"
-                )
+        fastpaths.require_sample_axis(
+            model, x, mods,
+            "K-FAC cannot factor {name}: the two-sample probe did not prove that its layer "
+            "carries the samples on dim 0 of its input and output, once per forward (a layer on "
+            "transposed/reshaped tensors, or run twice); use hessian='fisher'",
+        )  # fmt: skip
         calls: dict[nn.Module, list[tuple[Tensor, Tensor]]] = {m: [] for m in mods}
 
         def hook(m, inputs, out, calls=calls):

@@ -117,17 +117,14 @@ class Taylor:
                             "functionally, as MultiheadAttention does with out_proj). Leave it "
                             "out (prunable_parameters(model, exclude=...)) or use 'taylor_weight'"
                         )
-                layers = {owners[n][0]: n for n in names}
-                proven = fastpaths.probe(model, x, layers)  # raises if samples interact
-                for m, n in layers.items():
-                    if m not in proven:
-                        raise ValueError(
-                            f"taylor needs the output of the layer of {n!r} to carry the samples "
-                            "on dim 0 (and nothing else mixed into it); that was not the case on "
-                            "this batch (e.g. a sequence-first transformer, a layer on "
-                            "x.transpose(0, 1) or on batch-independent queries). Score that "
-                            "parameter with 'taylor_weight', or use batch_first layouts"
-                        )
+                fastpaths.require_sample_axis(  # raises too if samples interact
+                    model, x, {owners[n][0]: n for n in names},
+                    "taylor needs the output of the layer of {name} to carry the samples on dim 0 "
+                    "(and nothing else mixed into it); that was not the case on this batch (e.g. "
+                    "a sequence-first transformer, a layer on x.transpose(0, 1) or on "
+                    "batch-independent queries). Score that parameter with 'taylor_weight', or "
+                    "use batch_first layouts",
+                )  # fmt: skip
                 acts = [outs[n][0] for n in names]
                 grads = torch.autograd.grad(loss, acts, allow_unused=True)
                 for n, a, g in zip(names, acts, grads, strict=True):
