@@ -346,6 +346,20 @@ def test_loss_prediction_lines(results):
     pred = dict(zip(*lines["obd predicted"].get_data(), strict=True))
     full = dict(zip(*lines["obd predicted + first order"].get_data(), strict=True))
     assert full[0.5] == pytest.approx(pred[0.5] + 0.01)
+    # OBS with its joint and one-weight predictions recorded: "predicted" is the one-weight sum,
+    # a joint line is added, and the first-order term is added to the joint prediction
+    for r in recs:
+        if r["criterion"] == "obs" and r.get("predicted_loss_increase") is not None:
+            r["predicted_single"] = 2 * r["predicted_loss_increase"]
+            r["predicted_joint"] = 0.5 * r["predicted_loss_increase"]
+    fig = plot_loss_prediction(recs, dense)
+    lines = {ln.get_label(): ln for ln in fig.axes[0].get_lines()}
+    assert "obs predicted jointly" in lines and "obd predicted jointly" not in lines
+    joint = dict(zip(*lines["obs predicted jointly"].get_data(), strict=True))
+    single = dict(zip(*lines["obs predicted"].get_data(), strict=True))
+    full = dict(zip(*lines["obs predicted + first order"].get_data(), strict=True))
+    assert single[0.5] == pytest.approx(4 * joint[0.5])
+    assert full[0.5] == pytest.approx(joint[0.5] + 0.01)
 
 
 def test_cost_dots(results):

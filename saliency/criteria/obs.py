@@ -197,6 +197,11 @@ class OBS:
                     p = params[n]
                     p.copy_(torch.where(masks[n].to(p.device).bool(), v.to(p), 0))
 
+    def loss_predictions(self, weights, masks, scores) -> dict[str, float]:
+        """The quadratic model's loss increase for pruning the scored ``weights`` (before the
+        update) to ``masks``: "joint" and "single", as :func:`predicted_increase` defines them."""
+        return predicted_increase(scores.extra["obs"], weights, masks)
+
 
 def _kfac_update(inv, params, masks) -> None:
     missing = sorted(set(params) - set(inv.factors))
