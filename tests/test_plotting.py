@@ -512,3 +512,25 @@ def test_usetex_is_opt_in():
 
     assert rc_params()["text.usetex"] is False and rc_params(usetex=True)["text.usetex"] is True
     assert rc_params()["pdf.fonttype"] == 42  # TrueType in PDFs, not Type 3
+
+
+def test_file_names_follow_the_metric_and_carry_no_colon(tmp_path):
+    """A language model's curve is named after its metric; an N:M setting gives a file name
+    without ':' (not allowed on Windows)."""
+    from saliency.plotting import accuracy_vs_sparsity
+
+    recs = []
+    for r in make_records(criteria=("magnitude", "obs"), modes=("oneshot",)):
+        if r["metric"] == "accuracy":
+            recs.append({**r, "metric": "perplexity", "value": 1 / r["value"]})
+    recs += [{**r, "granularity": "2:4"} for r in recs if r["criterion"] != "dense"]
+    names = sorted(p.name for p in accuracy_vs_sparsity(recs, tmp_path) if p.suffix == ".png")
+    assert names == ["perplexity_vs_sparsity_2-4.png", "perplexity_vs_sparsity_element.png"]
+
+
+def test_layerwise_solvers_have_their_own_colours():
+    from saliency.plotting.style import criterion_style
+
+    colours = {c: criterion_style(c)["color"] for c in ("obs", "obc", "sparsegpt", "wanda")}
+    colours["magnitude"] = criterion_style("magnitude")["color"]
+    assert len(set(colours.values())) == len(colours)
