@@ -94,13 +94,12 @@ class OBS:
 
     @property
     def selection_rule(self) -> str:
-        """``selection``, or its default: ``"greedy"`` for the Fisher blocks; ``"single"`` for
-        ``hessian="exact"`` (one block over all weights: the greedy pass would cost
-        ``P^3``) and ``"kfac"`` (where greedy runs on each output row's block of the K-FAC
-        inverse)."""
+        """``selection``, or its default: ``"greedy"`` for the Fisher blocks and K-FAC (there on
+        each output row's block of the K-FAC inverse); ``"single"`` for ``hessian="exact"``
+        (one block over all weights: the greedy pass would cost ``P^3``)."""
         if self.selection is not None:
             return self.selection
-        return "greedy" if self.hessian == "fisher" else "single"
+        return "single" if self.hessian == "exact" else "greedy"
 
     def schedule(self, sparsity: float | None) -> list[float | None]:
         """Round targets ``1 - (1 - s)^(i/k)``, i = 1..k (geometric in density)."""
