@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from saliency.channels import ChannelPad
+
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
 
 
@@ -185,15 +187,14 @@ class BasicBlock(nn.Module):
         self.bn1 = nn.BatchNorm2d(c_out)
         self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(c_out)
-        self.stride, self.pad = stride, c_out - c_in
+        # a module (not F.pad inline) so that channel groups and compact can follow it
+        changes = stride > 1 or c_out != c_in
+        self.shortcut = ChannelPad(c_in, c_out, stride) if changes else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
-        short = x[:, :, :: self.stride, :: self.stride] if self.stride > 1 else x
-        if self.pad:
-            short = F.pad(short, (0, 0, 0, 0, self.pad // 2, self.pad - self.pad // 2))
-        return F.relu(out + short)
+        return F.relu(out + self.shortcut(x))
 
 
 class ResNet(nn.Module):
