@@ -238,14 +238,14 @@ def channel_groups(
         root = group[0].dep.target.module
         roots.append(root)
         # channels that reach the model's output (a node with no consumer) are never removed
-        if any(not item.dep.target.outputs for item in group):
+        if any(not i.dep.target.outputs and DG.is_out_channel_pruning_fn(i.dep.handler)
+               for i in group):  # fmt: skip
             at_output.add(g)
         for item in group:
-            module, handler = item.dep.target.module, item.dep.handler
+            module = item.dep.target.module
             if module not in names:  # DepGraph's own op nodes (add, relu, cat) and bare tensors
                 continue
-            pruner = DG.get_pruner_of_module(module)
-            out_side = pruner is not None and handler == pruner.prune_out_channels
+            out_side = DG.is_out_channel_pruning_fn(item.dep.handler)
             for idx, r in zip(item.idxs, item.root_idxs, strict=True):
                 find((g, r))
                 if isinstance(module, ChannelPad):

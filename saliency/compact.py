@@ -107,7 +107,9 @@ def compact(model: nn.Module, example_inputs, *, check: bool = True) -> nn.Modul
                                     drop).prune()  # fmt: skip
             removed += len(drop)
     if kept_last:
-        log.warning("compact: %d layer(s) had every channel dead; one zero channel kept each", kept_last)
+        log.warning(
+            "compact: %d layer(s) had every channel dead; one zero channel kept each", kept_last
+        )
     owned = torch.cat([u for _, u in groups.dg_units]).unique()
     log.info("compact: removed %d channel(s) of %d units (%d dead)", removed, len(owned), len(dead))
     if check:
