@@ -14,7 +14,7 @@ from pathlib import Path
 
 from saliency.plotting.agreement import agreement, layer_sizes, plot_agreement
 from saliency.plotting.bars import cost, layer_sparsity, plot_cost, plot_layer_sparsity
-from saliency.plotting.curves import accuracy_vs_sparsity, plot_accuracy_vs_sparsity
+from saliency.plotting.curves import accuracy_vs_sparsity, measured, plot_accuracy_vs_sparsity
 from saliency.plotting.loss import loss_prediction, plot_loss_prediction
 from saliency.plotting.style import (
     DOUBLE_COLUMN,
@@ -172,6 +172,8 @@ def _results_dirs(given) -> list[Path]:
 FIGURES = (
     "accuracy_vs_sparsity",
     "accuracy_vs_compression",
+    "accuracy_vs_macs",
+    "accuracy_vs_latency",
     "layer_sparsity",
     "agreement",
     "loss_prediction",
@@ -208,6 +210,19 @@ def _steps(records, dirs, out, *, sparsity, band, usetex, table_sparsities):
         "accuracy_vs_compression": lambda: accuracy_vs_sparsity(
             records, out, stem="accuracy_vs_compression", band=band, xaxis="compression", **kw
         ),
+        **{
+            f"accuracy_vs_{x}": (
+                lambda x=x: (
+                    accuracy_vs_sparsity(
+                        records, out, stem=f"accuracy_vs_{x}", band=band, xaxis=x, **kw
+                    )
+                    if any(measured(r, x) is not None for r in records)
+                    else log.info("accuracy_vs_%s: no compacted-model measurements; skipped", x)
+                    or []
+                )
+            )
+            for x in ("macs", "latency")
+        },
         "layer_sparsity": lambda: layer_sparsity(
             records, out, sparsity=s, layer_sizes=sizes(), **kw
         ),
