@@ -38,17 +38,37 @@ def _call(model: nn.Module, example_inputs):
     return model(example_inputs)
 
 
-def dead_units(model: nn.Module, groups) -> torch.Tensor:
-    """Ids of the units all of whose owned parameters are zero (see the module docstring), less
-    those that reach the model's output."""
+def _units_with(model: nn.Module, groups, zero: bool, weights_only: bool) -> torch.Tensor:
+    """Ids of the units that have, in some owned parameter (weights only: the >= 2-d ones), an
+    entry that is zero (`zero`) or nonzero."""
     params = dict(model.named_parameters())
-    live = set()
+    found = set()
     for name, ids in groups.owned.items():
         p = params[name].detach()
-        nonzero = (p.reshape(len(ids), -1) != 0).any(1).cpu()
-        live.update(ids[nonzero].tolist())
+        if weights_only and p.dim() < 2:
+            continue
+        rows = p.reshape(len(ids), -1) != 0
+        hit = ~rows.any(1) if zero else rows.any(1)
+        found.update(ids[hit.cpu()].tolist())
+    return torch.tensor(sorted(found), dtype=torch.long)
+
+
+def dead_units(model: nn.Module, groups) -> torch.Tensor:
+    """Ids of the units all of whose owned parameters are zero (see the module docstring), less
+    those that reach the model's output. Units with some zero weight rows that are not dead
+    (cut unevenly, or a nonzero bias / BatchNorm shift) are kept, with a warning."""
     every = torch.cat([u for _, u in groups.dg_units]).unique()
-    dead = every[~torch.isin(every, torch.tensor(sorted(live), dtype=torch.long))]
+    dead = every[~torch.isin(every, _units_with(model, groups, zero=False, weights_only=False))]
+    partial = _units_with(model, groups, zero=True, weights_only=True)
+    partial = partial[~torch.isin(partial, dead)]
+    if len(partial):
+        log.warning(
+            "compact: %d channel unit(s) have zero weight rows but are not dead (cut unevenly "
+            "across the layers tied to them, or a nonzero bias or BatchNorm shift makes their "
+            "output a constant): kept. Prune with groups=saliency.channel_groups(...) so that "
+            "units are pruned whole and their biases and BatchNorm zeroed",
+            len(partial),
+        )
     return dead[~torch.isin(dead, groups.outputs)]  # the model's outputs keep their shape
 
 

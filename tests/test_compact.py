@@ -128,7 +128,7 @@ def test_torch_save_round_trip(tmp_path):
     assert [p.shape for p in loaded.parameters()] == [p.shape for p in small.parameters()]
 
 
-def test_uneven_and_constant_channels_are_kept_exactly():
+def test_uneven_and_constant_channels_are_kept_exactly(caplog):
     pytest.importorskip("torch_pruning")
     model, x = _build("resnet20"), _x()
     with torch.no_grad():
@@ -136,6 +136,7 @@ def test_uneven_and_constant_channels_are_kept_exactly():
         model.blocks[1].conv1.weight[5] = 0  # weights zero, but its BatchNorm shift is not
     small = saliency.compact(model, x)
     assert _count(small) == _count(model)
+    assert "2 channel unit(s) have zero weight rows but are not dead" in caplog.text
     with torch.no_grad():
         model.blocks[1].bn1.weight[5] = model.blocks[1].bn1.bias[5] = 0  # now dead
     small = saliency.compact(model, x)
