@@ -10,7 +10,7 @@ ratios to dense (median of `--repeats` forwards of `--batch` inputs on one threa
 compacted interleaved in the same run), test accuracy one-shot, and after fine-tuning the
 *compacted* model (no masks needed: the pruned channels are gone) for `--ft-epochs`.
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_compact.py [--epochs 3] [--ft-epochs 1]
+    OMP_NUM_THREADS=1 python benchmarks/bench_compact.py [--epochs 8] [--ft-epochs 2]
 
 Target (issue 14): at 50%, <= 60% of the parameters and >= 1.4x faster on one thread.
 """
@@ -43,8 +43,8 @@ def n_params(model) -> int:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--epochs", type=int, default=3)
-    ap.add_argument("--ft-epochs", type=int, default=1)
+    ap.add_argument("--epochs", type=int, default=8)
+    ap.add_argument("--ft-epochs", type=int, default=2)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--sparsities", type=float, nargs="+", default=[0.3, 0.5, 0.7])

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -122,17 +121,9 @@ def dependency_graph(model: nn.Module, example_inputs):
             m.training = t
 
 
-@dataclass
-class _Member:
-    """One parameter a unit owns: entries `index` along `dim` belong to channel `channel`."""
-
-    name: str
-    dim: int
-
-
-def _out_params(module: nn.Module, mod_name: str) -> list[_Member]:
-    """The parameters whose entries along a dim are the module's output channels: the rule per
-    layer type (anything else that holds parameters is refused, never guessed)."""
+def _out_params(module: nn.Module, mod_name: str) -> tuple[list[str], list[str]]:
+    """(weights, others): the parameters whose entries along dim 0 are the module's output
+    channels, by layer type (anything else that holds parameters is refused, never guessed)."""
     join = (lambda a: f"{mod_name}.{a}") if mod_name else (lambda a: a)
     if isinstance(module, (*_CONV, nn.Linear)):
         if isinstance(module, _CONV) and 1 < module.groups != module.out_channels:
@@ -141,12 +132,11 @@ def _out_params(module: nn.Module, mod_name: str) -> list[_Member]:
                 "removing channels would change its group sizes; channel groups support dense "
                 "and depthwise convolutions"
             )
-        members = [_Member(join("weight"), 0)]
-        return members + ([_Member(join("bias"), 0)] if module.bias is not None else [])
+        return [join("weight")], [join("bias")] if module.bias is not None else []
     if isinstance(module, _NORM):
-        return [_Member(join(a), 0) for a in ("weight", "bias") if getattr(module, a) is not None]
+        return [], [join(a) for a in ("weight", "bias") if getattr(module, a) is not None]
     if isinstance(module, ChannelPad) or not any(True for _ in module.parameters(recurse=False)):
-        return []
+        return [], []
     raise ValueError(
         f"{mod_name!r} ({type(module).__name__}) holds parameters in a channel group, and "
         "compact does not know which of its entries belong to a channel; supported: Linear, "
@@ -157,14 +147,16 @@ def _out_params(module: nn.Module, mod_name: str) -> list[_Member]:
 class ChannelGroups(Mapping[str, Tensor]):
     """{target name: LongTensor [out channels] of unit ids}: equal ids are tied channels.
 
-    `owned` maps every parameter a unit owns (target rows, biases, BatchNorm weight and bias) to
-    the unit id of each entry along dim 0. `dg_units` lists, per DepGraph group, (root module,
-    unit id of each root channel): what `compact` prunes. `outputs` are the units that reach the
-    model's output (the classes of a head): `compact` never removes them.
+    `owned` maps every parameter a unit owns (Linear / Conv weight rows, biases, BatchNorm
+    weight and bias) to the unit id of each entry along dim 0; `weights` names the Linear / Conv
+    weights among them. `dg_units` lists, per DepGraph group, (root module, unit id of each root
+    channel): what `compact` prunes. `outputs` are the units that reach the model's output (the
+    classes of a head): `compact` never removes them.
     """
 
-    def __init__(self, units, owned, dg_units, outputs):
-        self._units, self.owned, self.dg_units, self.outputs = units, owned, dg_units, outputs
+    def __init__(self, units, owned, weights, dg_units, outputs):
+        self._units, self.owned, self.weights = units, owned, weights
+        self.dg_units, self.outputs = dg_units, outputs
 
     def __getitem__(self, name: str) -> Tensor:
         return self._units[name]
@@ -176,20 +168,21 @@ class ChannelGroups(Mapping[str, Tensor]):
         return len(self._units)
 
     def __repr__(self) -> str:
-        n = len(torch.cat([u for u in self._units.values()]).unique())
+        n = len(torch.cat(list(self._units.values())).unique())
         return f"ChannelGroups({len(self)} tensors, {n} units)"
 
     def pruned_units(self, masks: Mapping[str, Tensor]) -> Tensor:
-        """Ids of the units whose rows are pruned in every target that has them (and that
-        `masks` names); a unit cut unevenly (some rows kept) is not pruned."""
+        """Ids of the units whose rows `masks` prunes in every Linear / Conv weight that has
+        them; a unit cut unevenly, or with rows in a weight `masks` does not name (not a
+        target), is not pruned."""
         alive = set()
-        for name, ids in self._units.items():
+        for name in self.weights:
+            ids = self.owned[name]
             if name in masks:
-                m = masks[name].reshape(len(ids), -1).any(1).cpu()
-                alive.update(ids[m].tolist())
+                alive.update(ids[masks[name].reshape(len(ids), -1).any(1).cpu()].tolist())
             else:
                 alive.update(ids.tolist())
-        every = torch.cat([u for u in self._units.values()]).unique()
+        every = torch.cat([self.owned[n] for n in self.weights]).unique()
         return every[~torch.isin(every, torch.tensor(sorted(alive), dtype=torch.long))]
 
     def owned_masks(self, masks: Mapping[str, Tensor], model: nn.Module) -> Masks:
@@ -232,7 +225,7 @@ def channel_groups(
     owned_at: dict[str, dict[int, tuple[int, int]]] = {}  # param -> {entry: (group, root ch)}
     pad_in: dict[nn.Module, dict[int, tuple[int, int]]] = {}
     pad_out: dict[nn.Module, dict[int, tuple[int, int]]] = {}
-    roots, at_output = [], set()
+    roots, at_output, weights = [], set(), set()
     root_types = (*_CONV, nn.Linear)
     for g, group in enumerate(DG.get_all_groups(root_module_types=root_types)):
         root = group[0].dep.target.module
@@ -251,8 +244,10 @@ def channel_groups(
                 if isinstance(module, ChannelPad):
                     (pad_out if out_side else pad_in).setdefault(module, {})[idx] = (g, r)
                 elif out_side:
-                    for mem in _out_params(module, names[module]):
-                        owned_at.setdefault(mem.name, {})[idx] = (g, r)
+                    w, others = _out_params(module, names[module])
+                    weights.update(w)
+                    for name in (*w, *others):
+                        owned_at.setdefault(name, {})[idx] = (g, r)
     for pad, outs in pad_out.items():  # output channel j carries input channel source[j]
         for j, node in outs.items():
             i = int(pad.source[j])
@@ -283,4 +278,5 @@ def channel_groups(
         dg_units.append((root, ids_g))
         if g in at_output:
             outputs.update(ids_g.tolist())
-    return ChannelGroups(units, owned, dg_units, torch.tensor(sorted(outputs), dtype=torch.long))
+    outputs = torch.tensor(sorted(outputs), dtype=torch.long)
+    return ChannelGroups(units, owned, sorted(weights), dg_units, outputs)

@@ -39,14 +39,14 @@ def _call(model: nn.Module, example_inputs):
 
 
 def _units_with(model: nn.Module, groups, zero: bool, weights_only: bool) -> torch.Tensor:
-    """Ids of the units that have, in some owned parameter (weights only: the >= 2-d ones), an
-    entry that is zero (`zero`) or nonzero."""
+    """Ids of the units that have, in some owned parameter (or only the Linear / Conv weights),
+    an entry that is zero (`zero`) or nonzero."""
     params = dict(model.named_parameters())
     found = set()
     for name, ids in groups.owned.items():
-        p = params[name].detach()
-        if weights_only and p.dim() < 2:
+        if weights_only and name not in groups.weights:
             continue
+        p = params[name].detach()
         rows = p.reshape(len(ids), -1) != 0
         hit = ~rows.any(1) if zero else rows.any(1)
         found.update(ids[hit.cpu()].tolist())

@@ -114,6 +114,22 @@ def test_units_are_pruned_whole_and_owned_parameters_zeroed():
         assert torch.allclose(small(x), model(x), rtol=0, atol=1e-10)
 
 
+def test_a_unit_with_rows_outside_the_targets_is_not_pruned():
+    pytest.importorskip("torch_pruning")
+    model, x = _build("resnet20"), _x()
+    params = saliency.prunable_parameters(model, exclude=["fc.*", "blocks.0.conv2.*"])
+    groups = saliency.channel_groups(model, x, params=params)
+    bn = {k: v.clone() for k, v in model.blocks[0].bn2.state_dict().items()}
+    saliency.prune(model, "magnitude", 0.5, granularity="channel", scope="layer",
+                   params=params, groups=groups)  # fmt: skip
+    # the residual stream keeps blocks.0.conv2's rows: none of its units is pruned, so the
+    # BatchNorm after that (untargeted) conv is left as it was
+    assert all(torch.equal(v, model.blocks[0].bn2.state_dict()[k]) for k, v in bn.items())
+    small = saliency.compact(model, x)
+    with torch.no_grad():
+        assert torch.allclose(small(x), model(x), rtol=0, atol=1e-10)
+
+
 def test_torch_save_round_trip(tmp_path):
     pytest.importorskip("torch_pruning")
     model, x = _build("resnet20"), _x()
