@@ -386,7 +386,7 @@ def cmd_figs(args) -> int:
     for p in paths:
         _print(p)
     _print(f"{len(paths)} file(s) written to {args.out}")
-    if args.x in ("macs", "latency") and not any(f"accuracy_vs_{args.x}" in str(p) for p in paths):
+    if args.x in ("macs", "latency") and not any(f"_vs_{args.x}" in p.name for p in paths):
         print(
             f"saliency figs: error: no record carries the compacted model's {args.x}: run the "
             "sweep at granularity 'channel' with [compact] measure = true",

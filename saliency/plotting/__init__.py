@@ -205,24 +205,19 @@ def _steps(records, dirs, out, *, sparsity, band, usetex, table_sparsities):
             paths += agreement([d / "scores"], out, sparsity=s, stem=stem, **kw)
         return paths
 
+    def measured_curve(x):
+        if not any(measured(r, x) is not None for r in records):
+            log.info("accuracy_vs_%s: no record carries the compacted model's %s; skipped", x, x)
+            return []
+        return accuracy_vs_sparsity(records, out, band=band, xaxis=x, **kw)
+
     return {
         "accuracy_vs_sparsity": lambda: accuracy_vs_sparsity(records, out, band=band, **kw),
         "accuracy_vs_compression": lambda: accuracy_vs_sparsity(
             records, out, band=band, xaxis="compression", **kw
         ),
-        **{
-            f"accuracy_vs_{x}": (
-                lambda x=x: (
-                    accuracy_vs_sparsity(
-                        records, out, stem=f"accuracy_vs_{x}", band=band, xaxis=x, **kw
-                    )
-                    if any(measured(r, x) is not None for r in records)
-                    else log.info("accuracy_vs_%s: no compacted-model measurements; skipped", x)
-                    or []
-                )
-            )
-            for x in ("macs", "latency")
-        },
+        "accuracy_vs_macs": lambda: measured_curve("macs"),
+        "accuracy_vs_latency": lambda: measured_curve("latency"),
         "layer_sparsity": lambda: layer_sparsity(
             records, out, sparsity=s, layer_sizes=sizes(), **kw
         ),
