@@ -239,3 +239,26 @@ def test_structured_obs_matches_least_squares_brute_force():
     best = min(range(3), key=increase.__getitem__)
     assert masks["0.weight"][:, 0].tolist() == [c != best for c in range(3)]
     assert torch.allclose(model[0].weight.detach().reshape(-1), solutions[best], atol=1e-9)
+
+
+def test_structured_obs_under_kfac_matches_the_dense_kfac_inverse():
+    """K-FAC: the channel cost and the joint update over the whole layer equal those computed
+    with the explicit damped Kronecker matrix (row-major weights: H = G (x) A + lambda I)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 3)).double()
+    X, Y = torch.randn(64, 5, dtype=torch.float64), torch.randint(0, 3, (64,))
+    params = {"0.weight": model[0].weight}
+    sc = saliency.score(model, "obs_channel", [(X, Y)], params=params, hessian="kfac")
+    f = sc.extra["obs"].factors["0.weight"]
+    Hinv = torch.linalg.inv(torch.kron(f.G, f.A) + f.damping * torch.eye(20, dtype=torch.float64))
+    w = model[0].weight.detach().reshape(-1).clone()
+    rows = [slice(5 * c, 5 * c + 5) for c in range(4)]
+    cost = torch.stack([0.5 * w[q] @ torch.linalg.solve(Hinv[q, q], w[q]) for q in rows])
+    assert torch.allclose(sc["0.weight"][:, 0].double(), cost, rtol=1e-5)
+    c = int(cost.argmin())
+    masks = saliency.prune(model, "obs_channel", 1 / 4, [(X, Y)], granularity="channel",
+                           params=params, hessian="kfac", keep=False)  # fmt: skip
+    assert masks["0.weight"][:, 0].tolist() == [r != c for r in range(4)]
+    q = rows[c]
+    expected = w - Hinv[:, q] @ torch.linalg.solve(Hinv[q, q], w[q])
+    assert torch.allclose(model[0].weight.detach().reshape(-1), expected, atol=1e-6)

@@ -8,6 +8,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+from saliency import kfac
 from saliency.criteria import Scores, register_criterion
 from saliency.criteria.obs import OBS, _obs_z
 
@@ -32,6 +33,20 @@ def channel_costs(Hinv: Tensor, w: Tensor, channel: Tensor, alive: Tensor, n_cha
     return cost
 
 
+def kfac_channel_costs(f: kfac.KroneckerFactors, w: Tensor, chunk: int = 16) -> Tensor:
+    """``1/2 w_c^T (H^-1[c, c])^-1 w_c`` per output row c of one layer under K-FAC, with the
+    exact row blocks of the damped inverse (`KroneckerFactors.row_inverse`); only the row's
+    nonzero weights count (pruned ones are already gone). Removing row c with the joint update
+    moves every other weight of the layer: the block is the whole layer."""
+    W = w.detach().to(torch.float64).reshape(w.shape[0], -1).cpu()
+    cost = torch.zeros(len(W), dtype=torch.float64)
+    for i in range(0, len(W), chunk):
+        rows = slice(i, min(i + chunk, len(W)))
+        z = _obs_z(f.row_inverse(rows).cpu(), W[rows], W[rows] != 0)
+        cost[rows] = 0.5 * (W[rows] * z).sum(1)
+    return cost
+
+
 @register_criterion
 @dataclass(frozen=True)
 class OBSChannel(OBS):
@@ -39,30 +54,30 @@ class OBSChannel(OBS):
     a Linear / Conv weight) with the joint update ``dw = -H^-1[:, Q] (H^-1[Q, Q])^-1 w_Q`` of the
     rest of its blocks, ``1/2 w_Q^T (H^-1[Q, Q])^-1 w_Q`` summed over the blocks the row
     spans (block-diagonal ``H^-1`` from `OBS`: WoodFisher blocks of `block_size` weights, or the
-    exact Hessian jointly for small models). A row cut by a block boundary is updated within
-    each block (the block-diagonal model); blocks holding several whole rows (``block_size`` a
-    multiple of the row length) let the update move the other channels.
+    exact Hessian jointly for small models), or of the whole layer under K-FAC (``hessian=
+    "kfac"``: ``H ~ A (x) G``, `kfac_channel_costs`, the update solved jointly over the layer).
+    With WoodFisher blocks, a row cut by a block boundary is updated within each block, and a
+    block inside one row has nothing left to move when the row goes: the update compensates
+    only with other rows in the same block (``block_size`` a multiple of the row length, two
+    rows or more), while under K-FAC every other row of the layer moves.
 
     The score of each channel is broadcast over its weights (``channel_reduce = "mean"`` gives
     it back at granularity "channel"; tied channels, `allocate(..., groups=...)`, add their
-    members' costs). `apply_update` is OBS's joint update for the pruned set. ``hessian="kfac"``
-    is refused (no block inverse to condition).
+    members' costs). `apply_update` is OBS's joint update for the pruned set.
     """
 
     name: ClassVar[str] = "obs_channel"
     channel_reduce: ClassVar[str] = "mean"
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.hessian == "kfac":
-            raise ValueError(
-                "obs_channel needs block inverses: hessian 'fisher' or 'exact', not 'kfac'"
-            )
-
     def score(self, model, params, data, loss_fn=None) -> Scores:
         inv = self.inverse(model, params, data, loss_fn)
         scores = Scores()
-        for blk in inv.blocks:
+        if isinstance(inv, kfac.KFAC):
+            for n, p in params.items():
+                cost = kfac_channel_costs(inv.factors[n], p)
+                shape = (-1, *[1] * (p.dim() - 1))
+                scores[n] = cost.view(shape).expand(p.shape).to(torch.float32).to(p.device)
+        for blk in [] if isinstance(inv, kfac.KFAC) else inv.blocks:
             offsets, ids = 0, {}
             for n in blk.names:  # one channel id per output row, across the block's tensors
                 rows = params[n].shape[0]
