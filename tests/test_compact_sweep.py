@@ -31,6 +31,7 @@ def test_measured_sweep_records_and_figures(tmp_path):
     from saliency.plotting import accuracy_vs_sparsity
 
     cfg = cfg_of(granularity="channel", seeds=[0], targets={"keep_output_dense": True},
+                 criteria=["magnitude", "obs_channel"],
                  compact={"measure": True, "repeats": 3, "batch_size": 16})  # fmt: skip
     res = run_sweep(cfg, tmp_path)
     assert not res.failures
@@ -42,6 +43,9 @@ def test_measured_sweep_records_and_figures(tmp_path):
             hidden = round(12 * (1 - r["sparsity_target"]))  # the head is kept dense
             assert r["params"] == 6 * hidden + hidden + hidden * 3 + 3
             assert r["macs"] == 6 * hidden + hidden * 3
+    # structured OBS predicts in loss units: the sum of its pruned channels' costs
+    obs = [r for r in records if r["criterion"] == "obs_channel"]
+    assert obs and all(0 <= r["predicted_loss_increase"] < 10 for r in obs)
     # the fine-tuned model stayed compactable (biases of pruned neurons kept at zero)
     final = [r for r in records if r["mode"] == "finetune" and r["criterion"] != "dense"]
     assert final and all(r["params"] < r["params_dense"] for r in final)
