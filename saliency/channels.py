@@ -104,7 +104,7 @@ def dependency_graph(model: nn.Module, example_inputs):
     `ChannelPad` rule; the model's training mode is restored (tracing sets eval)."""
     try:
         import torch_pruning as tp
-    except ImportError:
+    except ImportError:  # an optional dependency: say how to get it
         raise ImportError(
             "channel groups and compact need the optional torch-pruning package: "
             'pip install "saliency[compact]" (or pip install --no-deps torch-pruning)'
@@ -209,8 +209,6 @@ def channel_groups(
     Raises ValueError for layouts that cannot be removed exactly (grouped convolutions, layers
     with parameters of unknown channel layout in a group).
     """
-    import torch_pruning as tp  # noqa: F401  (dependency_graph says how to install it)
-
     params = dict(params) if params is not None else prunable_parameters(model)
     DG = graph if graph is not None else dependency_graph(model, example_inputs)
     names = {m: n for n, m in model.named_modules()}
