@@ -114,6 +114,21 @@ def test_units_are_pruned_whole_and_owned_parameters_zeroed():
         assert torch.allclose(small(x), model(x), rtol=0, atol=1e-10)
 
 
+def test_depthwise_and_concat_ties():
+    pytest.importorskip("torch_pruning")
+    model, x = _build("mobilenet_small"), _x()
+    g = saliency.channel_groups(model, x)
+    # a depthwise conv's channels are its input's: one unit with the pointwise conv before it
+    assert torch.equal(g["features.block3.dw.weight"], g["features.block2.pw.weight"])
+    assert not set(g["features.block3.pw.weight"].tolist()) & set(
+        g["features.block3.dw.weight"].tolist()
+    )
+    concat = _build("concat")
+    g = saliency.channel_groups(concat, x)  # branches of a concatenation stay separate units
+    assert not set(g["a.weight"].tolist()) & set(g["b.weight"].tolist())
+    assert g.owned["bn.weight"].tolist() == [*g["a.weight"].tolist(), *g["b.weight"].tolist()]
+
+
 def test_a_unit_with_rows_outside_the_targets_is_not_pruned():
     pytest.importorskip("torch_pruning")
     model, x = _build("resnet20"), _x()
