@@ -62,7 +62,10 @@ def _log_or_symlog(ax, axis: str, values: np.ndarray) -> None:
     v = values[np.isfinite(values)]
     if v.size and (v <= 0).any():
         pos = np.abs(v[v != 0])
-        lin = 10 ** math.floor(math.log10(pos.min())) if pos.size else 1e-3
+        # linear within 6 decades of the largest value: a handful of ~1e-20 predictions (dead
+        # inputs) would otherwise stretch the axis over 20 empty decades
+        low = max(pos.min(), 1e-6 * pos.max()) if pos.size else 1e-3
+        lin = 10 ** math.floor(math.log10(low))
         (ax.set_yscale if axis == "y" else ax.set_xscale)("symlog", linthresh=lin)
         fmt = FuncFormatter(lambda x, _: f"{x:g}")
         (ax.yaxis if axis == "y" else ax.xaxis).set_major_formatter(fmt)
@@ -172,7 +175,7 @@ def plot_loss_prediction(
                 label="+ first-order term g·Δw",
             )  # fmt: skip
         )
-    fig.legend(handles=proxies, loc="outside lower center", ncol=len(proxies))
+    fig.legend(handles=proxies, loc="outside lower center", ncol=math.ceil(len(proxies) / 2))
     return fig
 
 
