@@ -1,0 +1,47 @@
+"""Data-parallel scoring: 2 gloo processes on the CPU, each with a shard of the batches, against
+one process reading all of them (float64, 1e-10). The checks run in the ranks
+(``dist_workers``); a failing rank fails the spawn, with its message."""
+
+from __future__ import annotations
+
+import dist_workers
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from saliency import distributed as D
+
+pytestmark = pytest.mark.skipif(
+    not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed gloo"
+)
+
+
+def _spawn(fn_name: str, world: int = 2) -> None:
+    mp.spawn(
+        dist_workers.entry, args=(world, dist_workers.free_port(), fn_name), nprocs=world, join=True
+    )
+
+
+def test_every_criterion_matches_one_process_on_unequal_shards():
+    _spawn("match_one_process")
+
+
+def test_random_estimators_combine_rank_seeded_draws():
+    _spawn("random_estimators")
+
+
+def test_empty_shard_off_switch_and_refusals():
+    _spawn("refusals")
+
+
+def test_without_a_group_nothing_is_combined():
+    assert D.world() is None and D.group_size() == 1
+    t = torch.arange(3.0)
+    assert D.all_reduce_sum(t) is t
+    assert D.sum_counts(3, 4) == (3, 4)
+    assert D.rank_seed(7) == 7 and D.rank_seed(7, 1) != 7
+    assert D.shares(10, 4) == [(0, 2), (2, 5), (5, 7), (7, 10)]
+    with pytest.raises(TypeError, match="True, False or None"):
+        with D.enabled("no"):
+            pass
