@@ -290,3 +290,46 @@ def raise_together(error: Exception | None) -> None:
     if error is not None and r == w[0]:
         raise error
     raise ValueError(f"rank {r} of {w[1]} failed: {messages[r]}")
+
+
+# ----------------------------------------------------------------------------- sweeps under torchrun
+
+
+def is_writer() -> bool:
+    """Does this process write files? Rank 0 of a group, or a process without one: under
+    ``torchrun`` every rank runs a sweep unit, only rank 0 records it."""
+    return group_size() < 2 or dist.get_rank() == 0
+
+
+def init_from_env() -> bool:
+    """Join the process group ``torchrun`` describes (``WORLD_SIZE`` > 1 in the environment),
+    NCCL on the rank's own GPU (``LOCAL_RANK``) where CUDA is available, gloo otherwise; True
+    if this process is now in a group of several ranks."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        return group_size() > 1
+    if not dist.is_initialized():
+        cuda = torch.cuda.is_available()
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return group_size() > 1
+
+
+def broadcast_object(obj, src: int = 0):
+    """``obj`` (picklable) as rank ``src`` holds it; itself without a group."""
+    if group_size() < 2:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def broadcast_module(module: torch.nn.Module, src: int = 0) -> None:
+    """Every parameter and buffer of ``module`` set to rank ``src``'s, in place."""
+    if group_size() < 2:
+        return
+    with torch.no_grad():
+        for t in module.state_dict().values():
+            t.copy_(broadcast(t, src))

@@ -294,3 +294,20 @@ def refusals(rank: int, world: int) -> None:
     with pytest.raises(ValueError, match="ddp_model.module"):
         saliency.score(ddp, "magnitude")
     assert math.isfinite(t.bytes)
+
+
+def sweep_entry(rank: int, world: int, port: int, cfg_path: str, out: str) -> None:
+    """A rank of ``torchrun -m saliency run cfg`` (the environment torchrun would set)."""
+    import os
+
+    from saliency.sweep.config import load_config
+    from saliency.sweep.runner import run_sweep
+
+    torch.set_num_threads(1)
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
+    try:
+        run_sweep(load_config(cfg_path), out)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from sweep_fixtures import clean_zoo  # noqa: F401  (autouse)
 
 from saliency import distributed as D
 
@@ -45,3 +46,26 @@ def test_without_a_group_nothing_is_combined():
     with pytest.raises(TypeError, match="True, False or None"):
         with D.enabled("no"):
             pass
+
+
+def test_a_sweep_under_torchrun_records_once_what_one_process_records(tmp_path):
+    from sweep_fixtures import TINY, write_config
+
+    from saliency.sweep.config import load_config
+    from saliency.sweep.records import clean, iter_records
+    from saliency.sweep.runner import run_sweep
+
+    text = (TINY.replace("seeds = [0, 1]", "seeds = [0]").replace("[0.5, 0.9]", "[0.5]")
+            .replace('["oneshot", "finetune"]', '["oneshot"]').replace('"random"', '"obd"'))  # fmt: skip
+    cfg = write_config(tmp_path, text)
+    run_sweep(load_config(cfg), tmp_path / "one")
+    mp.spawn(dist_workers.sweep_entry, nprocs=2, join=True,
+             args=(2, dist_workers.free_port(), str(cfg), str(tmp_path / "two")))  # fmt: skip
+    one = list(iter_records(tmp_path / "one" / "tiny"))
+    two = list(iter_records(tmp_path / "two" / "tiny"))
+    assert len(two) == len(clean(two)) == len(one)  # rank 0 wrote each record, once
+    key = lambda r: (r["run_id"], r["phase"], r["metric"], r.get("split"))
+    values = {key(r): r["value"] for r in one if r["metric"] not in ("seconds", "score_seconds")}
+    for r in two:
+        if key(r) in values:
+            assert r["value"] == pytest.approx(values[key(r)], rel=1e-5), key(r)

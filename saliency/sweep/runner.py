@@ -15,6 +15,7 @@ the workers at once and raises `SweepInterrupted` with what was recorded.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing as mp
 import os
@@ -28,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from saliency import distributed
 from saliency.sweep.config import SweepConfig
 from saliency.sweep.jobs import Job, Unit, cache_path, dense_budget, run_job, unit_run_id
 from saliency.sweep.records import (
@@ -195,19 +197,26 @@ def run_sweep(
         raise ValueError(f"executor must be 'local' or 'submitit'; got {executor!r}")
     if not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers must be a positive int; got {workers!r}")
+    ranks = distributed.init_from_env()
+    if ranks and (workers > 1 or executor != "local"):
+        raise ValueError(
+            "under torchrun every rank runs each unit in turn (scoring shared out among the "
+            f"ranks): use workers=1 and executor='local'; got {workers=}, {executor=!r}"
+        )
     _preflight(cfg)
     out = Path(out_root) / cfg.name
     jobs = plan(cfg)
     all_units = {u.run_id for j in jobs for u in j.units}
     threads = _threads(workers, executor)
-    records = clean(iter_records(out))
+    # under torchrun all ranks must run the same jobs: rank 0's reading of the records decides
+    records = distributed.broadcast_object(clean(iter_records(out)))
     done = {r["run_id"] for r in records if r.get("run_id") is not None}
     result = SweepResult(out, len(all_units), len(all_units & done))
     result.notes = _resume_notes(records, all_units, threads)
-    pending = _pending(cfg, out, jobs, done)
+    pending = distributed.broadcast_object(_pending(cfg, out, jobs, done))
     if not pending:  # nothing to write: works in a read-only directory
         return result
-    with _locked(out):
+    with _locked(out) if distributed.is_writer() else contextlib.nullcontext():
         _remove_stale_tmp(out)
         atomic_write(out / "config.json", lambda tmp: tmp.write_text(_config_json(cfg)))
         _execute(
@@ -230,7 +239,7 @@ def _execute(
     cfg, out, pending, done, result, workers, threads, executor, progress, on_error, cluster
 ) -> None:
     start = time.perf_counter()
-    bar = _bar(result.units - result.skipped, progress)
+    bar = _bar(result.units - result.skipped, progress and distributed.is_writer())
     show = _show(bar)
     try:
         dense = [j for j in pending if j.kind == "dense"]
@@ -333,6 +342,8 @@ class _locked:
 
 def _remove_stale_tmp(out: Path) -> None:
     """Temporary files of writes that died (a killed run); none can be in progress under the lock."""
+    if not distributed.is_writer():
+        return
     for p in out.rglob("*.tmp"):
         if "submitit" not in p.parts:
             p.unlink(missing_ok=True)
