@@ -132,7 +132,8 @@ def all_reduce_many(tensors: Sequence[Tensor]) -> list[Tensor]:
     out: list[Tensor | None] = [None] * len(tensors)
     for dtype in dict.fromkeys(t.dtype for t in tensors):
         idx = [i for i, t in enumerate(tensors) if t.dtype == dtype]
-        flat = all_reduce_sum(torch.cat([tensors[i].detach().reshape(-1).cpu() for i in idx]))
+        dev = tensors[idx[0]].device
+        flat = all_reduce_sum(torch.cat([tensors[i].detach().reshape(-1).to(dev) for i in idx]))
         for i, part in zip(idx, flat.split([tensors[i].numel() for i in idx]), strict=True):
             out[i] = part.view(tensors[i].shape).to(tensors[i].device)
     return out
@@ -183,8 +184,8 @@ def check_nonempty(has_samples: bool) -> None:
     if empty:
         raise ValueError(
             f"rank(s) {empty} of {w[1]} read no samples: with torch.distributed every rank must "
-            "hold a non-empty shard (e.g. DistributedSampler with drop_last=False), or pass "
-            "distributed=False to score each rank's data alone"
+            "hold a non-empty shard, each sample on one rank (e.g. Subset(data, range(rank, "
+            "len(data), world))), or pass distributed=False to score each rank's data alone"
         )
 
 

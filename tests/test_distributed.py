@@ -56,7 +56,7 @@ def test_a_sweep_under_torchrun_records_once_what_one_process_records(tmp_path):
     from saliency.sweep.runner import run_sweep
 
     text = (TINY.replace("seeds = [0, 1]", "seeds = [0]").replace("[0.5, 0.9]", "[0.5]")
-            .replace('["oneshot", "finetune"]', '["oneshot"]').replace('"random"', '"obd"'))  # fmt: skip
+            .replace('["oneshot", "finetune"]', '["oneshot"]').replace('"random"', '"obd"').replace('"magnitude"', '"obs"'))  # fmt: skip
     cfg = write_config(tmp_path, text)
     run_sweep(load_config(cfg), tmp_path / "one")
     mp.spawn(dist_workers.sweep_entry, nprocs=2, join=True,
@@ -69,3 +69,14 @@ def test_a_sweep_under_torchrun_records_once_what_one_process_records(tmp_path):
     for r in two:
         if key(r) in values:
             assert r["value"] == pytest.approx(values[key(r)], rel=1e-5), key(r)
+
+
+def test_a_sweep_under_torchrun_refuses_per_rank_sample_limits(tmp_path):
+    from sweep_fixtures import TINY, write_config
+
+    from saliency.sweep.config import ConfigError, load_config
+    from saliency.sweep.runner import _check_torchrun
+
+    text = TINY.replace('["magnitude", "random"]', '["magnitude", {name = "obd", n_samples = 32}]')
+    with pytest.raises(ConfigError, match="n_samples=32, n_batches=None of the 64"):
+        _check_torchrun(load_config(write_config(tmp_path, text)))

@@ -204,6 +204,8 @@ def run_sweep(
             f"ranks): use workers=1 and executor='local'; got {workers=}, {executor=!r}"
         )
     _preflight(cfg)
+    if ranks:
+        _check_torchrun(cfg)
     out = Path(out_root) / cfg.name
     jobs = plan(cfg)
     all_units = {u.run_id for j in jobs for u in j.units}
@@ -347,6 +349,26 @@ def _remove_stale_tmp(out: Path) -> None:
     for p in out.rglob("*.tmp"):
         if "submitit" not in p.parts:
             p.unlink(missing_ok=True)
+
+
+def _check_torchrun(cfg: SweepConfig) -> None:
+    """Under torchrun each rank scores whole batches of the scoring data; a criterion that reads
+    fewer samples (or batches) than the scoring data holds would read a different subset than
+    one process does: refused, so records never silently depend on the number of ranks."""
+    from saliency.sweep.config import ConfigError
+    from saliency.sweep.jobs import build_criterion
+
+    cap = cfg.scoring["n_samples"]
+    for spec in cfg.criteria:
+        crit = build_criterion(spec, cfg.seeds[0], cfg.granularity)
+        n, nb = getattr(crit, "n_samples", None), getattr(crit, "n_batches", None)
+        if nb is not None or (n is not None and (cap is None or n < cap)):
+            raise ConfigError(
+                f"sweep {cfg.name!r} under torchrun: criterion {spec.label!r} reads "
+                f"n_samples={n}, n_batches={nb} of the {cap or 'all'} scoring samples, and these "
+                "limits apply per rank. Set its n_samples to None (or >= [scoring] n_samples) and "
+                "n_batches to None, and choose the amount with [scoring] n_samples"
+            )
 
 
 def _preflight(cfg: SweepConfig) -> None:

@@ -199,9 +199,11 @@ def scoring_data(cfg: SweepConfig, seed: int) -> DataLoader:
     x, y = dataset(cfg).train.tensors[:2]
     g = torch.Generator().manual_seed(seed)
     idx = torch.randperm(len(x), generator=g)[: cfg.scoring["n_samples"] or len(x)]
-    if distributed.world() is not None:  # torchrun: each rank scores its contiguous share
-        rank, size = distributed.world()
-        idx = idx.tensor_split(size)[rank]
+    if distributed.world() is not None:  # torchrun: each rank scores a contiguous run of the
+        rank, size = distributed.world()  # very batches one process would read
+        chunks = idx.split(cfg.scoring["batch_size"])
+        lo, hi = distributed.shares(len(chunks))[rank]
+        idx = torch.cat(chunks[lo:hi]) if hi > lo else idx[:0]
     return DataLoader(TensorDataset(x[idx], y[idx]), batch_size=cfg.scoring["batch_size"])
 
 
