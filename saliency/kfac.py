@@ -92,6 +92,13 @@ class KroneckerFactors:
         M = 1.0 / self._eig()
         return ((self.UG**2) @ M @ (self.UA**2).T).reshape(self.shape)
 
+    def row_inverse(self, rows: slice) -> Tensor:
+        """The diagonal blocks of ``(A (x) G + lambda I)^-1`` for ``rows`` of the weight,
+        ``[r, in, in]``: block j is ``U_A diag(c_j) U_A^T`` with ``c = (U_G^2) / (s_G s_A^T +
+        lambda)`` summed over G's eigenvectors; exact sub-blocks of the K-FAC inverse."""
+        c = (self.UG[rows] ** 2) @ (1.0 / self._eig())  # [r, in]
+        return (self.UA[None] * c[:, None, :]) @ self.UA.T[None]
+
     def _eig(self) -> Tensor:
         e = torch.outer(self.sG, self.sA) + self.damping
         if bool((e <= 0).any()):

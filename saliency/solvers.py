@@ -188,7 +188,7 @@ def _greedy(W, Hinv, steps, alive, nm, record):
         W -= f[:, None] * hq
         W[rows[active], q[active]] = 0.0
         g = torch.where(active, 1.0 / dq, 0.0)
-        Hi -= (g[:, None, None] * hq[:, :, None]) * hq[:, None, :]
+        Hi.baddbmm_(hq[:, :, None], (g[:, None] * hq)[:, None, :], alpha=-1.0)  # in place
         Hi[rows[active], q[active], q[active]] = 1.0  # a pruned weight keeps a harmless diagonal
         pruned[rows[active], q[active]] = True
         if record:
@@ -212,14 +212,14 @@ def obc(
     each step; the ``round(sparsity * numel)`` smallest increments of the layer give each row
     its count (rows holding older zeros keep at least those), and a second pass prunes each
     row to its count. N:M: one pass, M - N per group. Rows run in batches of ``rows_per_batch``
-    (each holds its own ``[d, d]`` inverse; default: about 256 MB of them)."""
+    (each holds its own ``[d, d]`` inverse; default: about 32 MB of them)."""
     sparsity, nm = pattern
     rows, d = W.shape
     Hinv = inverse(damped(H, damp))
     W = W.detach().to(torch.float64)
     alive = torch.ones_like(W, dtype=torch.bool) if alive is None else alive.to(W.device)
     dead = (~alive).long()
-    b = rows_per_batch or max(1, (256 << 20) // (8 * d * d))
+    b = rows_per_batch or max(1, (32 << 20) // (8 * d * d))
     batches = [slice(i, min(i + b, rows)) for i in range(0, rows, b)]
     if nm is not None:
         n, m = nm

@@ -87,6 +87,29 @@ def test_inverse_diagonal_matvec_and_update_match_the_explicit_kronecker_matrix(
     dw = -Hinv[:, Q] @ torch.linalg.solve(Hinv[Q][:, Q], w.reshape(-1)[Q])
     want = (w.reshape(-1) + dw).reshape(3, 5)
     torch.testing.assert_close(kfac.masked_solve(f, w, keep), want * keep)
+    # each output row's diagonal block of the inverse (greedy selection runs on these)
+    blocks = torch.stack([Hinv[5 * j : 5 * j + 5, 5 * j : 5 * j + 5] for j in range(3)])
+    torch.testing.assert_close(f.row_inverse(slice(0, 3)), blocks)
+    torch.testing.assert_close(f.row_inverse(slice(1, 2)), blocks[1:2])
+
+
+def test_kfac_greedy_selection_runs_greedy_on_the_row_blocks_of_its_inverse():
+    from saliency.criteria.obs import OBS, greedy_scores
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+    data = [(torch.randn(40, 6), torch.randint(0, 3, (40,)))]
+    params = saliency.prunable_parameters(model)
+    crit = OBS(hessian="kfac", selection="greedy")
+    scores = saliency.score(model, crit, data=data)
+    for n, p in params.items():
+        f = scores.extra["obs"].factors[n]
+        w = p.detach().double()
+        Hinv = torch.linalg.inv(torch.kron(f.G, f.A) + f.damping * torch.eye(w.numel()))
+        d = w.shape[1]
+        blocks = torch.stack([Hinv[d * j : d * j + d, d * j : d * j + d] for j in range(len(w))])
+        want = greedy_scores(blocks, w, torch.ones_like(w, dtype=torch.bool))
+        torch.testing.assert_close(scores[n].double(), want, rtol=1e-5, atol=1e-9)
 
 
 @pytest.mark.parametrize("fisher", ["empirical", "true"])

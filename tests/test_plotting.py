@@ -346,6 +346,20 @@ def test_loss_prediction_lines(results):
     pred = dict(zip(*lines["obd predicted"].get_data(), strict=True))
     full = dict(zip(*lines["obd predicted + first order"].get_data(), strict=True))
     assert full[0.5] == pytest.approx(pred[0.5] + 0.01)
+    # OBS with its joint and one-weight predictions recorded: "predicted" is the one-weight sum,
+    # a joint line is added, and the first-order term is added to the joint prediction
+    for r in recs:
+        if r["criterion"] == "obs" and r.get("predicted_loss_increase") is not None:
+            r["predicted_single"] = 2 * r["predicted_loss_increase"]
+            r["predicted_joint"] = 0.5 * r["predicted_loss_increase"]
+    fig = plot_loss_prediction(recs, dense)
+    lines = {ln.get_label(): ln for ln in fig.axes[0].get_lines()}
+    assert "obs predicted jointly" in lines and "obd predicted jointly" not in lines
+    joint = dict(zip(*lines["obs predicted jointly"].get_data(), strict=True))
+    single = dict(zip(*lines["obs predicted"].get_data(), strict=True))
+    full = dict(zip(*lines["obs predicted + first order"].get_data(), strict=True))
+    assert single[0.5] == pytest.approx(4 * joint[0.5])
+    assert full[0.5] == pytest.approx(joint[0.5] + 0.01)
 
 
 def test_cost_dots(results):
@@ -498,3 +512,25 @@ def test_usetex_is_opt_in():
 
     assert rc_params()["text.usetex"] is False and rc_params(usetex=True)["text.usetex"] is True
     assert rc_params()["pdf.fonttype"] == 42  # TrueType in PDFs, not Type 3
+
+
+def test_file_names_follow_the_metric_and_carry_no_colon(tmp_path):
+    """A language model's curve is named after its metric; an N:M setting gives a file name
+    without ':' (not allowed on Windows)."""
+    from saliency.plotting import accuracy_vs_sparsity
+
+    recs = []
+    for r in make_records(criteria=("magnitude", "obs"), modes=("oneshot",)):
+        if r["metric"] == "accuracy":
+            recs.append({**r, "metric": "perplexity", "value": 1 / r["value"]})
+    recs += [{**r, "granularity": "2:4"} for r in recs if r["criterion"] != "dense"]
+    names = sorted(p.name for p in accuracy_vs_sparsity(recs, tmp_path) if p.suffix == ".png")
+    assert names == ["perplexity_vs_sparsity_2-4.png", "perplexity_vs_sparsity_element.png"]
+
+
+def test_layerwise_solvers_have_their_own_colours():
+    from saliency.plotting.style import criterion_style
+
+    colours = {c: criterion_style(c)["color"] for c in ("obs", "obc", "sparsegpt", "wanda")}
+    colours["magnitude"] = criterion_style("magnitude")["color"]
+    assert len(set(colours.values())) == len(colours)

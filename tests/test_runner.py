@@ -57,6 +57,8 @@ SCHEMA = {
     "score_backward_passes",
     "predicted_loss_increase",
     "predicted_first_order",
+    "predicted_joint",
+    "predicted_single",
     "time",
     "saliency_version",
     "label",
@@ -440,3 +442,28 @@ def test_report_keeps_granularities_apart():
     assert (
         "| wanda | 7 ± 1.4 |" in text and "### oneshot, 2:4" in text and "| wanda | 9 ± 0 |" in text
     )
+
+
+def test_obs_records_carry_joint_and_single_predictions(tmp_path):
+    """OBS records hold the joint quadratic 1/2 w_Q^T (Hinv_QQ)^-1 w_Q and the one-weight sum,
+    recomputed here from OBS's own inverse on the dense model; OBD records neither."""
+    from saliency.criteria.obs import OBS, predicted_increase
+    from saliency.sweep.units import scoring_data, targets
+
+    obs = {"name": "obs", "n_samples": 64, "block_size": 16}
+    cfg = cfg_of(criteria=[obs, {"name": "obd", "n_samples": 64}], sparsities=[0.5, 0.8],
+                 modes=["oneshot"], seeds=[0])  # fmt: skip
+    run_sweep(cfg, tmp_path)
+    records = [r for r in read_records(tmp_path / "tiny") if r["phase"] == "pruned"]
+    dense = saliency.sweep.jobs.dense_model(cfg, tmp_path / "tiny", 0)
+    crit = OBS(n_samples=64, block_size=16)
+    scores = saliency.score(dense, crit, data=scoring_data(cfg, 0), params=targets(cfg, dense))
+    for r in records:
+        if r["criterion"] == "obd":
+            assert r["predicted_joint"] is None and r["predicted_single"] is None
+            continue
+        masks = saliency.allocate(scores, r["sparsity_target"])
+        want = predicted_increase(scores.extra["obs"], targets(cfg, dense), masks)
+        assert r["predicted_joint"] == pytest.approx(want["joint"], rel=1e-4)
+        assert r["predicted_single"] == pytest.approx(want["single"], rel=1e-4)
+        assert r["predicted_joint"] > 0 and r["predicted_single"] > 0

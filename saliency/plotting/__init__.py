@@ -206,7 +206,7 @@ def _steps(records, dirs, out, *, sparsity, band, usetex, table_sparsities):
     return {
         "accuracy_vs_sparsity": lambda: accuracy_vs_sparsity(records, out, band=band, **kw),
         "accuracy_vs_compression": lambda: accuracy_vs_sparsity(
-            records, out, stem="accuracy_vs_compression", band=band, xaxis="compression", **kw
+            records, out, band=band, xaxis="compression", **kw
         ),
         "layer_sparsity": lambda: layer_sparsity(
             records, out, sparsity=s, layer_sizes=sizes(), **kw

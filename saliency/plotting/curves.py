@@ -222,14 +222,16 @@ def accuracy_vs_sparsity(
     records: Sequence[dict],
     out_dir: str | os.PathLike,
     *,
-    stem: str = "accuracy_vs_sparsity",
+    stem: str | None = None,
     metric: str | None = None,
     band: str = "std",
     xaxis: str = "sparsity",
     width: str | float | None = None,
     usetex: bool = False,
 ) -> list[Path]:
-    """Write figure 1 (PNG 200 dpi + PDF + caption .txt) per setting; return the paths written."""
+    """Write figure 1 (PNG 200 dpi + PDF + caption .txt) per setting; return the paths written.
+    Files are named after the metric drawn (`perplexity_vs_sparsity*` for a language model)
+    unless `stem` is given."""
     paths: list[Path] = []
     with paper_style(usetex=usetex):
         for suffix, recs, dense, config in D.split_settings(records):
@@ -240,7 +242,6 @@ def accuracy_vs_sparsity(
             if fig is None:
                 continue
             D.config_title(fig, config)
-            paths += save_figure(
-                fig, out_dir, stem + suffix, caption=caption(recs, band, m, xaxis, config)
-            )
+            name = (stem or f"{m}_vs_{xaxis}") + suffix
+            paths += save_figure(fig, out_dir, name, caption=caption(recs, band, m, xaxis, config))
     return paths

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 
@@ -105,6 +106,7 @@ def split_settings(records: Sequence[dict]) -> list[tuple[str, list[dict], list[
                 if r.get("criterion") == "dense" and (r.get("dataset"), r.get("model")) == k[:2]
             ]
             suffix = config_slug(config) + "".join(f"_{k[i]}" for i in varying)
+            suffix = re.sub(r"[^A-Za-z0-9._-]", "-", suffix)  # "2:4" is no file name on Windows
             out.append((suffix, pruned[k], dense, config))
     return out
 

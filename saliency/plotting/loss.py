@@ -27,8 +27,10 @@ def measured_metric(records: Sequence[dict]) -> str:
 
 
 def _measured_increase(records: Sequence[dict], dense: Sequence[dict]):
-    """[(record, predicted, measured, predicted + first-order term or NaN)] from 'pruned' records of the loss the prediction is
-    about: 'scoring_loss' (training loss on the scoring samples) where recorded, else the test
+    """[(record, predicted, joint or NaN, measured, best + first-order term or NaN)] from 'pruned'
+    records. `predicted` is the one-weight sum (OBS's `predicted_single`, else the sum of the
+    pruned scores), `joint` OBS's joint quadratic, `best` the joint one where recorded. The loss
+    is the one the prediction is about: 'scoring_loss' (training loss on the scoring samples) where recorded, else the test
     'loss', or 'mse' for a regression sweep (its loss is the MSE)."""
     metric = measured_metric(records)
     dense_loss = defaultdict(list)
@@ -45,11 +47,13 @@ def _measured_increase(records: Sequence[dict], dense: Sequence[dict]):
             and dense_loss.get(r.get("seed"))
         ):
             base = float(np.mean(dense_loss[r["seed"]]))
+            single = r.get("predicted_single")
+            single = float(single if D.finite(single) else r["predicted_loss_increase"])
+            joint = float(r["predicted_joint"]) if D.finite(r.get("predicted_joint")) else math.nan
             first = r.get("predicted_first_order")
-            full = (
-                float(r["predicted_loss_increase"]) + float(first) if D.finite(first) else math.nan
-            )
-            out.append((r, float(r["predicted_loss_increase"]), float(r["value"]) - base, full))
+            best = joint if math.isfinite(joint) else single
+            full = best + float(first) if D.finite(first) else math.nan
+            out.append((r, single, joint, float(r["value"]) - base, full))
     return out
 
 
@@ -87,21 +91,25 @@ def plot_loss_prediction(
     left, right = axes[0]
     allv = []
     groups = D.series([t[0] for t in rows])
-    with_first = any(math.isfinite(t[3]) for t in rows)
+    with_first = any(math.isfinite(t[4]) for t in rows)
+    with_joint = any(math.isfinite(t[2]) for t in rows)
     for label, rs, st in groups.values():
         ids = {id(r) for r in rs}
-        pts = defaultdict(lambda: ([], [], []))
-        for r, p, m, f in rows:
+        pts = defaultdict(lambda: ([], [], [], []))
+        for r, p, j, m, f in rows:
             if id(r) in ids:
                 at = pts[round(float(r["sparsity_target"]), 6)]
-                at[0].append(p)
-                at[1].append(m)
-                at[2].append(f)
+                for k, v in enumerate((p, m, f, j)):
+                    at[k].append(v)
         s = np.array(sorted(pts))
-        pm = np.array([np.mean(pts[x][0]) for x in s])
-        mm = np.array([np.mean(pts[x][1]) for x in s])
-        fm = np.array([np.mean(pts[x][2]) for x in s])
+        pm, mm, fm, jm = (np.array([np.mean(pts[x][k]) for x in s]) for k in range(4))
         allv += [pm, mm]
+        if np.isfinite(jm).any():
+            allv.append(jm)
+            left.plot(s, jm, label=f"{label} predicted jointly", color=st["color"],
+                      marker=st["marker"], linestyle="-.", fillstyle="top")  # fmt: skip
+            right.plot(jm, mm, color=st["color"], marker=st["marker"], linestyle="none",
+                       fillstyle="top")  # fmt: skip
         if with_first and np.isfinite(fm).any():
             allv.append(fm)
             left.plot(s, fm, label=f"{label} predicted + first order", color=st["color"],
@@ -138,8 +146,20 @@ def plot_loss_prediction(
     ]
     proxies += [
         Line2D([], [], color="k", ls="-", label="measured"),
-        Line2D([], [], color="k", ls="--", label="predicted (sum of pruned scores)"),
+        Line2D([], [], color="k", ls="--", label="predicted, one weight at a time"),
     ]
+    if with_joint:
+        proxies.append(
+            Line2D(
+                [],
+                [],
+                color="k",
+                ls="-.",
+                marker="o",
+                fillstyle="top",
+                label="predicted jointly (OBS)",
+            )  # fmt: skip
+        )
     if with_first:
         proxies.append(
             Line2D(
@@ -158,11 +178,15 @@ def plot_loss_prediction(
 
 LOSS_CAPTION = (
     "Predicted vs measured loss increase after one-shot pruning, for criteria whose scores are "
-    "predicted loss increases (OBD, OBS). Predicted: the sum of the scores of the pruned weights "
-    "(quadratic model; for multi-round pruning, summed over rounds). Measured: loss right "
+    "predicted loss increases (OBD, OBS). Predicted, dashed: the quadratic model one weight at a "
+    "time, sum_q w_q^2 / (2 [H^-1]_qq) for OBS (for OBD the sum of the pruned scores). Dash-dot, "
+    "half-filled (OBS): the joint prediction 1/2 w_Q^T ([H^-1]_QQ)^-1 w_Q of removing the pruned "
+    "set Q together with its weight update, per block (for multi-round pruning, both are summed "
+    "over rounds). Measured: loss right "
     "after pruning minus the dense loss of the same seed, on the training samples the criterion "
     "scored with (the data of the prediction; the y label says test set for older records). "
-    "Dotted, hollow: the prediction plus the first-order term g . (w_pruned - w_dense), the "
+    "Dotted, hollow: the joint prediction (else the one-weight one) plus the first-order term "
+    "g . (w_pruned - w_dense), the "
     "gradient of that loss at the dense model, which OBD and OBS assume to be zero. "
     "Mean over seeds; log scale "
     "(symmetric log when a measured increase is not positive). Points above y = x: the "

@@ -32,6 +32,9 @@ _KNOWN: dict[str, tuple[str, str, str]] = {
     "taylor_weight": ("#56B4E9", "<", "-."),
     "grasp": ("#882255", ">", "-."),
     "synflow": ("#332288", "P", ":"),
+    "wanda": ("#999933", "X", "-."),
+    "sparsegpt": ("#117733", "*", "-"),
+    "obc": ("#661100", "h", "-"),
 }
 # legend order: real criteria first, then the two references
 ORDER = (
@@ -43,6 +46,9 @@ ORDER = (
     "taylor_weight",
     "grasp",
     "synflow",
+    "obc",
+    "sparsegpt",
+    "wanda",
     "random",
     "dense",
 )

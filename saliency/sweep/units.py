@@ -236,8 +236,10 @@ def hparams_of(crit) -> dict[str, Any]:
 def prune_with_cost(cfg, model, crit, sparsity, data, loss_fn, *, current=None, scores=None):
     """Score -> allocate -> update -> apply over the criterion's rounds (or with given `scores`).
 
-    Returns (masks, cost summed over rounds, predicted loss increase or None). The predicted
-    increase of `loss_units` criteria sums, round by round, the scores of the newly pruned entries.
+    Returns (masks, cost summed over rounds, predictions or None). For `loss_units` criteria the
+    predictions are {"scores": the scores of the newly pruned entries, summed round by round},
+    plus what the criterion's own `loss_predictions(weights, masks, scores)` gives (OBS: the
+    "joint" quadratic 1/2 w_Q^T (Hinv_QQ)^-1 w_Q and the "single" one-weight sum), also per round.
     """
     params = targets(cfg, model)
     if is_solver(crit):  # OBC, SparseGPT, Wanda: masks and updates solved on `data`, no scores
@@ -248,10 +250,12 @@ def prune_with_cost(cfg, model, crit, sparsity, data, loss_fn, *, current=None, 
     rounds = crit.schedule(sparsity) if callable(getattr(crit, "schedule", None)) else [sparsity]
     if scores is not None:
         rounds = [sparsity]
-    total, predicted, masks = Cost(backward_passes=0), 0.0, current
+    total, predicted, masks = Cost(backward_passes=0), {"scores": 0.0}, current
     for s in rounds:
         sc = scores if scores is not None else score(model, crit, data, loss_fn, params=params)
         before = masks
+        own = getattr(crit, "loss_predictions", None)
+        scored = {n: p.detach().clone() for n, p in params.items()} if callable(own) else None
         masks = prune_step(
             model,
             crit,
@@ -267,7 +271,10 @@ def prune_with_cost(cfg, model, crit, sparsity, data, loss_fn, *, current=None, 
             total.add(sc.cost)
         for n, keep in masks.items():
             new = ~keep if before is None else before[n] & ~keep
-            predicted += float(sc[n][new.to(sc[n].device)].double().sum())
+            predicted["scores"] += float(sc[n][new.to(sc[n].device)].double().sum())
+        if scored is not None:
+            for k, v in own(scored, masks, sc).items():
+                predicted[k] = predicted.get(k, 0.0) + v
     if masks is None:  # an empty schedule: nothing pruned
         masks = Masks.ones_like(params)
     if scores is not None:
@@ -336,7 +343,7 @@ def make_records(
     phases: dict[str, dict],
     *,
     cost: Cost | None,
-    predicted: float | None,
+    predicted: dict[str, float] | None,
     first_order: float | None = None,
 ) -> list[dict[str, Any]]:
     """The tidy records of one unit (one per phase and metric), per /work/notes/records.md."""
@@ -376,7 +383,9 @@ def make_records(
         "score_seconds": cost.seconds if cost else None,
         "score_samples": cost.samples if cost else None,
         "score_backward_passes": cost.backward_passes if cost else None,
-        "predicted_loss_increase": predicted,
+        "predicted_loss_increase": predicted["scores"] if predicted else None,
+        "predicted_joint": predicted.get("joint") if predicted else None,
+        "predicted_single": predicted.get("single") if predicted else None,
         "predicted_first_order": first_order,
         "settings": settings_of(cfg, job, unit),
         "threads": torch.get_num_threads(),  # changes losses in the last digits
