@@ -10,7 +10,9 @@ combined across ranks (``saliency.distributed``). Per criterion and world size:
 - peak MB: the largest rise of a rank's resident set (``VmHWM`` after resetting it through
   ``/proc/self/clear_refs``, minus ``VmRSS`` before) during one scoring pass; ratio to one rank
   ("-" where one rank's rise is under 1 MB: the allocator's reuse, not the criterion, decides).
-- comm: bytes this rank passed to collectives in one pass (``distributed.count_traffic``).
+- Hinv MB: the OBS block inverse a rank keeps in ``scores.extra`` (its share of the blocks).
+- comm: bytes this rank passed to collectives in one pass (``distributed.count_traffic``), and
+  how many collective calls.
 
 Each rank runs one thread. On a machine with fewer cores than ranks (4 ranks on 2 cores) the
 ranks share cores: times then show the oversubscription, not the scaling.
@@ -41,6 +43,7 @@ CRITERIA = [
     ("obd ggn", "obd", {"hessian": "ggn", "backend": "torch"}),
     ("obd kfac", "obd", {"hessian": "kfac"}),
     ("obs fisher B=128", "obs", {"block_size": 128}),
+    ("obs fisher B=512", "obs", {"block_size": 512}),
     ("snip", "snip", {}),
     ("taylor_weight", "taylor_weight", {}),
     ("sparsegpt (score)", "sparsegpt", {}),
@@ -91,11 +94,13 @@ def rank_main(rank: int, world: int, port: int, args, out: str) -> None:
                 dist.barrier()
             with D.count_traffic() as traffic:
                 t = time.perf_counter()
-                _, peak = _peak(lambda name=name, hp=hp: saliency.score(model, name, shard, **hp))
+                s, peak = _peak(lambda name=name, hp=hp: saliency.score(model, name, shard, **hp))
                 times.append(time.perf_counter() - t)
             peaks.append(peak)
+        inv = s.extra.get("obs")  # the block inverse this rank keeps (its share when sharded)
+        kept = sum(b.Hinv.numel() * b.Hinv.element_size() for b in getattr(inv, "blocks", []))
         rows.append({"label": label, "seconds": statistics.median(times), "peak": max(peaks),
-                     "bytes": traffic.bytes, "calls": traffic.calls})  # fmt: skip
+                     "bytes": traffic.bytes, "calls": traffic.calls, "kept": kept})  # fmt: skip
     gathered = [rows]
     if world > 1:
         gathered = [None] * world
@@ -131,17 +136,19 @@ def main() -> None:
     results = {w: run(w, args) for w in args.ranks}
     base = {r["label"]: r for r in results[args.ranks[0]][0]}
     print(f"{'criterion':<20} {'ranks':>5} {'seconds':>8} {'x 1 rank':>8} {'peak MB':>8} "
-          f"{'x 1 rank':>8} {'comm/rank':>10} {'collectives':>11}")  # fmt: skip
+          f"{'x 1 rank':>8} {'Hinv MB':>8} {'comm/rank':>10} {'collectives':>11}")  # fmt: skip
     for label, _, _ in CRITERIA:
         for w, per_rank in results.items():
             rows = [next(r for r in rank_rows if r["label"] == label) for rank_rows in per_rank]
             sec = max(r["seconds"] for r in rows)
             peak = max(r["peak"] for r in rows)
             comm = max(r["bytes"] for r in rows)
+            kept = max(r["kept"] for r in rows)
+            kept = f"{kept / 2**20:>8.1f}" if kept else f"{'-':>8}"
             b = base[label]
             ratio = f"{peak / b['peak']:>8.2f}" if b["peak"] >= 2**20 else f"{'-':>8}"
             print(f"{label:<20} {w:>5} {sec:>8.3f} {sec / b['seconds']:>8.2f} "
-                  f"{peak / 2**20:>8.1f} {ratio} "
+                  f"{peak / 2**20:>8.1f} {ratio} {kept} "
                   f"{comm / 2**10:>8.1f}kB {max(r['calls'] for r in rows):>11}")  # fmt: skip
 
 

@@ -189,7 +189,16 @@ def check_nonempty(has_samples: bool) -> None:
         )
 
 
-def check_replicated(tensors: Mapping[str, Tensor], what: str = "model") -> None:
+_SAME_MODEL = (
+    "every rank must hold the same weights (and attached masks) before scoring, e.g. broadcast "
+    "them from rank 0 as DistributedDataParallel does; or pass distributed=False to score each "
+    "rank's own model"
+)
+
+
+def check_replicated(
+    tensors: Mapping[str, Tensor], what: str = "the model", hint: str = _SAME_MODEL
+) -> None:
     """Refuse, on every rank, tensors that differ between ranks (compared through their float64
     sums and sums of squares): combined statistics of different models mean nothing."""
     w = world()
@@ -213,11 +222,9 @@ def check_replicated(tensors: Mapping[str, Tensor], what: str = "model") -> None
         first = names[int(differ.nonzero()[0, 0]) // 2] if bool(differ.any()) else None
         ranks = [r for r, b in enumerate(bad.tolist()) if b]
         raise ValueError(
-            f"the {what} differs between ranks {ranks} and rank 0"
+            f"{what}: rank(s) {ranks} hold other values than rank 0"
             + (f" (first at {first!r})" if first else "")
-            + ": every rank must hold the same weights (and attached masks) before scoring, e.g. "
-            "broadcast them from rank 0 as DistributedDataParallel does; or pass "
-            "distributed=False to score each rank's own model"
+            + f": {hint}"
         )
 
 

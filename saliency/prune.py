@@ -111,6 +111,14 @@ def _score(model, criterion, data, loss_fn, params, hparams) -> Scores:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     _check_scores(raw, params, crit)
+    if _distributed.world() is not None:  # a criterion that scored its own shard alone
+        name = getattr(crit, "name", type(crit).__name__)
+        _distributed.check_replicated(
+            raw, f"scores of criterion {name!r}",
+            "the criterion does not combine its statistics across ranks (a criterion of your "
+            "own: sum them with saliency.distributed.all_reduce_dict and sum_counts, see "
+            "docs/distributed.md), or pass distributed=False to score each rank alone",
+        )  # fmt: skip
     scores = raw if isinstance(raw, Scores) else Scores(raw)
     scores.cost.seconds = seconds
     if cuda:

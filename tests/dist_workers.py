@@ -239,6 +239,16 @@ def random_estimators(rank: int, world: int) -> None:
     assert not failures, f"rank {rank}:\n" + "\n".join(failures)
 
 
+class LocalSum:
+    """A user's criterion that sums over its own shard only."""
+
+    name = "local_sum"
+
+    def score(self, model, params, data, loss_fn=None):
+        total = sum(float(x.sum()) for x, _ in data)
+        return {n: p.detach().abs() * total for n, p in params.items()}
+
+
 DATA_CRITERIA = [
     ("obd", {"hessian": "fisher"}),
     ("obd", {"hessian": "kfac"}),
@@ -286,8 +296,10 @@ def refusals(rank: int, world: int) -> None:
     if rank == 1:
         with torch.no_grad():
             other[0].weight[0, 0] += 1e-9
-    with pytest.raises(ValueError, match=r"differs between ranks \[1\]"):
+    with pytest.raises(ValueError, match=r"the model: rank\(s\) \[1\] hold other values"):
         saliency.score(other, "magnitude")
+    with pytest.raises(ValueError, match="does not combine its statistics across ranks"):
+        saliency.score(model, LocalSum(), own)  # a criterion of one's own that forgot to
     with pytest.raises(ValueError, match="woodbury"):
         saliency.score(model, "obs", own, method="woodbury")
     ddp = nn.parallel.DistributedDataParallel(copy.deepcopy(model))
