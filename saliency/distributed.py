@@ -99,7 +99,8 @@ def _wire(t: Tensor) -> Tensor:
     device; gloo: the CPU), counted in the traffic; bool travels as uint8."""
     dev = torch.device("cuda", torch.cuda.current_device()) if _nccl() else torch.device("cpu")
     out = t.detach().to(device=dev, dtype=torch.uint8 if t.dtype == torch.bool else t.dtype)
-    out = out.clone() if out.data_ptr() == t.data_ptr() else out.contiguous()
+    same = out.data_ptr() == t.data_ptr()  # never reduce into the caller's tensor
+    out = out.clone(memory_format=torch.contiguous_format) if same else out.contiguous()
     tr = _TRAFFIC.get()
     if tr is not None:
         tr.bytes += out.numel() * out.element_size()
