@@ -47,6 +47,7 @@ VARIANTS = {
     "greedy, 4000 samples": ("obs", {"selection": "greedy", "n_samples": 4000}),
     "single, 4000 samples": ("obs", {"selection": "single", "n_samples": 4000}),
     "kfac obs": ("obs", {"hessian": "kfac"}),
+    "kfac obs, single": ("obs", {"hessian": "kfac", "selection": "single"}),
     "kfac obs, 4000 samples": ("obs", {"hessian": "kfac", "n_samples": 4000}),
 }
 

@@ -5,7 +5,9 @@ score -> allocate -> (update) -> apply; `saliency.prune` does all four in one ca
 
 from saliency.allocate import allocate
 from saliency.apply import attach, attached_masks, from_torch_prune, remove, to_torch_prune
+from saliency.channels import ChannelGroups, ChannelPad, channel_groups
 from saliency.checkpoint import load_checkpoint, save_checkpoint
+from saliency.compact import CompactError, compact
 from saliency.criteria import (
     Cost,
     Scores,
@@ -23,6 +25,9 @@ from saliency.targets import prunable_parameters
 __version__ = "0.1.0"
 
 __all__ = [
+    "ChannelGroups",
+    "ChannelPad",
+    "CompactError",
     "ConstantSparsity",
     "Cost",
     "CriterionContractError",
@@ -36,7 +41,9 @@ __all__ = [
     "attach",
     "attached_masks",
     "available_criteria",
+    "channel_groups",
     "check_criterion",
+    "compact",
     "describe_criteria",
     "from_torch_prune",
     "get_criterion",

@@ -308,6 +308,81 @@ def _check_channel_layout(layout: Mapping[str, tuple[int, int]], scores) -> None
             )
 
 
+def _tied_sets(groups: Mapping[str, Tensor], scores, layout) -> list[list[str]]:
+    """The sets of tensors of `scores` that share unit ids in `groups` (connected components,
+    two or more tensors each); refuses ids that do not fit their tensor."""
+    named = [n for n in scores if n in groups]
+    for n in named:
+        ids, shape = groups[n], tuple(scores[n].shape)
+        if not isinstance(ids, Tensor) or ids.dim() != 1 or ids.is_floating_point():
+            raise ValueError(
+                f"groups[{n!r}] must be a 1-D integer tensor of unit ids per output channel"
+            )
+        if layout.get(n, (0, 1)) != (0, 1) or not shape or len(ids) != shape[0]:
+            raise ValueError(
+                f"groups[{n!r}] has {len(ids)} unit ids but {n!r} (shape {shape}) has "
+                f"{shape[0] if shape else 0} output channels along dim 0; channel groups tie "
+                "output channels of Linear and Conv weights ([out, ...])"
+            )
+    parent = {n: n for n in named}
+
+    def find(n):
+        while parent[n] != n:
+            n = parent[n]
+        return n
+
+    owner: dict[int, str] = {}
+    for n in named:
+        for uid in groups[n].unique().tolist():
+            if uid in owner:
+                parent[find(n)] = find(owner[uid])
+            owner.setdefault(uid, n)
+    sets: dict[str, list[str]] = {}
+    for n in named:
+        sets.setdefault(find(n), []).append(n)
+    return [members for members in sets.values() if len(members) > 1]
+
+
+def _merge(
+    layers: dict[str, _Layer], groups, how: str, min_layer_channels: int
+) -> tuple[_Layer, dict[str, Tensor]]:
+    """One pseudo-layer whose groups are the units: member channel scores combined (l2 -> L2 of
+    the members' L2s, max -> max, sum and mean -> sum: each member's channel score is its part
+    of the unit's), sizes and zeros added; a unit may go if every member's cap allows it, and
+    the guard protects each member's `min_layer_channels` highest-scoring live units (so it
+    acts only when a member would keep fewer, as for a single tensor)."""
+    names = list(layers)
+    cat = torch.cat([groups[n].cpu().long() for n in names])
+    uniq, inverse = torch.unique(cat, return_inverse=True)
+    local = dict(zip(names, inverse.split([len(groups[n]) for n in names]), strict=True))
+    u = len(uniq)
+
+    def add(values):
+        return torch.zeros(u, dtype=values.dtype).index_add_(0, inverse, values)
+
+    def combine(values, op):
+        start = torch.full((u,), -math.inf if op == "amax" else 1, dtype=values.dtype)
+        return start.scatter_reduce(0, inverse, values, op)
+
+    sc = torch.cat([layers[n].scores.cpu() for n in names])
+    if how == "l2":
+        g_scores = add(sc * sc).sqrt()
+    elif how == "max":
+        g_scores = combine(sc, "amax")
+    else:
+        g_scores = add(sc)
+    sizes = add(torch.cat([layers[n].sizes.cpu() for n in names]))
+    before = add(torch.cat([layers[n].before.cpu() for n in names]))
+    cap = combine(torch.cat([layers[n].cap.cpu().long() for n in names]), "amin").bool()
+    guard = torch.ones(u, dtype=torch.bool)
+    for n in names if min_layer_channels else []:
+        ids = local[n].unique()
+        ids = ids[sizes[ids] > before[ids]]  # live units
+        order = torch.sort(g_scores[ids], stable=True).indices
+        guard[ids[order[len(ids) - min(min_layer_channels, len(ids)) :]]] = False
+    return _Layer(None, g_scores, sizes, before, cap, guard, None), local
+
+
 def allocate(
     scores: Mapping[str, Tensor],
     sparsity: float | None,
@@ -322,6 +397,7 @@ def allocate(
     max_layer_sparsity: float | None = None,
     min_layer_channels: int = 1,
     channel_layout: Mapping[str, tuple[int, int]] | None = None,
+    groups: Mapping[str, Tensor] | None = None,
 ) -> Masks:
     """Masks pruning the lowest-scoring fraction `sparsity` of the target set (higher score = keep).
 
@@ -346,6 +422,14 @@ def allocate(
     channel_layout: {name: (dim, groups)} for tensors whose output channels run along dim 1
     in `groups` blocks of dim 0 (ConvTranspose weights [in, out/groups, *k]: (1, groups));
     `saliency.prune` derives it from the module types (`targets.channel_layout`).
+    groups: at granularity "channel", {name: unit id per output channel} (`saliency.
+    channel_groups(model, example_inputs)`): channels with equal ids across tensors (a residual
+    addition's inputs, a depthwise convolution and the layer before it) are one unit, pruned
+    together or not at all, with the score of its members' channel scores combined (`reduce`
+    "l2": the L2 over the members; "sum" and "mean": the sum of the members' channel scores;
+    "max": the max). The tied tensors form one layer for `scope="layer"`, for
+    `min_layer_channels` and `max_layer_sparsity` (a unit may go only if every member allows
+    it); `layer_sparsity` may not name them. Tensors it does not name are not tied.
     """
     _check_scores(scores, current)
     nm, how = check_allocation(sparsity, scope, granularity, reduce, block, pooling)
@@ -370,6 +454,19 @@ def allocate(
     unknown = sorted(set(overrides) - set(scores))
     if unknown:
         raise ValueError(f"layer_sparsity names unknown tensors {unknown}; known: {list(scores)}")
+    tied_sets: list[list[str]] = []
+    if groups is not None:
+        if granularity != "channel":
+            raise ValueError(
+                f"groups tie output channels: they need granularity 'channel', not {granularity!r}"
+            )
+        tied_sets = _tied_sets(groups, scores, layout)
+        tied = {n for members in tied_sets for n in members}
+        if tied & set(overrides):
+            raise ValueError(
+                f"layer_sparsity names tensors tied by groups {sorted(set(tied) & set(overrides))}: "
+                "tied tensors are pruned by unit, together"
+            )
 
     layers = {
         name: _layer(
@@ -385,6 +482,12 @@ def allocate(
         )
         for name, s in scores.items()
     }
+    members: dict[str, dict[str, Tensor]] = {}  # pseudo-layer -> {tensor: unit per channel}
+    for names in tied_sets:
+        key = f"<tied: {names[0]} and {len(names) - 1} more>"
+        layers[key], members[key] = _merge(
+            {n: layers.pop(n) for n in names}, groups, how, min_layer_channels
+        )
 
     def select(names: list[str], target_sparsity: float) -> dict[str, Tensor]:
         cat = [layers[n] for n in names]
@@ -429,6 +532,13 @@ def allocate(
             )
         out = {}
         for n, t, a, b in zip(names, cat, bounds, bounds[1:], strict=False):
+            if n in members:  # tied tensors keep the channels of the units kept
+                for m, local in members[n].items():
+                    s_m = scores[m]
+                    keep = ~pruned[a:b][local].to(s_m.device)
+                    keep = keep.view(-1, *[1] * (s_m.dim() - 1)).expand(s_m.shape).clone()
+                    out[m] = keep & current[m].to(s_m.device) if current is not None else keep
+                continue
             p = pruned[a:b].to(t.s.device)
             keep = ~(p.view(t.s.shape) if t.idx is None else p[t.idx])
             if current is not None:
@@ -439,7 +549,7 @@ def allocate(
     result: dict[str, Tensor] = {}
     for name, s_layer in overrides.items():
         result.update(select([name], check_sparsity(s_layer, f"layer_sparsity[{name!r}]")))
-    rest = [n for n in scores if n not in overrides]
+    rest = [n for n in layers if n not in overrides]
     if rest:
         if scope == "global":
             result.update(select(rest, sparsity))

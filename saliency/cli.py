@@ -4,7 +4,7 @@ saliency demo [--out DIR] [--workers N]
 saliency run CONFIG [--workers N] [--set key=value ...] [--out DIR] [--executor submitit]
 saliency criteria | models | datasets
 saliency report RESULTS... [--metric accuracy]
-saliency figs RESULTS... --out DIR
+saliency figs RESULTS... --out DIR [--x sparsity|compression|macs|latency]
 
 Exit status: 0 done, 1 a failure (one line on stderr saying why; --debug shows the traceback),
 2 a bad config or argument, 130 interrupted (Ctrl-C; what was recorded is kept).
@@ -98,6 +98,14 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         metavar="NAME",
         help="only this figure (repeatable), e.g. accuracy_vs_sparsity, table",
+    )
+    figs.add_argument(
+        "--x",
+        choices=("sparsity", "compression", "macs", "latency"),
+        default=None,
+        help="build the accuracy figure against this x-axis (with --only: in addition); macs "
+        "and latency are the compacted model's, relative to dense (channel sweeps run with "
+        "[compact] measure = true)",
     )
     return p
 
@@ -363,8 +371,11 @@ def cmd_report(args) -> int:
 def cmd_figs(args) -> int:
     from saliency.plotting import FigureError, build_all
 
+    only = args.only
+    if args.x is not None:
+        only = [*(only or []), f"accuracy_vs_{args.x}"]
     try:
-        paths = build_all(args.results, args.out, only=args.only, on_error="raise")
+        paths = build_all(args.results, args.out, only=only, on_error="raise")
     except FigureError as err:
         for p in err.paths:
             _print(p)
@@ -375,4 +386,11 @@ def cmd_figs(args) -> int:
     for p in paths:
         _print(p)
     _print(f"{len(paths)} file(s) written to {args.out}")
+    if args.x in ("macs", "latency") and not any(f"_vs_{args.x}" in p.name for p in paths):
+        print(
+            f"saliency figs: error: no record carries the compacted model's {args.x}: run the "
+            "sweep at granularity 'channel' with [compact] measure = true",
+            file=sys.stderr,
+        )
+        return 2
     return 0

@@ -271,6 +271,12 @@ def assemble(part: Tensor, lo: int, total: int) -> Tensor:
     return _back(buf, full)
 
 
+def sum_shards(t: Tensor) -> Tensor:
+    """``t`` summed over ranks, each holding its part of a sum over sharded blocks (needs the
+    process group whatever ``local()`` says, as ``assemble``)."""
+    return assemble(t[None], 0, 1)[0]
+
+
 def broadcast(t: Tensor, src: int) -> Tensor:
     """``t`` as rank ``src`` holds it (a new tensor on every rank)."""
     if group_size() < 2:

@@ -33,6 +33,7 @@ ALLOCATE_KWARGS = (
     "layer_sparsity",
     "max_layer_sparsity",
     "min_layer_channels",
+    "groups",
 )
 
 
@@ -189,7 +190,18 @@ def prune_step(
     if callable(getattr(crit, "apply_update", None)):
         crit.apply_update(model, params, masks, scores)
     masks.apply(model)
+    owned = owned_masks(model, masks, allocate_kwargs.get("groups"))
+    if owned is not None:  # biases and BatchNorm of pruned units: their outputs become exactly 0
+        owned.apply(model)
     return masks
+
+
+def owned_masks(model: nn.Module, masks: Masks, groups) -> Masks | None:
+    """The masks of what pruned channel units own besides the targets (biases, BatchNorm weight
+    and bias), for `groups` from `saliency.channel_groups`; None for plain unit-id mappings."""
+    if groups is None or not callable(getattr(groups, "owned_masks", None)):
+        return None
+    return groups.owned_masks(masks, model)
 
 
 def prune(
@@ -218,9 +230,13 @@ def prune(
     scoring cost of every round (seconds, samples, backward passes). Keyword arguments named like `allocate`'s
     (reduce, block, pooling, layer_sparsity, max_layer_sparsity, min_layer_channels) go there;
     the rest are the criterion's hyperparameters. Channel granularity keeps at least one output
-    channel per layer unless `min_layer_channels=0` (see `allocate`). Under torch.distributed
-    the masks and updated weights come out the same on every rank (`score`; OBS blocks and
-    layer-wise solves are shared out among ranks); ``distributed=False`` prunes each rank alone.
+    channel per layer unless `min_layer_channels=0` (see `allocate`). With
+    `groups=saliency.channel_groups(model, example_inputs)` tied channels (residual additions,
+    depthwise convolutions) are pruned together, and the biases and BatchNorm weight and bias
+    of pruned channels are zeroed and kept zero too, so that `saliency.compact` can remove
+    them with the outputs unchanged. Under torch.distributed the masks and updated weights come
+    out the same on every rank (`score`; OBS blocks and layer-wise solves are shared out among
+    ranks); ``distributed=False`` prunes each rank alone.
     """
     with _distributed.enabled(distributed):
         return _prune(model, criterion, sparsity, data, loss_fn, scope, granularity, params,
@@ -261,8 +277,10 @@ def _prune(model, criterion, sparsity, data, loss_fn, scope, granularity, params
             **alloc,
         )
     if keep:
-        # masks attached earlier on tensors outside this call's targets stay in force
-        attach(model, Masks({**(attached or {}), **masks}), optimizer=optimizer)
+        # masks attached earlier on tensors outside this call's targets stay in force; the
+        # biases and BatchNorm of pruned channel units stay zero too (`groups`)
+        owned = owned_masks(model, masks, alloc.get("groups")) or {}
+        attach(model, Masks({**(attached or {}), **masks, **owned}), optimizer=optimizer)
     elif optimizer is not None:
         clear_optimizer_state(optimizer, model, masks)
     return masks

@@ -134,7 +134,7 @@ def test_kfac_obs_and_obd_scores_and_their_joint_prediction():
     torch.manual_seed(0)
     model = Net().eval()
     x, y = torch.randn(16, 2, 4, 4), torch.randint(0, 4, (16,))
-    s = saliency.score(model, "obs", [(x, y)], hessian="kfac")
+    s = saliency.score(model, "obs", [(x, y)], hessian="kfac", selection="single")
     K = s.extra["obs"]
     for n, p in saliency.prunable_parameters(model).items():
         want = p.detach() ** 2 / (2 * K.factors[n].inv_diag())

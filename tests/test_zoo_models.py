@@ -13,6 +13,8 @@ SHAPES = {
     "cnn_small": (1, 28, 28),
     "regression_mlp": (10,),
     "resnet20": (3, 32, 32),
+    "vgg_small": (3, 32, 32),
+    "mobilenet_small": (3, 32, 32),
     "mnist1d_mlp": (1, 40),
     "mnist1d_cnn": (1, 40),
 }

@@ -282,7 +282,8 @@ def _patches(m, a):
 def kfac(model, params, x, y, loss, ref):
     """K-FAC factors A = (1/N) sum_n (1/T) sum_t a a^T, G = (1/N) sum_n sum_t g g^T of the
     prunable weights, from a loop over samples (layer input and d l_n / d output by hooks),
-    and OBS's K-FAC saliency w^2 / (2 [(A (x) G + lambda I)^-1]_qq) from them."""
+    and OBS's K-FAC saliency w^2 / (2 [(A (x) G + lambda I)^-1]_qq) from them, and its greedy
+    scores on each output row's block of that explicit inverse."""
     from saliency import kfac as K
 
     ps = {n: p for n, p in saliency.prunable_parameters(model).items() if n in params}
@@ -309,14 +310,23 @@ def kfac(model, params, x, y, loss, ref):
                     a, g = _patches(m, a), g[0].reshape(m.out_channels, -1).T
                 A[n] = A[n] + a.T @ a / len(a) / len(x)
                 G[n] = G[n] + g.T @ g / len(x)
-    scores = saliency.score(model, "obs", [(x, y)], loss, params=ps, hessian="kfac")
+    from saliency.criteria.obs import greedy_scores
+
+    kw = {"params": ps, "hessian": "kfac"}
+    single = saliency.score(model, "obs", [(x, y)], loss, selection="single", **kw)
+    greedy = saliency.score(model, "obs", [(x, y)], loss, **kw)  # default: greedy per row
     for n, p in ps.items():
         _close(got.factors[n].A, A[n])
         _close(got.factors[n].G, G[n])
         lam = 1e-2 * float(torch.diagonal(A[n]).mean() * torch.diagonal(G[n]).mean())
         H = torch.kron(G[n], A[n]) + lam * torch.eye(A[n].shape[0] * G[n].shape[0])
-        d = torch.diagonal(torch.linalg.inv(H)).view_as(p)
-        _close(scores[n], p.detach() ** 2 / (2 * d), 1e-6)
+        Hinv = torch.linalg.inv(H)
+        d = torch.diagonal(Hinv).view_as(p)
+        _close(single[n], p.detach() ** 2 / (2 * d), 1e-6)
+        w, k = p.detach().reshape(len(G[n]), -1).double(), len(A[n])
+        blocks = torch.stack([Hinv[k * j : k * j + k, k * j : k * j + k] for j in range(len(w))])
+        want = greedy_scores(blocks, w, w != 0).view_as(p)
+        _close(greedy[n], want, 1e-5)
 
 
 ESTIMATORS = [

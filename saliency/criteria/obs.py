@@ -94,13 +94,12 @@ class OBS:
 
     @property
     def selection_rule(self) -> str:
-        """``selection``, or its default: ``"greedy"`` for the Fisher blocks; ``"single"`` for
-        ``hessian="exact"`` (one block over all weights: the greedy pass would cost
-        ``P^3``) and ``"kfac"`` (where greedy runs on each output row's block of the K-FAC
-        inverse)."""
+        """``selection``, or its default: ``"greedy"`` for the Fisher blocks and K-FAC (there on
+        each output row's block of the K-FAC inverse); ``"single"`` for ``hessian="exact"``
+        (one block over all weights: the greedy pass would cost ``P^3``)."""
         if self.selection is not None:
             return self.selection
-        return "greedy" if self.hessian == "fisher" else "single"
+        return "single" if self.hessian == "exact" else "greedy"
 
     def schedule(self, sparsity: float | None) -> list[float | None]:
         """Round targets ``1 - (1 - s)^(i/k)``, i = 1..k (geometric in density)."""
@@ -299,7 +298,7 @@ def predicted_increase(inv, params, masks) -> dict[str, float]:
         else:
             joint, single = joint + float(part[0]), single + float(part[1])
     if any(blk.sharded for blk in inv.blocks):
-        shared = distributed.assemble(shared[None], 0, 1)[0]
+        shared = distributed.sum_shards(shared)
         joint, single = joint + float(shared[0]), single + float(shared[1])
     return {"joint": joint, "single": single}
 

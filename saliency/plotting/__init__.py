@@ -14,7 +14,7 @@ from pathlib import Path
 
 from saliency.plotting.agreement import agreement, layer_sizes, plot_agreement
 from saliency.plotting.bars import cost, layer_sparsity, plot_cost, plot_layer_sparsity
-from saliency.plotting.curves import accuracy_vs_sparsity, plot_accuracy_vs_sparsity
+from saliency.plotting.curves import accuracy_vs_sparsity, measured, plot_accuracy_vs_sparsity
 from saliency.plotting.loss import loss_prediction, plot_loss_prediction
 from saliency.plotting.style import (
     DOUBLE_COLUMN,
@@ -172,6 +172,8 @@ def _results_dirs(given) -> list[Path]:
 FIGURES = (
     "accuracy_vs_sparsity",
     "accuracy_vs_compression",
+    "accuracy_vs_macs",
+    "accuracy_vs_latency",
     "layer_sparsity",
     "agreement",
     "loss_prediction",
@@ -203,11 +205,19 @@ def _steps(records, dirs, out, *, sparsity, band, usetex, table_sparsities):
             paths += agreement([d / "scores"], out, sparsity=s, stem=stem, **kw)
         return paths
 
+    def measured_curve(x):
+        if not any(measured(r, x) is not None for r in records):
+            log.info("accuracy_vs_%s: no record carries the compacted model's %s; skipped", x, x)
+            return []
+        return accuracy_vs_sparsity(records, out, band=band, xaxis=x, **kw)
+
     return {
         "accuracy_vs_sparsity": lambda: accuracy_vs_sparsity(records, out, band=band, **kw),
         "accuracy_vs_compression": lambda: accuracy_vs_sparsity(
             records, out, band=band, xaxis="compression", **kw
         ),
+        "accuracy_vs_macs": lambda: measured_curve("macs"),
+        "accuracy_vs_latency": lambda: measured_curve("latency"),
         "layer_sparsity": lambda: layer_sparsity(
             records, out, sparsity=s, layer_sizes=sizes(), **kw
         ),

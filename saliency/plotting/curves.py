@@ -1,5 +1,6 @@
 """Figure 1: metric vs sparsity per criterion (mean over seeds with a band), dense baseline,
-one panel per mode; against sparsity or the compression ratio 1/(1-s)."""
+one panel per mode; against sparsity, the compression ratio 1/(1-s), or (channel sweeps with
+`[compact] measure = true`) the MACs or CPU latency of the compacted model relative to dense."""
 
 from __future__ import annotations
 
@@ -22,10 +23,31 @@ from saliency.plotting.style import (
 )
 
 log = logging.getLogger(__name__)
-XAXES = ("sparsity", "compression")
+XAXES = ("sparsity", "compression", "macs", "latency")
+# x-axes measured on the compacted model (records of sweeps with `[compact] measure = true`)
+MEASURED = {
+    "macs": "MACs after compaction (fraction of dense)",
+    "latency": "CPU latency after compaction (fraction of dense)",
+}
 
 
-def _x(s: np.ndarray, xaxis: str) -> np.ndarray:
+def measured(r: dict, xaxis: str) -> float | None:
+    """A record's MACs or latency as a fraction of the dense model's, or None if not recorded."""
+    if xaxis == "macs" and D.finite(r.get("macs")) and D.finite(r.get("macs_dense")):
+        return r["macs"] / r["macs_dense"]
+    if xaxis == "latency" and D.finite(r.get("latency_ratio")):
+        return r["latency_ratio"]
+    return None
+
+
+def _x(s: np.ndarray, xaxis: str, records: Sequence[dict] = ()) -> np.ndarray:
+    """x of each sparsity target: itself, 1/(1-s), or the mean measured fraction over seeds."""
+    if xaxis in MEASURED:
+        at = {}
+        for r in records:
+            if D.finite(r.get("sparsity_target")) and measured(r, xaxis) is not None:
+                at.setdefault(round(float(r["sparsity_target"]), 6), []).append(measured(r, xaxis))
+        return np.array([np.mean(at.get(round(float(t), 6), [np.nan])) for t in s])
     return 1.0 / (1.0 - s) if xaxis == "compression" else s
 
 
@@ -35,7 +57,9 @@ def _ratio(v: float) -> str:
 
 
 def _format_x(ax, xaxis: str, xs) -> None:
-    if xaxis == "compression":
+    if xaxis in MEASURED:
+        ax.set_xlabel(MEASURED[xaxis])
+    elif xaxis == "compression":
         log_axis(ax, "x", ticks=sorted(set(np.round(xs, 6))), fmt=_ratio)
         ax.set_xlabel("Compression ratio 1/(1\u2212s)")
     else:
@@ -67,6 +91,11 @@ def plot_accuracy_vs_sparsity(
     if not modes:
         log.info("accuracy_vs_sparsity: no pruned %r records; skipped", metric)
         return None
+    if xaxis in MEASURED and not any(measured(r, xaxis) is not None for r in recs):
+        raise ValueError(
+            f"xaxis {xaxis!r} needs records that carry the compacted model's measurements: run "
+            "the sweep at granularity 'channel' with [compact] measure = true"
+        )
     ncols = 2 if len(modes) == 4 else min(len(modes), 3)
     nrows = math.ceil(len(modes) / ncols)
     width = width or ("single" if ncols == 1 else "double")
@@ -94,11 +123,10 @@ def plot_accuracy_vs_sparsity(
         }
         for label, rs, st in D.series(sel).values():
             s, m, hw, _n = D.curve(rs, band)
-            (line,) = ax.plot(_x(s, xaxis), m * k, label=label, **st)
-            drawn.append((ax, _x(s, xaxis), m * k, st))
-            ax.fill_between(
-                _x(s, xaxis), (m - hw) * k, (m + hw) * k, color=st["color"], alpha=0.18, linewidth=0
-            )
+            x = _x(s, xaxis, rs)
+            (line,) = ax.plot(x, m * k, label=label, **st)
+            drawn.append((ax, x, m * k, st))
+            ax.fill_between(x, (m - hw) * k, (m + hw) * k, color=st["color"], alpha=0.18, lw=0)
             handles.setdefault(label, line)
         dense_mean, dense_hw, dense_n = D.summarize(
             D.by_seed_mean(r for r in D.dense_for(dense, mode) if r.get("metric") == metric), band
@@ -123,7 +151,7 @@ def plot_accuracy_vs_sparsity(
             )
             handles.setdefault("dense", line)
         ax.set_title(D.MODE_TITLES.get(mode, str(mode)))
-        _format_x(ax, xaxis, _x(np.array(sorted(xs)), xaxis))
+        _format_x(ax, xaxis, _x(np.array(sorted(xs)), xaxis, sel))
         if i % ncols == 0:
             ax.set_ylabel(D.METRIC_LABELS.get(metric, metric))
     if D.HIGHER_IS_BETTER.get(metric, True):
@@ -200,6 +228,18 @@ def caption(
         if xaxis == "compression"
         else f"Test {metric} vs sparsity (fraction of prunable weights set to zero). "
     )
+    if xaxis in MEASURED:
+        r0 = next((r for r in records if D.finite(r.get("latency_batch"))), {})
+        x = (
+            f"Test {metric} vs {MEASURED[xaxis]}, mean over seeds at each target sparsity; the "
+            "pruned channels are removed (saliency.compact)"
+            + (
+                f"; latency: median of repeated forwards of {r0.get('latency_batch')} samples on "
+                f"{r0.get('latency_threads')} CPU thread(s), dense timed in the same run. "
+                if xaxis == "latency"
+                else ". "
+            )
+        )
     if len(seeds) > 1:
         lines = (
             f"Lines: mean over {len(seeds)} seeds; shaded: {what}; dashed black: dense "

@@ -60,6 +60,10 @@ SECTIONS: dict[str, dict[str, Any]] = {
     "scoring": {"n_samples": 1024, "batch_size": 256},
     "allocate": {"reduce": None, "block": None, "pooling": "avg", "max_layer_sparsity": None},
     "targets": {"include": None, "exclude": None, "keep_output_dense": False},
+    # channel sweeps: allocate by dependency groups, compact each pruned model and record its
+    # MACs, parameters and CPU latency against the dense model's (median of `repeats` forwards
+    # of `batch_size` samples, both measured in the same process)
+    "compact": {"measure": False, "batch_size": 64, "repeats": 30},
 }
 TOP: dict[str, Any] = {
     "name": None,
@@ -121,13 +125,17 @@ class SweepConfig:
     scoring: dict[str, Any] = field(default_factory=dict)
     allocate: dict[str, Any] = field(default_factory=dict)
     targets: dict[str, Any] = field(default_factory=dict)
+    compact: dict[str, Any] = field(default_factory=lambda: dict(SECTIONS["compact"]))
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @property
     def config_hash(self) -> str:
-        return digest(self.as_dict())
+        d = self.as_dict()
+        if not self.compact.get("measure"):  # hashes of configs written before [compact] hold
+            d.pop("compact")
+        return digest(d)
 
 
 def canonical_json(obj: Any) -> str:
@@ -267,6 +275,9 @@ _RULES.update({
     ("init", "epochs"): (lambda v: _is_int(v) and v >= 0, "a non-negative int"),
     ("scoring", "n_samples"): (lambda v: _is_int(v) and v >= 1, "a positive int"),
     ("scoring", "batch_size"): (lambda v: _is_int(v) and v >= 1, "a positive int"),
+    ("compact", "measure"): (lambda v: isinstance(v, bool), "true or false"),
+    ("compact", "batch_size"): (lambda v: _is_int(v) and v >= 1, "a positive int"),
+    ("compact", "repeats"): (lambda v: _is_int(v) and v >= 1, "a positive int"),
 })  # fmt: skip
 
 
@@ -330,6 +341,11 @@ def parse_config(
     if raw["scope"] not in ("global", "layer"):
         _fail(f"unknown scope {raw['scope']!r}; accepted: global, layer")
     _check_sections(sections)
+    if sections["compact"]["measure"] and raw["granularity"] != "channel":
+        _fail(
+            f'compact.measure removes pruned channels: it needs granularity = "channel"; '
+            f"got {raw['granularity']!r}"
+        )
     block = sections["allocate"]["block"]
     if block is not None:
         sections["allocate"]["block"] = tuple(block)

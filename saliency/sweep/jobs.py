@@ -26,6 +26,7 @@ from saliency.sweep.units import (  # noqa: F401  (re-exported: the runner and t
     _DATA,
     Job,
     Unit,
+    allocate_kwargs,
     build_criterion,
     cache_path,
     dataset,
@@ -34,6 +35,7 @@ from saliency.sweep.units import (  # noqa: F401  (re-exported: the runner and t
     device,
     evaluate_model,
     first_order_change,
+    kept_masks,
     loss_fn_for,
     loss_gradient,
     make_records,
@@ -160,7 +162,7 @@ def _job_oneshot(cfg, out, job, todo, tb, notify) -> None:
             if u.mode == "finetune":
                 _status(notify, job, "fine-tune", s)
                 ft = copy.deepcopy(model)
-                saliency.attach(ft, masks)
+                saliency.attach(ft, kept_masks(cfg, ft, masks))
                 train_model(cfg, ft, job.seed, cfg.finetune, notify=notify)
                 saliency.remove(ft)
                 phases["final"] = evaluate_model(cfg, ft)
@@ -211,7 +213,7 @@ def _job_gradual(cfg, out, job, todo, tb, notify) -> None:
         scope=cfg.scope,
         granularity=cfg.granularity,
         params=targets(cfg, model),
-        **cfg.allocate,
+        **allocate_kwargs(cfg, model),
     )
 
     def on_step(step: int, *_):
@@ -249,7 +251,7 @@ def _job_gradual(cfg, out, job, todo, tb, notify) -> None:
             cfg.granularity,
             params=targets(cfg, model),
             cost=cost,
-            **cfg.allocate,
+            **allocate_kwargs(cfg, model),
         )
     saliency.remove(model)
     _finish(
@@ -281,7 +283,7 @@ def _job_iterative(cfg, out, job, todo, tb, notify) -> None:
     for s in rounds:
         masks, c, _ = prune_with_cost(cfg, model, crit, s, data, loss_fn, current=masks)
         cost.add(c)
-        saliency.attach(model, masks)
+        saliency.attach(model, kept_masks(cfg, model, masks))
         train_model(
             cfg, model, job.seed, {**cfg.finetune, "epochs": it["epochs_per_round"]}, notify=notify
         )
@@ -314,7 +316,7 @@ def _job_init(cfg, out, job, todo, tb, notify) -> None:
     )
     phases = {"pruned": evaluate_model(cfg, model, scoring=data)}
     epochs = cfg.init["epochs"] if cfg.init["epochs"] is not None else cfg.train["epochs"]
-    saliency.attach(model, masks)
+    saliency.attach(model, kept_masks(cfg, model, masks))
     _status(notify, job, "train", u.sparsity)
     train_model(cfg, model, job.seed, {**cfg.train, "epochs": epochs}, notify=notify)
     saliency.remove(model)

@@ -1,9 +1,12 @@
-"""Cost metrics of a (pruned) model: multiply-adds, gzipped size, parameters remaining."""
+"""Cost metrics of a (pruned) model: multiply-adds, gzipped size, parameters remaining, latency."""
 
 from __future__ import annotations
 
+import copy
 import gzip
 import io
+import statistics
+import time
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -83,3 +86,21 @@ def params_count(model: nn.Module, masks: Mapping[str, Tensor] | None) -> tuple[
     if missing:
         raise ValueError(f"masks name parameters the model does not have: {missing[:5]}")
     return sum(m.numel() for m in masks.values()), sum(int(m.sum()) for m in masks.values())
+
+
+@torch.no_grad()
+def median_latency(
+    models: Mapping[str, nn.Module], x: Tensor, *, repeats: int = 30, warmup: int = 3
+) -> dict[str, float]:
+    """Median wall-clock milliseconds of one forward of `x` per model (eval-mode copies, with
+    the torch threads in force), over `repeats` rounds that run every model once in turn, so
+    that a change of machine load hits all of them alike; `warmup` rounds are not timed."""
+    copies = {k: copy.deepcopy(m).eval() for k, m in models.items()}
+    times: dict[str, list[float]] = {k: [] for k in copies}
+    for i in range(warmup + repeats):
+        for k, m in copies.items():
+            start = time.perf_counter()
+            m(x)
+            if i >= warmup:
+                times[k].append(1e3 * (time.perf_counter() - start))
+    return {k: statistics.median(v) for k, v in times.items()}

@@ -373,26 +373,28 @@ def _check_torchrun(cfg: SweepConfig) -> None:
 
 def _preflight(cfg: SweepConfig) -> None:
     """Everything that can fail without training fails now: the data loads, the model builds,
-    the device exists, the targets resolve, and allocation accepts the scope, granularity and
-    allocate options at every sparsity of the sweep."""
+    the device exists, the targets resolve (and their channel groups, with [compact] measure),
+    and allocation accepts the scope, granularity and allocate options at every sparsity."""
     import torch
 
     from saliency.allocate import allocate
     from saliency.sweep.config import ConfigError
-    from saliency.sweep.jobs import dataset, new_model, targets
+    from saliency.sweep.jobs import allocate_kwargs, dataset, new_model, targets
     from saliency.sweep.train import resolve_device
 
     try:
         dataset(cfg)
         resolve_device(cfg.device)
-        params = targets(cfg, new_model(cfg, cfg.seeds[0]))
+        model = new_model(cfg, cfg.seeds[0])
+        params = targets(cfg, model)
+        allocate_kwargs(cfg, model)  # [compact] measure: the channel groups trace and resolve
         scores = {
             n: torch.rand(p.shape, generator=torch.Generator().manual_seed(0))
             for n, p in params.items()
         }
         for s in cfg.sparsities:
             allocate(scores, s, scope=cfg.scope, granularity=cfg.granularity, **cfg.allocate)
-    except (TypeError, ValueError) as err:
+    except (TypeError, ValueError, ImportError) as err:
         raise ConfigError(f"sweep {cfg.name!r}: {err}") from err
 
 

@@ -100,6 +100,8 @@ def unit_config(
         unit["finetune"] = cfg.finetune  # (a gradual unit's run id predates this key)
     if mode in ("gradual", "iterative", "init"):
         unit[mode] = getattr(cfg, mode)
+    if cfg.compact["measure"]:  # (run ids of sweeps that do not measure are unchanged)
+        unit["compact"] = cfg.compact
     return unit
 
 
@@ -211,6 +213,29 @@ def targets(cfg: SweepConfig, model) -> dict[str, torch.nn.Parameter]:
     return saliency.prunable_parameters(model, **cfg.targets)
 
 
+def example_inputs(cfg: SweepConfig, n: int = 8) -> torch.Tensor:
+    """The first `n` test inputs: what channel groups are traced on and compact checks with."""
+    return dataset(cfg).test.tensors[0][:n].to(device(cfg))
+
+
+def allocate_kwargs(cfg: SweepConfig, model) -> dict[str, Any]:
+    """`cfg.allocate`, plus the model's channel groups where the sweep compacts (`[compact]
+    measure`): tied channels pruned together, their biases and BatchNorm zeroed with them."""
+    if not cfg.compact["measure"]:
+        return dict(cfg.allocate)
+    groups = saliency.channel_groups(model, example_inputs(cfg), params=targets(cfg, model))
+    return {**cfg.allocate, "groups": groups}
+
+
+def kept_masks(cfg: SweepConfig, model, masks: Masks) -> Masks:
+    """The masks to attach for training after pruning: `masks`, and where the sweep compacts,
+    the biases and BatchNorm of the pruned channels, so that they stay zero (removable)."""
+    from saliency.prune import owned_masks
+
+    owned = owned_masks(model, masks, allocate_kwargs(cfg, model).get("groups"))
+    return Masks({**masks, **owned}) if owned is not None else masks
+
+
 def build_criterion(spec: CriterionSpec, seed: int, granularity: str = "element"):
     """The criterion of `spec` for the sweep's `seed`. A criterion with a `seed` field that the
     config leaves unset takes the sweep seed, so that each seed of a sweep draws anew (the
@@ -242,10 +267,11 @@ def prune_with_cost(cfg, model, crit, sparsity, data, loss_fn, *, current=None, 
     "joint" quadratic 1/2 w_Q^T (Hinv_QQ)^-1 w_Q and the "single" one-weight sum), also per round.
     """
     params = targets(cfg, model)
+    alloc = allocate_kwargs(cfg, model)
     if is_solver(crit):  # OBC, SparseGPT, Wanda: masks and updates solved on `data`, no scores
         start = time.perf_counter()
         masks = prune_step(model, crit, params, None, sparsity, current=current, data=data,
-                           scope=cfg.scope, granularity=cfg.granularity, **cfg.allocate)  # fmt: skip
+                           scope=cfg.scope, granularity=cfg.granularity, **alloc)  # fmt: skip
         return masks, Cost(seconds=time.perf_counter() - start, backward_passes=0), None
     rounds = crit.schedule(sparsity) if callable(getattr(crit, "schedule", None)) else [sparsity]
     if scores is not None:
@@ -265,7 +291,7 @@ def prune_with_cost(cfg, model, crit, sparsity, data, loss_fn, *, current=None, 
             current=masks,
             scope=cfg.scope,
             granularity=cfg.granularity,
-            **cfg.allocate,
+            **alloc,
         )
         if scores is None:
             total.add(sc.cost)
@@ -392,9 +418,34 @@ def make_records(
         "time": time.time(),
         "saliency_version": saliency.__version__,
     }
+    if cfg.compact["measure"]:
+        base.update(compact_metrics(cfg, job.seed, plain))
     base["unit_records"] = sum(len(metrics) for metrics in phases.values())
     return [
         {**base, "phase": phase, "metric": m, "value": v, "split": SPLIT_OF.get(m, "test")}
         for phase, metrics in phases.items()
         for m, v in metrics.items()
     ]
+
+
+def compact_metrics(cfg: SweepConfig, seed: int, model) -> dict[str, Any]:
+    """MACs and parameters of `model` compacted (`saliency.compact`), and its CPU latency as a
+    ratio to the dense architecture's, both timed here, interleaved (`metrics.median_latency`)."""
+    from saliency.sweep.metrics import count_flops, median_latency
+
+    ds, c = dataset(cfg), cfg.compact
+    small = saliency.compact(model, example_inputs(cfg)).cpu()
+    dense = new_model(cfg, seed)
+    x = ds.test.tensors[0][: c["batch_size"]].cpu()
+    times = median_latency({"dense": dense, "compact": small}, x, repeats=c["repeats"])
+    return {
+        "macs": count_flops(small, ds.input_shape)[0],
+        "macs_dense": count_flops(dense, ds.input_shape)[0],
+        "params": sum(p.numel() for p in small.parameters()),
+        "params_dense": sum(p.numel() for p in dense.parameters()),
+        "latency_ms": times["compact"],
+        "latency_dense_ms": times["dense"],
+        "latency_ratio": times["compact"] / times["dense"],
+        "latency_batch": len(x),
+        "latency_threads": torch.get_num_threads(),
+    }

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from saliency.channels import ChannelPad
+
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
 
 
@@ -185,15 +187,14 @@ class BasicBlock(nn.Module):
         self.bn1 = nn.BatchNorm2d(c_out)
         self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(c_out)
-        self.stride, self.pad = stride, c_out - c_in
+        # a module (not F.pad inline) so that channel groups and compact can follow it
+        changes = stride > 1 or c_out != c_in
+        self.shortcut = ChannelPad(c_in, c_out, stride) if changes else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
-        short = x[:, :, :: self.stride, :: self.stride] if self.stride > 1 else x
-        if self.pad:
-            short = F.pad(short, (0, 0, 0, 0, self.pad // 2, self.pad - self.pad // 2))
-        return F.relu(out + short)
+        return F.relu(out + self.shortcut(x))
 
 
 class ResNet(nn.Module):
@@ -224,3 +225,59 @@ class ResNet(nn.Module):
 def resnet20(shape, num_classes, *, width: int = 16) -> nn.Module:
     """ResNet-20 for 3x32x32 input (He et al. 2016, 0.27M parameters at width 16)."""
     return ResNet(_channels(shape, "resnet20", 2), _outputs(num_classes), n=3, width=width)
+
+
+@register_model("vgg_small")
+def vgg_small(shape, num_classes, *, widths: Sequence[int] = (16, 32, 64)) -> nn.Module:
+    """VGG-style: per width, conv3x3-BN-ReLU twice then max-pool 2; flatten -> Linear(128) ->
+    ReLU -> Linear(classes) (Simonyan & Zisserman 2015, scaled down for 32x32 inputs)."""
+    c = _channels(shape, "vgg_small", 2)
+    layers: OrderedDict[str, nn.Module] = OrderedDict()
+    for i, w in enumerate(widths, start=1):
+        for j in (1, 2):
+            layers[f"conv{i}_{j}"] = nn.Conv2d(c, w, 3, padding=1, bias=False)
+            layers[f"bn{i}_{j}"] = nn.BatchNorm2d(w)
+            layers[f"relu{i}_{j}"] = nn.ReLU()
+            c = w
+        layers[f"pool{i}"] = nn.MaxPool2d(2)
+    features = nn.Sequential(layers)
+    n = _flat_features(features, shape, "vgg_small")
+    classifier = nn.Sequential(
+        OrderedDict(
+            fc1=nn.Linear(n, 128), relu=nn.ReLU(), fc2=nn.Linear(128, _outputs(num_classes))
+        )
+    )
+    return _ConvNet(features, classifier)
+
+
+class SeparableBlock(nn.Module):
+    """MobileNet block (Howard et al. 2017): depthwise 3x3 conv-BN-ReLU, pointwise 1x1 conv-BN-ReLU."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int):
+        super().__init__()
+        self.dw = nn.Conv2d(c_in, c_in, 3, stride=stride, padding=1, groups=c_in, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_in)
+        self.pw = nn.Conv2d(c_in, c_out, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.bn2(self.pw(F.relu(self.bn1(self.dw(x))))))
+
+
+@register_model("mobilenet_small")
+def mobilenet_small(shape, num_classes, *, width: int = 16) -> nn.Module:
+    """Depthwise-separable CNN: conv3x3-BN-ReLU stem, four `SeparableBlock`s (widths w, 2w, 2w,
+    4w; stride 2 at the 2nd and 4th), global average pool, Linear head."""
+    c = _channels(shape, "mobilenet_small", 2)
+    plan = [(width, 2 * width, 2), (2 * width, 2 * width, 1), (2 * width, 4 * width, 2)]
+    layers: OrderedDict[str, nn.Module] = OrderedDict(
+        conv=nn.Conv2d(c, width, 3, padding=1, bias=False), bn=nn.BatchNorm2d(width), relu=nn.ReLU()
+    )
+    layers["block1"] = SeparableBlock(width, width, 1)
+    for i, (a, b, s) in enumerate(plan, start=2):
+        layers[f"block{i}"] = SeparableBlock(a, b, s)
+    layers["pool"] = nn.AdaptiveAvgPool2d(1)
+    features = nn.Sequential(layers)
+    return _ConvNet(
+        features, nn.Sequential(OrderedDict(fc=nn.Linear(4 * width, _outputs(num_classes))))
+    )
