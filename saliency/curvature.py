@@ -26,7 +26,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from saliency import fastpaths
+from saliency import distributed, fastpaths
 from saliency.model_io import (
     LossFn,
     _ce_settings,
@@ -84,12 +84,18 @@ def _summed_losses(model, x, y, loss_fn) -> Tensor:
 
 
 def _generator(seed: int, device: torch.device) -> torch.Generator:
+    """Seeded from ``seed`` (on rank r > 0 of a distributed run, ``distributed.rank_seed``)."""
     if not isinstance(seed, int):
         raise TypeError(f"seed must be an int; got {seed!r}")
-    return torch.Generator(device=device).manual_seed(seed)
+    return torch.Generator(device=device).manual_seed(distributed.rank_seed(seed))
 
 
 def _finish(acc, params, N, passes, divide_by=1) -> DiagCurvature:
+    """``sum / (N * divide_by)`` per parameter, sums and counts combined across ranks first."""
+    if distributed.world() is not None:
+        acc = distributed.all_reduce_dict({n: acc[n] if n in acc else torch.zeros_like(p)
+                                           for n, p in params.items()})  # fmt: skip
+        N, passes = distributed.sum_counts(N, passes)
     out = DiagCurvature(samples=N, backward_passes=passes)
     for n, p in params.items():
         out[n] = (acc[n] / (N * divide_by)).to(p.dtype) if n in acc else torch.zeros_like(p)

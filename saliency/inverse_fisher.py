@@ -39,7 +39,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from saliency import fastpaths, per_sample
+from saliency import distributed, fastpaths, per_sample
 from saliency.apply import attached_masks
 from saliency.model_io import (
     LossFn,
@@ -65,10 +65,24 @@ class BlockInverse:
     Hinv: Tensor
     alive: Tensor
     damping: Tensor
+    first: int = 0
+    sharded: bool = False
 
     @property
     def block_size(self) -> int:
         return self.Hinv.shape[-1]
+
+    @property
+    def rows(self) -> slice:
+        """The blocks ``Hinv`` holds: all of them, or this rank's share when ``sharded`` (the
+        blocks of a distributed run are split among ranks, each inverting its own)."""
+        return slice(self.first, self.first + len(self.Hinv))
+
+    def gather(self, part: Tensor) -> Tensor:
+        """``[nb, ...]`` from each rank's ``[rows, ...]`` (itself when not sharded)."""
+        if not self.sharded:
+            return part
+        return distributed.assemble(part, self.first, self.alive.shape[0])
 
     def flatten(self, tensors: Mapping[str, Tensor], dtype: torch.dtype | None = None) -> Tensor:
         """``[nb, B]`` view of ``tensors[name]`` for the names of this group, zero-padded."""
@@ -86,7 +100,7 @@ class BlockInverse:
 
     def diag(self) -> dict[str, Tensor]:
         """``[Hinv]_qq`` shaped like each parameter."""
-        return self.unflatten(torch.diagonal(self.Hinv, dim1=-2, dim2=-1))
+        return self.unflatten(self.gather(torch.diagonal(self.Hinv, dim1=-2, dim2=-1)))
 
 
 @dataclass
@@ -205,6 +219,24 @@ def _invert(F: Tensor, name: str, hint: str) -> Tensor:
     return Linv.mT @ Linv
 
 
+def _shard(GtG: dict[str, Tensor], groups: dict[str, BlockInverse]) -> dict[str, Tensor]:
+    """Distributed: sum the ``G^T G`` blocks over ranks, each rank receiving only its share of
+    the blocks (contiguous over all tensors' blocks, as equal as can be), in place of ``GtG``;
+    returns the summed diagonals of every block (the damping reads whole tensors)."""
+    diag = distributed.all_reduce_dict(
+        {n: torch.diagonal(G, dim1=1, dim2=2).clone() for n, G in GtG.items()}
+    )
+    rank = distributed.world()[0]
+    shares, offset = distributed.shares(sum(len(G) for G in GtG.values())), 0
+    for n in list(GtG):
+        nb = len(GtG[n])
+        ranges = [(min(max(lo - offset, 0), nb), min(max(hi - offset, 0), nb)) for lo, hi in shares]
+        GtG[n] = distributed.reduce_rows(GtG.pop(n), ranges)
+        groups[n].first, groups[n].sharded = ranges[rank][0], True
+        offset += nb
+    return diag
+
+
 def _read(data, n_samples, device) -> list[tuple[Tensor, Tensor]]:
     return list(iter_batches(data, n_samples, device=device))
 
@@ -235,8 +267,14 @@ def block_inverse_fisher(
         raise ValueError(f"damp_scope must be 'layer' or 'block'; got {damp_scope!r}")
     params = dict(params)
     alive = alive_masks(model, params) if alive is None else dict(alive)
+    if method == "woodbury" and distributed.world() is not None:
+        raise ValueError(
+            "method='woodbury' is WoodFisher's recursion over the samples of one process; "
+            "under torch.distributed use method='cholesky' (the same inverse up to rounding) "
+            "or distributed=False"
+        )
     batches = _read(data, n_samples, model_device(model))
-    m = sum(len(x) for x, _ in batches)
+    (m,) = distributed.sum_counts(sum(len(x) for x, _ in batches))
     B = block_size
     groups = {}
     for n, p in params.items():
@@ -283,15 +321,21 @@ def block_inverse_fisher(
             for n, Gb in g.items():
                 GtG[n].baddbmm_(Gb.transpose(1, 2), Gb)
         bufs.clear()
+        diag_sums = _shard(GtG, groups) if distributed.world() is not None else None
+        error = None
         for n, blk in groups.items():
             F = GtG.pop(n)
             F /= m
-            lam = _damping(
-                torch.diagonal(F, dim1=1, dim2=2) * m, blk.alive, m, damp, damp_absolute, damp_scope
-            )
+            dsum = torch.diagonal(F, dim1=1, dim2=2) * m if diag_sums is None else diag_sums[n]
+            lam = _damping(dsum, blk.alive, m, damp, damp_absolute, damp_scope)
             d = torch.where(blk.alive, lam[:, None], torch.ones_like(lam)[:, None])
-            F += torch.diag_embed(d.to(dt))
-            blk.Hinv, blk.damping = _invert(F, n, "or use more samples than the block size"), lam
+            F += torch.diag_embed(d[blk.first : blk.first + len(F)].to(dt))
+            blk.damping = lam
+            try:
+                blk.Hinv = _invert(F, n, "or use more samples than the block size") if len(F) else F
+            except ValueError as e:  # under sharding the other ranks must hear of it
+                error, blk.Hinv = error or e, F
+        distributed.raise_together(error)
     else:
         sq = {
             n: torch.zeros(blk.alive.shape, dtype=dt, device=params[n].device)
@@ -347,7 +391,7 @@ def exact_inverse_hessian(
         )
     alive = alive_masks(model, params) if alive is None else dict(alive)
     batches = _read(data, n_samples, model_device(model))
-    m = sum(len(x) for x, _ in batches)
+    (m,) = distributed.sum_counts(sum(len(x) for x, _ in batches))
     names = tuple(params)
     dev = model_device(model)
     blk = BlockInverse(names, tuple(p.shape for p in params.values()), torch.empty(0, device=dev),
@@ -371,6 +415,7 @@ def exact_inverse_hessian(
 
     with fastpaths.reference_kernels():
         H = torch.autograd.functional.hessian(loss_of, flat0).to(dt)
+    H = distributed.all_reduce_sum(H)  # this rank's share of the mean: the sum over ranks
     a = blk.alive[0]
     H = H * (a[:, None] & a[None, :])
     lam = _damping(torch.diagonal(H)[None] * m, blk.alive, m, damp, damp_absolute)

@@ -42,7 +42,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from saliency import fastpaths
+from saliency import distributed, fastpaths
 from saliency.model_io import (
     LossFn,
     default_loss,
@@ -238,6 +238,14 @@ def kfac_factors(
                 a = a[:, 0].transpose(1, 2)  # [B, L, in * k]
             A[n] = A[n] + torch.einsum("bti,btj->ij", a, a) / a.shape[1]
         m_total += len(x)
+    if distributed.world() is not None:  # sums and counts over every rank's samples
+        A = distributed.all_reduce_dict(
+            {n: torch.as_tensor(A[n], dtype=torch.float64) for n in params}
+        )
+        G = distributed.all_reduce_dict(
+            {n: torch.as_tensor(G[n], dtype=torch.float64) for n in params}
+        )
+        m_total, passes = distributed.sum_counts(m_total, passes)
     if m_total == 0:
         raise ValueError("data yielded no samples")
     factors = {}

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from saliency import capture
+from saliency import capture, distributed
 from saliency.allocate import check_allocation, check_sparsity
 from saliency.masks import Masks
 from saliency.model_io import iter_batches, model_device
@@ -121,21 +121,36 @@ def prune_layerwise(
     try:
         groups, calls = _groups(model, modules, batches[0])
         keep: dict[str, Tensor] = {}
+        world, order = distributed.world(), list(modules)
         for group in groups:
             part = {n: modules[n] for n in group}
             with capture.capturing(part, diag_only=crit.diag_only, calls=calls) as (stats, seen):
                 for x in batches:
                     capture.run_until_stop(model, x, seen)
-            for n in group:
-                module = modules[n]
+            combine(stats)
+            solved, error = {}, None
+            for n in group:  # distributed: the owner of each layer solves it, then broadcasts
+                if world is not None and order.index(n) % world[1] != world[0]:
+                    continue
                 alive = None if current is None else _to_matrix(current[n].to(device).bool())
-                W = capture.weight_matrix(module)
+                W = capture.weight_matrix(modules[n])
                 try:
                     W2, k = crit.solve_layer(W, stats[n].H, pattern[n], alive)
+                    solved[n] = (W2.to(W), k.bool())
                 except ValueError as e:
-                    raise ValueError(f"layer {n!r}: {e}") from e
+                    error = error or ValueError(f"layer {n!r}: {e}")
+            distributed.raise_together(error)
+            for n in group:
+                module = modules[n]
+                if world is not None:
+                    W = capture.weight_matrix(module)
+                    empty = (torch.empty_like(W), torch.empty(W.shape, dtype=torch.bool))
+                    W2, k = solved.get(n, empty)
+                    src = order.index(n) % world[1]
+                    solved[n] = (distributed.broadcast(W2, src), distributed.broadcast(k, src))
+                W2, k = solved[n]
                 with torch.no_grad():
-                    module.weight.copy_(capture.from_matrix(module, W2.to(W)))
+                    module.weight.copy_(capture.from_matrix(module, W2))
                 keep[n] = capture.from_matrix(module, k.to(device)).contiguous()
                 log.debug("%s: %s, %d rows, sparsity %.3f", crit.name, n, stats[n].n,
                           1 - float(k.float().mean()))  # fmt: skip
@@ -156,10 +171,23 @@ def dense_stats(model, params, data, *, n_samples, diag_only) -> dict[str, captu
         with capture.capturing(modules, diag_only=diag_only, calls=never) as (stats, seen):
             for x, _ in iter_batches(data, n_samples, device=model_device(model)):
                 capture.run_until_stop(model, x, seen)
+        combine(stats)
     finally:
         for m, mode in modes.items():
             m.train(mode)
     return stats
+
+
+def combine(stats: dict[str, capture.Stats]) -> None:
+    """Distributed: ``sum x x^T`` and row counts of each layer summed over every rank's
+    calibration batches, in place (each rank propagated its own batches)."""
+    if distributed.world() is None:
+        return
+    names = list(stats)
+    sums = distributed.all_reduce_many([stats[n].sum for n in names])
+    counts = distributed.sum_counts(*[stats[n].n for n in names])
+    for n, s, c in zip(names, sums, counts, strict=True):
+        stats[n].sum, stats[n].n = s, c
 
 
 def check_hparams(crit) -> None:

@@ -25,6 +25,8 @@ import torch.nn.functional as F_
 from torch import Tensor, nn
 from torch.func import vmap
 
+from saliency import distributed
+
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
 
@@ -109,17 +111,30 @@ def iter_batches(
     data: Iterable | None, n_samples: int | None = None, *, device: torch.device | None = None
 ) -> Iterator[tuple[Tensor, Tensor]]:
     """Yield (inputs, targets) batches from `data` until `n_samples` samples were read
-    (the last batch is cut to fit); all of `data` once if `n_samples` is None.
+    (the last batch is cut to fit); all of `data` once if `n_samples` is None. Empty batches
+    are skipped.
 
     `data`: an iterable of (inputs, targets) batches (a DataLoader), a map-style Dataset of
     (input, target) samples (read in batches of 256, in order), or one (inputs, targets) pair.
-    Raises a ValueError naming the problem when `data` is missing or yields nothing usable.
+    Raises a ValueError naming the problem when `data` is missing or yields nothing usable;
+    under torch.distributed every rank learns at its first batch whether some rank's shard is
+    empty and all raise together (``saliency.distributed.check_nonempty``).
     """
     if data is None:
         raise ValueError(
             "this criterion needs data: pass data=<iterable of (inputs, targets) batches>, "
             "e.g. a torch DataLoader, a Dataset of (input, target) pairs, or one (x, y) pair"
         )
+    batches = _read_batches(data, n_samples, device)
+    first = next(batches, None)
+    distributed.check_nonempty(first is not None)
+    if first is None:
+        raise ValueError("data yielded no samples")
+    yield first
+    yield from batches
+
+
+def _read_batches(data, n_samples, device) -> Iterator[tuple[Tensor, Tensor]]:
     seen = 0
     for batch in _as_batches(data):
         if not isinstance(batch, (tuple, list)) or len(batch) < 2:
@@ -130,14 +145,14 @@ def iter_batches(
         check_batch(x, y)
         if n_samples is not None:
             x, y = x[: n_samples - seen], y[: n_samples - seen]
+        if len(x) == 0:
+            continue
         if device is not None:
             x, y = x.to(device), y.to(device)
         seen += len(x)
         yield x, y
         if n_samples is not None and seen >= n_samples:
             return
-    if seen == 0:
-        raise ValueError("data yielded no samples")
 
 
 # ----------------------------------------------------------------------------- losses

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from saliency import distributed as _distributed
 from saliency.allocate import allocate, check_allocation
 from saliency.apply import attach, attached_masks, clear_optimizer_state
 from saliency.criteria import (
@@ -53,6 +54,21 @@ def _check_scores(
             )
 
 
+def check_replicated(model: nn.Module) -> None:
+    """Under torch.distributed: refuse a DDP wrapper and a model whose weights, buffers or
+    attached masks differ between ranks (``saliency.distributed``); nothing otherwise."""
+    if _distributed.world() is None:
+        return
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        raise ValueError(
+            "pass the wrapped module (ddp_model.module), not the DistributedDataParallel wrapper: "
+            "its forward synchronizes gradients, and parameter names would carry 'module.'"
+        )
+    masks = {f"mask of {n}": m for n, m in (attached_masks(model) or {}).items()}
+    tensors = {**dict(model.named_parameters()), **dict(model.named_buffers()), **masks}
+    _distributed.check_replicated(tensors)
+
+
 def score(
     model: nn.Module,
     criterion: str | Criterion,
@@ -60,17 +76,31 @@ def score(
     loss_fn: LossFn | None = None,
     *,
     params: Mapping[str, nn.Parameter] | None = None,
+    distributed: bool | None = None,
     **hparams: Any,
 ) -> Scores:
     """Scores (higher = keep) of every prunable parameter under `criterion`, with their cost.
 
     `criterion` is a registered name (hyperparameters as keyword arguments) or an instance.
     `data` is any iterable of (inputs, targets) batches; `loss_fn(outputs, targets)` is
-    mean-reduced and defaults to cross-entropy. `scores.cost` holds wall seconds, samples,
-    backward passes and, on CUDA, peak memory.
+    mean-reduced and defaults to cross-entropy. `scores.cost` holds wall seconds (this rank's),
+    samples and backward passes (over all ranks) and, on CUDA, peak memory (this rank's).
+
+    Under torch.distributed (a default process group of several ranks, e.g. ``torchrun``),
+    each rank passes its own shard as `data` and the statistics are summed over ranks: the
+    scores are the same on every rank and equal to one process on all shards
+    (``saliency.distributed``; every rank must hold the same model). ``distributed=False``
+    scores each rank's data alone; None (default) follows an enclosing
+    ``saliency.distributed.local()`` and combines otherwise.
     """
+    with _distributed.enabled(distributed):
+        return _score(model, criterion, data, loss_fn, params, hparams)
+
+
+def _score(model, criterion, data, loss_fn, params, hparams) -> Scores:
     crit = get_criterion(criterion, **hparams)
     params = dict(params) if params is not None else prunable_parameters(model)
+    check_replicated(model)
     cuda = model_device(model).type == "cuda"
     if cuda:
         torch.cuda.synchronize()
@@ -82,6 +112,14 @@ def score(
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     _check_scores(raw, params, crit)
+    if _distributed.world() is not None:  # a criterion that scored its own shard alone
+        name = getattr(crit, "name", type(crit).__name__)
+        _distributed.check_replicated(
+            raw, f"scores of criterion {name!r}",
+            "the criterion does not combine its statistics across ranks (a criterion of your "
+            "own: sum them with saliency.distributed.all_reduce_dict and sum_counts, see "
+            "docs/distributed.md), or pass distributed=False to score each rank alone",
+        )  # fmt: skip
     scores = raw if isinstance(raw, Scores) else Scores(raw)
     scores.cost.seconds = seconds
     if cuda:
@@ -180,6 +218,7 @@ def prune(
     keep: bool = True,
     optimizer: torch.optim.Optimizer | None = None,
     cost: Cost | None = None,
+    distributed: bool | None = None,
     **kwargs: Any,
 ) -> Masks:
     """Score, allocate, update and apply in one call; returns the masks.
@@ -195,8 +234,17 @@ def prune(
     `groups=saliency.channel_groups(model, example_inputs)` tied channels (residual additions,
     depthwise convolutions) are pruned together, and the biases and BatchNorm weight and bias
     of pruned channels are zeroed and kept zero too, so that `saliency.compact` can remove
-    them with the outputs unchanged.
+    them with the outputs unchanged. Under torch.distributed the masks and updated weights come
+    out the same on every rank (`score`; OBS blocks and layer-wise solves are shared out among
+    ranks); ``distributed=False`` prunes each rank alone.
     """
+    with _distributed.enabled(distributed):
+        return _prune(model, criterion, sparsity, data, loss_fn, scope, granularity, params,
+                      current, keep, optimizer, cost, kwargs)  # fmt: skip
+
+
+def _prune(model, criterion, sparsity, data, loss_fn, scope, granularity, params, current, keep,
+           optimizer, cost, kwargs) -> Masks:  # fmt: skip
     alloc, hparams = _split_kwargs(dict(kwargs))
     _check_before_scoring(sparsity, scope, granularity, alloc)
     crit = get_criterion(criterion, **for_granularity(criterion, hparams, granularity))
@@ -206,6 +254,7 @@ def prune(
     rounds = crit.schedule(sparsity) if callable(getattr(crit, "schedule", None)) else [sparsity]
     if is_solver(crit):  # refuse bad settings before any work; one solve, its cost measured
         check_settings(crit, sparsity, scope, granularity, alloc)
+        check_replicated(model)
         start = time.perf_counter()
         masks = prune_step(model, crit, params, None, sparsity, current=masks, data=data,
                            scope=scope, granularity=granularity, **alloc)  # fmt: skip
@@ -213,7 +262,7 @@ def prune(
             cost.add(Cost(seconds=time.perf_counter() - start, backward_passes=0))
         rounds = []
     for s in rounds:
-        scores = score(model, crit, data, loss_fn, params=params)
+        scores = _score(model, crit, data, loss_fn, params, {})  # in prune's distributed mode
         if cost is not None:
             cost.add(scores.cost)
         masks = prune_step(
@@ -261,6 +310,7 @@ class GradualPruner:
         scope: str = "global",
         granularity: str = "element",
         params: Mapping[str, nn.Parameter] | None = None,
+        distributed: bool | None = None,
         **prune_kwargs: Any,
     ) -> None:
         if not callable(getattr(schedule, "should_prune", None)) or not callable(
@@ -277,7 +327,7 @@ class GradualPruner:
         self.criterion = get_criterion(
             criterion, **for_granularity(criterion, hparams, granularity)
         )
-        self.scope, self.granularity = scope, granularity
+        self.scope, self.granularity, self.distributed = scope, granularity, distributed
         self.params = dict(params) if params is not None else prunable_parameters(model)
         self.global_step = 0
         self.masks: Masks | None = _restrict(attached_masks(model), self.params)
@@ -300,6 +350,7 @@ class GradualPruner:
                     params=self.params,
                     optimizer=self.optimizer,
                     cost=self.cost,
+                    distributed=self.distributed,
                     **self.allocate_kwargs,
                 )
         return self.masks

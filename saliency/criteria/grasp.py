@@ -7,6 +7,7 @@ from typing import ClassVar
 
 import torch
 
+from saliency import distributed
 from saliency.criteria import Scores, register_criterion
 from saliency.criteria.snip import batch_gradients, check_counts, mean_gradient, scoring_mode
 from saliency.fastpaths import reference_kernels
@@ -67,6 +68,7 @@ class GraSP:
                 for n, h in zip(params, hv, strict=True):
                     if h is not None:
                         Hg[n] += b * h.double()
+        Hg = distributed.all_reduce_dict(Hg)  # samples is already the total over ranks
         raw = {n: p.detach().double() * Hg[n] / samples for n, p in params.items()}
         norm = abs(sum(float(s.sum()) for s in raw.values())) + self.eps
         scores = Scores({n: (s / norm).float() for n, s in raw.items()})

@@ -8,7 +8,7 @@ from typing import ClassVar, Literal
 
 import torch
 
-from saliency import inverse_fisher, kfac
+from saliency import distributed, inverse_fisher, kfac
 from saliency.criteria import Scores, register_criterion
 from saliency.criteria.base import default_loss, preserve_model_state
 
@@ -145,8 +145,10 @@ class OBS:
                     s = w.square() / (2 * f.inv_diag().to(w.device))
                 scores[n] = torch.where(w != 0, s, 0).to(torch.float32)
         elif self.selection_rule == "greedy":
-            for blk in inv.blocks:
-                g = greedy_scores(blk.Hinv, blk.flatten(params, torch.float64), blk.alive)
+            for blk in inv.blocks:  # each rank its own share of the blocks when sharded
+                r = blk.rows
+                w = blk.flatten(params, torch.float64)
+                g = blk.gather(greedy_scores(blk.Hinv, w[r], blk.alive[r]))
                 for n, v in blk.unflatten(g).items():
                     scores[n] = v.to(torch.float32).to(params[n].device)
         else:
@@ -192,10 +194,11 @@ class OBS:
             for blk in inv.blocks:
                 if not set(blk.names) <= set(params):
                     raise ValueError(f"OBS block over {blk.names} needs all of them in params")
-                keep = blk.flatten({n: masks[n].bool() for n in blk.names}).bool()
-                w = blk.flatten(params, torch.float64)
-                w = torch.where(keep, w + _obs_delta(blk.Hinv, w, blk.alive & ~keep), 0.0)
-                for n, v in blk.unflatten(w).items():
+                r = blk.rows  # each rank updates its own share of the blocks when sharded
+                keep = blk.flatten({n: masks[n].bool() for n in blk.names}).bool()[r]
+                w = blk.flatten(params, torch.float64)[r]
+                w = torch.where(keep, w + _obs_delta(blk.Hinv, w, blk.alive[r] & ~keep), 0.0)
+                for n, v in blk.unflatten(blk.gather(w)).items():
                     p = params[n]
                     p.copy_(torch.where(masks[n].to(p.device).bool(), v.to(p), 0))
 
@@ -281,14 +284,22 @@ def predicted_increase(inv, params, masks) -> dict[str, float]:
             joint += 0.5 * float((dw * f.matvec(dw)).sum())
             single += float((w.square() / (2 * f.inv_diag()) * (w != 0) * ~keep).sum())
         return {"joint": joint, "single": single}
+    shared = torch.zeros(2, dtype=torch.float64)  # sums over the blocks of a sharded inverse
     for blk in inv.blocks:
-        keep = blk.flatten({n: masks[n].bool() for n in blk.names}).bool()
-        w = blk.flatten(params, torch.float64)
-        Q = blk.alive & ~keep
+        r = blk.rows
+        keep = blk.flatten({n: masks[n].bool() for n in blk.names}).bool()[r]
+        w = blk.flatten(params, torch.float64)[r]
+        Q = blk.alive[r] & ~keep
         z = _obs_z(blk.Hinv, w, Q)
-        joint += 0.5 * float((w * Q * z).sum())
         d = torch.diagonal(blk.Hinv, dim1=-2, dim2=-1).to(torch.float64)
-        single += float((w.square() / (2 * d) * Q).sum())
+        part = torch.stack([0.5 * (w * Q * z).sum(), (w.square() / (2 * d) * Q).sum()]).cpu()
+        if blk.sharded:
+            shared += part
+        else:
+            joint, single = joint + float(part[0]), single + float(part[1])
+    if any(blk.sharded for blk in inv.blocks):
+        shared = distributed.sum_shards(shared)
+        joint, single = joint + float(shared[0]), single + float(shared[1])
     return {"joint": joint, "single": single}
 
 

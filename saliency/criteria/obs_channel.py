@@ -8,7 +8,7 @@ from typing import ClassVar, Literal
 import torch
 from torch import Tensor
 
-from saliency import kfac
+from saliency import distributed, kfac
 from saliency.criteria import Scores, register_criterion
 from saliency.criteria.obs import OBS, _obs_z
 
@@ -92,9 +92,12 @@ class OBSChannel(OBS):
                 ids[n] = (torch.arange(rows) + offsets).view(-1, *[1] * (params[n].dim() - 1))
                 ids[n] = ids[n].expand(params[n].shape)
                 offsets += rows
-            channel = blk.flatten(ids).long().cpu()
-            cost = channel_costs(blk.Hinv.cpu(), blk.flatten(params, torch.float64).cpu(),
-                                 channel, blk.alive.cpu(), offsets)  # fmt: skip
+            r = blk.rows  # this rank's share of the blocks when sharded (saliency.distributed)
+            channel = blk.flatten(ids).long().cpu()[r]
+            cost = channel_costs(blk.Hinv.cpu(), blk.flatten(params, torch.float64).cpu()[r],
+                                 channel, blk.alive.cpu()[r], offsets)  # fmt: skip
+            if blk.sharded:  # a channel's cost is a sum over blocks: over every rank's blocks
+                cost = distributed.sum_shards(cost)
             for n in blk.names:
                 share = cost[ids[n]] / params[n][0].numel()
                 scores[n] = share.to(torch.float32).to(params[n].device)

@@ -11,6 +11,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
+from saliency import distributed
 from saliency.criteria import Scores, register_criterion
 from saliency.criteria.base import (
     LossFn,
@@ -94,6 +95,8 @@ def mean_gradient(
         for n, g in grads.items():
             total[n] += b * g.double()
         samples, batches = samples + b, batches + 1
+    total = distributed.all_reduce_dict(total)  # sums and counts over every rank's batches
+    samples, batches = distributed.sum_counts(samples, batches)
     return {n: (t / samples).to(params[n].dtype) for n, t in total.items()}, samples, batches
 
 

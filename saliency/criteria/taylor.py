@@ -8,7 +8,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from saliency import fastpaths
+from saliency import distributed, fastpaths
 from saliency.criteria import Scores, register_criterion
 from saliency.criteria.base import default_loss, forward, iter_batches, model_device
 from saliency.criteria.snip import check_counts, scoring_mode
@@ -140,6 +140,8 @@ class Taylor:
             for h in handles:
                 h.remove()
             outs.clear()
+        totals = distributed.all_reduce_dict(totals)  # sums and counts over every rank's batches
+        samples, batches = distributed.sum_counts(samples, batches)
         scores = {}
         for n in names:
             s = totals[n] / samples

@@ -7,6 +7,7 @@ from typing import ClassVar
 
 import torch
 
+from saliency import distributed
 from saliency.criteria import Scores, register_criterion
 from saliency.criteria.snip import batch_gradients, check_counts, scoring_mode
 
@@ -48,6 +49,8 @@ class TaylorWeight:
                 for n, g in grads.items():
                     total[n] += (g.double() * params[n].detach().double()) ** 2
                 samples, batches = samples + b, batches + 1
+        total = distributed.all_reduce_dict(total)  # sums and counts over every rank's batches
+        samples, batches = distributed.sum_counts(samples, batches)
         scores = Scores({n: (t / batches).sqrt().float() for n, t in total.items()})
         scores.cost.samples = samples
         scores.cost.backward_passes = batches

@@ -22,6 +22,8 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from saliency import distributed
+
 try:
     import fcntl
 except ImportError:  # Windows: single-writer only
@@ -51,8 +53,11 @@ def append_records(path: str | os.PathLike, records: Iterable[dict[str, Any]]) -
 
     Concurrent appends from several processes (sweep workers) never interleave. A write cut
     short (kill, full disk) leaves a unit with some of its lines: readers leave such a unit out
-    (see `unit_records`) and a resumed sweep runs it again.
+    (see `unit_records`) and a resumed sweep runs it again. Under torchrun only rank 0 writes
+    (`saliency.distributed.is_writer`).
     """
+    if not distributed.is_writer():
+        return
     p = records_path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     lines = "".join(json.dumps(r, sort_keys=True, allow_nan=True) + "\n" for r in records)
@@ -235,8 +240,11 @@ def config_slug(label: str) -> str:
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     """Call `write(tmp)` on a temporary file next to `path`, then rename it over `path`; the
-    temporary file is removed if anything fails, so no `*.tmp` is left behind."""
+    temporary file is removed if anything fails, so no `*.tmp` is left behind. Under torchrun
+    only rank 0 writes (`saliency.distributed.is_writer`)."""
     out = Path(path)
+    if not distributed.is_writer():
+        return out
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")
     try:

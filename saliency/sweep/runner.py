@@ -15,6 +15,7 @@ the workers at once and raises `SweepInterrupted` with what was recorded.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing as mp
 import os
@@ -28,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from saliency import distributed
 from saliency.sweep.config import SweepConfig
 from saliency.sweep.jobs import Job, Unit, cache_path, dense_budget, run_job, unit_run_id
 from saliency.sweep.records import (
@@ -195,19 +197,28 @@ def run_sweep(
         raise ValueError(f"executor must be 'local' or 'submitit'; got {executor!r}")
     if not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers must be a positive int; got {workers!r}")
+    ranks = distributed.init_from_env()
+    if ranks and (workers > 1 or executor != "local"):
+        raise ValueError(
+            "under torchrun every rank runs each unit in turn (scoring shared out among the "
+            f"ranks): use workers=1 and executor='local'; got {workers=}, {executor=!r}"
+        )
     _preflight(cfg)
+    if ranks:
+        _check_torchrun(cfg)
     out = Path(out_root) / cfg.name
     jobs = plan(cfg)
     all_units = {u.run_id for j in jobs for u in j.units}
     threads = _threads(workers, executor)
-    records = clean(iter_records(out))
+    # under torchrun all ranks must run the same jobs: rank 0's reading of the records decides
+    records = distributed.broadcast_object(clean(iter_records(out)))
     done = {r["run_id"] for r in records if r.get("run_id") is not None}
     result = SweepResult(out, len(all_units), len(all_units & done))
     result.notes = _resume_notes(records, all_units, threads)
-    pending = _pending(cfg, out, jobs, done)
+    pending = distributed.broadcast_object(_pending(cfg, out, jobs, done))
     if not pending:  # nothing to write: works in a read-only directory
         return result
-    with _locked(out):
+    with _locked(out) if distributed.is_writer() else contextlib.nullcontext():
         _remove_stale_tmp(out)
         atomic_write(out / "config.json", lambda tmp: tmp.write_text(_config_json(cfg)))
         _execute(
@@ -230,7 +241,7 @@ def _execute(
     cfg, out, pending, done, result, workers, threads, executor, progress, on_error, cluster
 ) -> None:
     start = time.perf_counter()
-    bar = _bar(result.units - result.skipped, progress)
+    bar = _bar(result.units - result.skipped, progress and distributed.is_writer())
     show = _show(bar)
     try:
         dense = [j for j in pending if j.kind == "dense"]
@@ -333,9 +344,31 @@ class _locked:
 
 def _remove_stale_tmp(out: Path) -> None:
     """Temporary files of writes that died (a killed run); none can be in progress under the lock."""
+    if not distributed.is_writer():
+        return
     for p in out.rglob("*.tmp"):
         if "submitit" not in p.parts:
             p.unlink(missing_ok=True)
+
+
+def _check_torchrun(cfg: SweepConfig) -> None:
+    """Under torchrun each rank scores whole batches of the scoring data; a criterion that reads
+    fewer samples (or batches) than the scoring data holds would read a different subset than
+    one process does: refused, so records never silently depend on the number of ranks."""
+    from saliency.sweep.config import ConfigError
+    from saliency.sweep.jobs import build_criterion
+
+    cap = cfg.scoring["n_samples"]
+    for spec in cfg.criteria:
+        crit = build_criterion(spec, cfg.seeds[0], cfg.granularity)
+        n, nb = getattr(crit, "n_samples", None), getattr(crit, "n_batches", None)
+        if nb is not None or (n is not None and (cap is None or n < cap)):
+            raise ConfigError(
+                f"sweep {cfg.name!r} under torchrun: criterion {spec.label!r} reads "
+                f"n_samples={n}, n_batches={nb} of the {cap or 'all'} scoring samples, and these "
+                "limits apply per rank. Set its n_samples to None (or >= [scoring] n_samples) and "
+                "n_batches to None, and choose the amount with [scoring] n_samples"
+            )
 
 
 def _preflight(cfg: SweepConfig) -> None:

@@ -13,6 +13,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from saliency import distributed
+
 log = logging.getLogger(__name__)
 
 
@@ -24,7 +26,7 @@ class TensorBoard:
 
     @classmethod
     def maybe(cls, cfg, out: Path) -> TensorBoard | None:
-        if not cfg.tensorboard:
+        if not cfg.tensorboard or not distributed.is_writer():  # torchrun: rank 0 logs
             return None
         try:
             return cls(Path(out) / "tensorboard")

@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 import saliency
+from saliency import distributed
 from saliency.criteria import Cost, for_granularity, get_criterion
 from saliency.layerwise import is_solver
 from saliency.masks import Masks
@@ -166,11 +167,13 @@ def dense_model(cfg: SweepConfig, out: Path, seed: int, notify=None) -> torch.nn
     model = new_model(cfg, seed)
     if path.exists():
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-    else:
+    elif distributed.is_writer():  # under torchrun rank 0 trains, the others receive its weights
         train_model(cfg, model, seed, cfg.train, notify=notify)
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         atomic_write(path, lambda tmp: torch.save(state, tmp))
-    return model.to(device(cfg))
+    model = model.to(device(cfg))
+    distributed.broadcast_module(model)  # torchrun: every rank prunes rank 0's dense model
+    return model
 
 
 def dense_budget(cfg: SweepConfig, mode: str) -> tuple[str, list[dict[str, Any]]] | None:
@@ -193,10 +196,16 @@ def dense_budget(cfg: SweepConfig, mode: str) -> tuple[str, list[dict[str, Any]]
 
 
 def scoring_data(cfg: SweepConfig, seed: int) -> DataLoader:
-    """The first `scoring.n_samples` training samples of a seeded permutation."""
+    """The first `scoring.n_samples` training samples of a seeded permutation (under torchrun,
+    this rank's share of them: the criteria combine the shares)."""
     x, y = dataset(cfg).train.tensors[:2]
     g = torch.Generator().manual_seed(seed)
     idx = torch.randperm(len(x), generator=g)[: cfg.scoring["n_samples"] or len(x)]
+    if distributed.world() is not None:  # torchrun: each rank scores a contiguous run of the
+        rank, size = distributed.world()  # very batches one process would read
+        chunks = idx.split(cfg.scoring["batch_size"])
+        lo, hi = distributed.shares(len(chunks))[rank]
+        idx = torch.cat(chunks[lo:hi]) if hi > lo else idx[:0]
     return DataLoader(TensorDataset(x[idx], y[idx]), batch_size=cfg.scoring["batch_size"])
 
 
@@ -312,7 +321,11 @@ def evaluate_model(
     }
     if scoring is not None:
         seen = evaluate(model, scoring.dataset, task=ds.task, device=device(cfg))
-        out["scoring_loss"] = float(seen["loss"] if "loss" in seen else seen["mse"])
+        loss = float(seen["loss"] if "loss" in seen else seen["mse"])
+        if distributed.world() is not None:  # torchrun: this rank's share, combined by counts
+            total, n = distributed.sum_counts(loss * len(scoring.dataset), len(scoring.dataset))
+            loss = total / n
+        out["scoring_loss"] = loss
     return out
 
 
@@ -330,6 +343,8 @@ def loss_gradient(model, data, loss_fn) -> dict[str, torch.Tensor]:
             if p.grad is not None:
                 grads[n] += p.grad
         total += len(x)
+    grads = distributed.all_reduce_dict(grads)  # under torchrun: every rank's share
+    (total,) = distributed.sum_counts(total)
     return {n: g / total for n, g in grads.items()}
 
 
