@@ -23,10 +23,19 @@ class OBS:
     (``loss_units``). ``H^-1`` is block diagonal: WoodFisher's damped empirical Fisher on
     contiguous blocks of ``block_size`` weights of each tensor (``hessian="fisher"``, Singh &
     Alistarh 2020), or the exact autograd Hessian of all targets jointly for small models
-    (``hessian="exact"``, up to ``max_params`` weights). See ``saliency.inverse_fisher`` for the
-    damping: ``damp`` is relative to the mean of each block's curvature diagonal (default 1e-2
-    for the Fisher, **0 for the exact Hessian**, which is then refused with a clear error if it is
-    not positive definite: pass ``damp`` to damp it), ``damp_absolute`` is added as is.
+    (``hessian="exact"``, up to ``max_params`` weights), or K-FAC's Kronecker factors per layer
+    (``hessian="kfac"``, ``saliency.kfac``). See ``saliency.inverse_fisher`` for the damping:
+    ``damp`` is relative to the mean curvature diagonal of each layer (``damp_scope="layer"``, the
+    default; ``"block"``: of each block, WoodFisher's convention, which left blocks over inputs
+    that are almost always zero undamped) (default 1e-2 for the Fisher and K-FAC, **0 for the
+    exact Hessian**, which is then refused with a clear error if it is not positive definite: pass
+    ``damp`` to damp it), ``damp_absolute`` is added as is.
+
+    ``selection="greedy"`` (the default for the Fisher blocks and K-FAC) scores each weight by
+    the joint cost of removing it together with the cheaper ones of its block, along the greedy
+    OBS order (``greedy_scores``; for K-FAC on each output row's block of the inverse), so that a
+    global threshold does not take thousands of weights that each look cheap alone;
+    ``"single"`` keeps the one-weight saliency above (the default for the exact Hessian).
 
     ``apply_update`` (called by ``saliency.prune`` after allocation) applies the joint OBS update for
     the set Q of weights pruned in a block: ``dw = -H^-1[:, Q] (H^-1[Q, Q])^-1 w_Q`` (the
