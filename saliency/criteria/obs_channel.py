@@ -50,10 +50,11 @@ def kfac_channel_costs(f: kfac.KroneckerFactors, w: Tensor, chunk: int = 16) -> 
 @register_criterion
 @dataclass(frozen=True)
 class OBSChannel(OBS):
-    """Structured OBS: the predicted loss increase of removing a whole output channel Q (a row of
-    a Linear / Conv weight) with the joint update ``dw = -H^-1[:, Q] (H^-1[Q, Q])^-1 w_Q`` of the
-    rest of its blocks, ``1/2 w_Q^T (H^-1[Q, Q])^-1 w_Q`` summed over the blocks the row
-    spans: the whole layer under K-FAC (``hessian="kfac"``, the default: ``H ~ A (x) G``,
+    """Structured OBS: predicted loss increase of removing a whole output channel, jointly updated.
+
+    The channel is Q, a row of a Linear / Conv weight, removed with the joint update
+    ``dw = -H^-1[:, Q] (H^-1[Q, Q])^-1 w_Q`` of the rest of its blocks; its cost is
+    ``1/2 w_Q^T (H^-1[Q, Q])^-1 w_Q`` summed over the blocks the row spans: the whole layer under K-FAC (``hessian="kfac"``, the default: ``H ~ A (x) G``,
     `kfac_channel_costs`, the update solved jointly over the layer), or the block-diagonal
     ``H^-1`` of `OBS` (``"fisher"``: WoodFisher blocks of `block_size` weights; ``"exact"``:
     the exact Hessian jointly, for small models).
