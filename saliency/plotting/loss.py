@@ -151,30 +151,15 @@ def plot_loss_prediction(
         Line2D([], [], color="k", ls="-", label="measured"),
         Line2D([], [], color="k", ls="--", label="predicted, one weight at a time"),
     ]
-    if with_joint:
-        proxies.append(
-            Line2D(
-                [],
-                [],
-                color="k",
-                ls="-.",
-                marker="o",
-                fillstyle="top",
-                label="predicted jointly (OBS)",
-            )  # fmt: skip
-        )
-    if with_first:
-        proxies.append(
-            Line2D(
-                [],
-                [],
-                color="k",
-                ls=":",
-                marker="o",
-                markerfacecolor="none",
-                label="+ first-order term g·Δw",
-            )  # fmt: skip
-        )
+    dotted = [  # (shown, line style, marker fill, label): the hollow-marker series
+        (with_joint, "-.", {"fillstyle": "top"}, "predicted jointly (OBS)"),
+        (with_first, ":", {"markerfacecolor": "none"}, "+ first-order term g·Δw"),
+    ]
+    proxies += [
+        Line2D([], [], color="k", ls=ls, marker="o", label=label, **fill)
+        for shown, ls, fill, label in dotted
+        if shown
+    ]
     fig.legend(handles=proxies, loc="outside lower center", ncol=math.ceil(len(proxies) / 2))
     return fig
 

@@ -277,10 +277,10 @@ def prune_with_cost(cfg, model, crit, sparsity, data, loss_fn, *, current=None, 
     if scores is not None:
         rounds = [sparsity]
     total, predicted, masks = Cost(backward_passes=0), {"scores": 0.0}, current
+    own = getattr(crit, "loss_predictions", None)
     for s in rounds:
         sc = scores if scores is not None else score(model, crit, data, loss_fn, params=params)
         before = masks
-        own = getattr(crit, "loss_predictions", None)
         scored = {n: p.detach().clone() for n, p in params.items()} if callable(own) else None
         masks = prune_step(
             model,
