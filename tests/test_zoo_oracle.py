@@ -283,7 +283,7 @@ def kfac(model, params, x, y, loss, ref):
     """K-FAC factors A = (1/N) sum_n (1/T) sum_t a a^T, G = (1/N) sum_n sum_t g g^T of the
     prunable weights, from a loop over samples (layer input and d l_n / d output by hooks),
     and OBS's K-FAC saliency w^2 / (2 [(A (x) G + lambda I)^-1]_qq) from them, and its greedy
-    scores on each output row's block of that explicit inverse."""
+    scores on each output row's block of that explicit inverse, and obs_channel's row costs."""
     from saliency import kfac as K
 
     ps = {n: p for n, p in saliency.prunable_parameters(model).items() if n in params}
@@ -315,6 +315,7 @@ def kfac(model, params, x, y, loss, ref):
     kw = {"params": ps, "hessian": "kfac"}
     single = saliency.score(model, "obs", [(x, y)], loss, selection="single", **kw)
     greedy = saliency.score(model, "obs", [(x, y)], loss, **kw)  # default: greedy per row
+    channel = saliency.score(model, "obs_channel", [(x, y)], loss, params=ps)  # K-FAC default
     for n, p in ps.items():
         _close(got.factors[n].A, A[n])
         _close(got.factors[n].G, G[n])
@@ -327,6 +328,15 @@ def kfac(model, params, x, y, loss, ref):
         blocks = torch.stack([Hinv[k * j : k * j + k, k * j : k * j + k] for j in range(len(w))])
         want = greedy_scores(blocks, w, w != 0).view_as(p)
         _close(greedy[n], want, 1e-5)
+        # obs_channel (K-FAC): 1/2 w_c^T (Hinv[c, c])^-1 w_c per output row c over its nonzero
+        # weights, an equal share on each weight of the row
+        cost = []
+        for j in range(len(w)):
+            q = (torch.arange(len(w) * k) // k == j) & (w.reshape(-1) != 0)
+            wq = w.reshape(-1)[q]
+            cost.append(0.5 * wq @ torch.linalg.solve(Hinv[q][:, q].double(), wq))
+        share = (torch.stack(cost) / k).view(-1, *[1] * (p.dim() - 1)).expand(p.shape)
+        _close(channel[n], share, 1e-5)
 
 
 ESTIMATORS = [
@@ -495,6 +505,21 @@ def _obs_ref(ref, params, block):
     return out
 
 
+def _obs_greedy_ref(ref, params, block):
+    """OBS's default selection: the greedy joint costs (``greedy_scores``, checked against a
+    brute-force greedy search in test_obs.py) on the reference block inverses."""
+    from saliency.criteria.obs import greedy_scores
+
+    out = {}
+    for n, p in params.items():
+        w = p.detach().double().reshape(-1)
+        pad = -len(w) % block
+        w = torch.nn.functional.pad(w, (0, pad)).view(-1, block)
+        g = greedy_scores(_ref_block_inverse(ref, n, block, 1e-2).double(), w, w != 0)
+        out[n] = g.reshape(-1)[: p.numel()].view_as(p)
+    return out
+
+
 def _criteria():
     """name -> (hyperparameters, reference(model, params, x, y, loss, ref), tolerance).
     OBS and taylor return float32 scores: compared at float32 precision."""
@@ -512,6 +537,11 @@ def _criteria():
         "obs": (
             {"block_size": 8, "dtype": "float64", "selection": "single"},
             lambda m, ps, x, y, loss, r: _obs_ref(r, ps, 8),
+            1e-6,
+        ),
+        "obs_greedy": (
+            {"block_size": 8, "dtype": "float64", "selection": "greedy"},
+            lambda m, ps, x, y, loss, r: _obs_greedy_ref(r, ps, 8),
             1e-6,
         ),
         "taylor": ({}, lambda m, ps, x, y, loss, r: _taylor_ref(m, ps, x, y, loss), 1e-6),
@@ -543,7 +573,7 @@ def test_criterion_matches_brute_force(arch, crit):
     params = saliency.prunable_parameters(model)
     hp, reference, tol = CRITERIA[crit]
     ref_fn = reference or _snip_ref
-    name = re.sub(r"_ggn$", "", crit)
+    name = re.sub(r"_(ggn|greedy)$", "", crit)
     before = copy.deepcopy(model.state_dict())
     why = _expect(name, arch)
     if why:

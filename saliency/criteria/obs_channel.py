@@ -54,8 +54,9 @@ class OBSChannel(OBS):
 
     The channel is Q, a row of a Linear / Conv weight, removed with the joint update
     ``dw = -H^-1[:, Q] (H^-1[Q, Q])^-1 w_Q`` of the rest of its blocks; its cost is
-    ``1/2 w_Q^T (H^-1[Q, Q])^-1 w_Q`` summed over the blocks the row spans: the whole layer under K-FAC (``hessian="kfac"``, the default: ``H ~ A (x) G``,
-    `kfac_channel_costs`, the update solved jointly over the layer), or the block-diagonal
+    ``1/2 w_Q^T (H^-1[Q, Q])^-1 w_Q`` summed over the blocks the row spans: the whole layer
+    under K-FAC (``hessian="kfac"``, the default: ``H ~ A (x) G``, `kfac_channel_costs`, the
+    update solved jointly over the layer), or the block-diagonal
     ``H^-1`` of `OBS` (``"fisher"``: WoodFisher blocks of `block_size` weights; ``"exact"``:
     the exact Hessian jointly, for small models).
     With WoodFisher blocks, a row cut by a block boundary is updated within each block, and a
@@ -86,7 +87,10 @@ class OBSChannel(OBS):
                 cost = kfac_channel_costs(inv.factors[n], p) / p[0].numel()
                 shape = (-1, *[1] * (p.dim() - 1))
                 scores[n] = cost.view(shape).expand(p.shape).to(torch.float32).to(p.device)
-        for blk in [] if isinstance(inv, kfac.KFAC) else inv.blocks:
+            blocks = []
+        else:
+            blocks = inv.blocks
+        for blk in blocks:
             offsets, ids = 0, {}
             for n in blk.names:  # one channel id per output row, across the block's tensors
                 rows = params[n].shape[0]
