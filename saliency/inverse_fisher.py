@@ -21,7 +21,13 @@ the block's Fisher diagonal by default. Near zero training loss every g_n is tin
 a fixed small ``lambda`` then dominates it, ``Hinv ~ I / lambda``, and the OBS saliency
 ``w_q^2 / (2 [Hinv]_qq)`` silently becomes ``lambda w_q^2 / 2``: magnitude pruning. Relative
 damping keeps the same conditioning whatever the loss scale. Blocks whose diagonal is all zero
-(dead units) borrow their tensor's mean.
+(dead units) borrow their tensor's mean; the mean is floored relative to the curvature of all
+targets (``saliency.negligible``).
+
+Curvature of round-off. Weights whose Fisher (or Hessian) diagonal is negligible against the
+mean over all targets (``saliency.negligible``: an attention key bias, a branch that does not
+reach the loss) are decoupled like pruned ones (``alive`` False, unit diagonal): their saliency
+is exactly 0 and the OBS update moves no other weight for them, on every machine.
 
 Conditioning on the pruned. Weights not ``alive`` (already pruned: exactly zero, or masked by an
 attached mask) get zero gradient columns and a unit diagonal, so each block inverse splits into
@@ -39,7 +45,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from saliency import distributed, fastpaths, per_sample
+from saliency import distributed, fastpaths, negligible, per_sample
 from saliency.apply import attached_masks
 from saliency.model_io import (
     LossFn,
@@ -57,7 +63,8 @@ _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 class BlockInverse:
     """``Hinv [nb, B, B]`` over the concatenation of ``names`` (flattened, zero-padded to nb*B).
 
-    ``alive [nb, B]`` marks the weights the inverse is conditioned on (False: pruned or padding),
+    ``alive [nb, B]`` marks the weights the inverse is conditioned on (False: pruned, padding, or
+    of negligible curvature),
     ``damping [nb]`` the lambda added to each block."""
 
     names: tuple[str, ...]
@@ -164,18 +171,19 @@ def _damping(
     damp: float,
     damp_absolute: float,
     scope: str = "layer",
+    scale: float = 0.0,
 ) -> Tensor:
     """Per-block lambda ``[nb]`` from the Fisher diagonal sums ``[nb, B]`` (alive entries only):
     ``damp`` times the mean diagonal of the whole tensor (``scope="layer"``) or of each block
     (``"block"``; blocks whose diagonal is all zero borrow the tensor's mean), plus
-    ``damp_absolute``."""
-    whole = (diag_sum * alive).sum() / (m * alive.sum().clamp(min=1))
+    ``damp_absolute``. Means are floored at ``NULL_RTOL * scale`` (``saliency.negligible``)."""
+    whole = negligible.floored((diag_sum * alive).sum() / (m * alive.sum().clamp(min=1)), scale)
     if scope == "layer":
         return (damp * whole + damp_absolute).expand(len(diag_sum)).clone()
     count = alive.sum(1).clamp(min=1)
     mean = (diag_sum * alive).sum(1) / (m * count)
     mean = torch.where(mean > 0, mean, whole)  # dead blocks borrow the tensor's mean
-    return damp * mean + damp_absolute
+    return damp * negligible.floored(mean, scale) + damp_absolute
 
 
 def _pairs(T: Tensor, n: int, row: int, col: int) -> Tensor:
@@ -235,6 +243,17 @@ def _shard(GtG: dict[str, Tensor], groups: dict[str, BlockInverse]) -> dict[str,
         groups[n].first, groups[n].sharded = ranges[rank][0], True
         offset += nb
     return diag
+
+
+def _decouple_negligible(
+    groups: Mapping[str, BlockInverse], diag_sums: Mapping[str, Tensor], m: int
+) -> float:
+    """Mark the weights of negligible Fisher diagonal not alive (``saliency.negligible``);
+    returns the scale, the mean diagonal over all alive weights of all targets."""
+    s = negligible.scale([diag_sums[n] / m for n in groups], [b.alive for b in groups.values()])
+    for n, blk in groups.items():
+        blk.alive &= ~negligible.negligible(diag_sums[n] / m, s).to(blk.alive.device)
+    return s
 
 
 def _read(data, n_samples, device) -> list[tuple[Tensor, Tensor]]:
@@ -321,13 +340,18 @@ def block_inverse_fisher(
             for n, Gb in g.items():
                 GtG[n].baddbmm_(Gb.transpose(1, 2), Gb)
         bufs.clear()
-        diag_sums = _shard(GtG, groups) if distributed.world() is not None else None
+        if distributed.world() is not None:
+            diag_sums = _shard(GtG, groups)
+        else:
+            diag_sums = {n: torch.diagonal(G, dim1=1, dim2=2).clone() for n, G in GtG.items()}
+        s = _decouple_negligible(groups, diag_sums, m)
         error = None
         for n, blk in groups.items():
             F = GtG.pop(n)
             F /= m
-            dsum = torch.diagonal(F, dim1=1, dim2=2) * m if diag_sums is None else diag_sums[n]
-            lam = _damping(dsum, blk.alive, m, damp, damp_absolute, damp_scope)
+            a = blk.alive[blk.first : blk.first + len(F)].to(F.device)
+            F *= a[:, :, None] & a[:, None, :]  # negligible rows and columns: exactly zero
+            lam = _damping(diag_sums[n], blk.alive, m, damp, damp_absolute, damp_scope, s)
             d = torch.where(blk.alive, lam[:, None], torch.ones_like(lam)[:, None])
             F += torch.diag_embed(d[blk.first : blk.first + len(F)].to(dt))
             blk.damping = lam
@@ -344,8 +368,10 @@ def block_inverse_fisher(
         for g in chunks():  # first pass: the diagonal, for the relative damping
             for n, gn in g.items():
                 sq[n] += gn.pow(2).sum(1)
-        for n, blk in groups.items():
-            lam = _damping(sq[n], blk.alive, m, damp, damp_absolute, damp_scope)
+        s = _decouple_negligible(groups, sq, m)
+        for n, blk in groups.items():  # the second pass leaves out the negligible weights
+            keep[n] = blk.alive.reshape(1, -1)[:, : keep[n].shape[1]].to(keep[n])
+            lam = _damping(sq[n], blk.alive, m, damp, damp_absolute, damp_scope, s)
             d = torch.where(blk.alive, lam[:, None], torch.ones_like(lam)[:, None])
             if bool((d <= 0).any()):
                 raise ValueError(f"the Woodbury recursion needs lambda > 0; got 0 for {n!r}")
@@ -417,8 +443,10 @@ def exact_inverse_hessian(
         H = torch.autograd.functional.hessian(loss_of, flat0).to(dt)
     H = distributed.all_reduce_sum(H)  # this rank's share of the mean: the sum over ranks
     a = blk.alive[0]
+    s = negligible.scale([torch.diagonal(H)], [a])  # rows of round-off: decoupled as pruned
+    a &= ~negligible.negligible((H * a[None, :]).abs().amax(1), s, negligible.SECOND_DERIVATIVES)
     H = H * (a[:, None] & a[None, :])
-    lam = _damping(torch.diagonal(H)[None] * m, blk.alive, m, damp, damp_absolute)
+    lam = _damping(torch.diagonal(H)[None] * m, blk.alive, m, damp, damp_absolute, "layer", s)
     H = H + torch.diag(torch.where(a, lam, torch.ones_like(lam)))
     blk.Hinv, blk.damping = _invert(H[None], "+".join(names), "or reach a minimum first"), lam
     return InverseCurvature([blk], m, total, "exact", _fingerprint(params))

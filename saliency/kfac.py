@@ -29,7 +29,13 @@ Inverse. ``A = U_A diag(s_A) U_A^T``, ``G = U_G diag(s_G) U_G^T`` (eigendecompos
 ``(A (x) G + lambda I)^-1 vec(V) = vec(U_G [(U_G^T V U_A) / (s_G s_A^T + lambda)] U_A^T)`` and its
 diagonal is ``(U_G^2) [1 / (s_G s_A^T + lambda)] (U_A^2)^T``; the full matrix is never formed.
 ``lambda = damp * mean(diag A) * mean(diag G) + damp_absolute``: relative to the layer's mean
-Fisher diagonal, as the block inverse (``saliency.inverse_fisher``).
+Fisher diagonal, as the block inverse (``saliency.inverse_fisher``), floored relative to the
+mean K-FAC diagonal over all targets.
+
+Curvature of round-off (``saliency.negligible``). An input j whose column of the K-FAC diagonal
+is negligible (``A_jj max(diag G)``, against the mean K-FAC diagonal ``G_ii A_jj`` over all
+targets), and likewise an output i (``G_ii max(diag A)``), has its row and column of A (of G)
+set to exactly 0: the weights it touches are decoupled, score 0 and move no other weight.
 """
 
 from __future__ import annotations
@@ -42,7 +48,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from saliency import distributed, fastpaths
+from saliency import distributed, fastpaths, negligible
 from saliency.model_io import (
     LossFn,
     default_loss,
@@ -67,12 +73,19 @@ class KroneckerFactors:
     G: Tensor
     shape: torch.Size
     damping: float = 0.0
+    live: Tensor | None = None  # [out, in] bool: False where the curvature is negligible
 
     def __post_init__(self) -> None:
         self.sA, self.UA = torch.linalg.eigh(self.A)
         self.sG, self.UG = torch.linalg.eigh(self.G)
         # tiny negative eigenvalues from rounding of a PSD matrix
         self.sA, self.sG = self.sA.clamp(min=0), self.sG.clamp(min=0)
+
+    def live_mask(self) -> Tensor:
+        """``[out, in]`` True where the weight's curvature is not negligible."""
+        if self.live is None:
+            return torch.ones(len(self.G), len(self.A), dtype=torch.bool, device=self.A.device)
+        return self.live
 
     def _2d(self, v: Tensor) -> Tensor:
         return v.reshape(self.shape[0], -1).to(self.A.dtype)
@@ -248,14 +261,31 @@ def kfac_factors(
         m_total, passes = distributed.sum_counts(m_total, passes)
     if m_total == 0:
         raise ValueError("data yielded no samples")
+    A = {n: A[n] / m_total for n in params}
+    G = {n: G[n] / m_total for n in params}
+    mean = {n: float(torch.diagonal(A[n]).mean() * torch.diagonal(G[n]).mean()) for n in params}
+    s = sum(mean[n] * p.numel() for n, p in params.items()) / sum(
+        p.numel() for p in params.values()
+    )
     factors = {}
     for n, p in params.items():
-        An, Gn = A[n] / m_total, G[n] / m_total
-        lam = damp * float(torch.diagonal(An).mean() * torch.diagonal(Gn).mean()) + damp_absolute
-        factors[n] = KroneckerFactors(An, Gn, p.shape, lam)
+        An, Gn, live = _decouple_negligible(A[n], G[n], s)
+        lam = damp * negligible.floored(mean[n], s) + damp_absolute
+        factors[n] = KroneckerFactors(An, Gn, p.shape, lam, live)
     from saliency.inverse_fisher import _fingerprint
 
     return KFAC(factors, m_total, passes, _fingerprint(params))
+
+
+def _decouple_negligible(A: Tensor, G: Tensor, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    """A and G with the rows and columns of negligible inputs / outputs zeroed (module
+    docstring), and the ``[out, in]`` mask of the weights left with curvature."""
+    dA, dG = torch.diagonal(A), torch.diagonal(G)
+    live_in = ~negligible.negligible(dA * dG.max(), scale)
+    live_out = ~negligible.negligible(dG * dA.max(), scale)
+    A = A * (live_in[:, None] & live_in[None, :])
+    G = G * (live_out[:, None] & live_out[None, :])
+    return A, G, live_out[:, None] & live_in[None, :]
 
 
 def masked_solve(

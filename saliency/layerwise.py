@@ -219,5 +219,6 @@ def obs_scores(crit, model, params, data) -> dict[str, Tensor]:
             raise ValueError(f"layer {n!r}: {e}") from e
         W = capture.weight_matrix(modules[n]).double().cpu()
         s = W.square() / (2 * torch.diagonal(Hinv))[None, :]
+        s = s.masked_fill(solvers.dead_inputs(torch.diagonal(st.H)).cpu()[None, :], 0.0)
         out[n] = capture.from_matrix(modules[n], s.float()).to(params[n].device).contiguous()
     return out

@@ -8,9 +8,11 @@ under a pattern: a sparsity (exact count ``round(sparsity * rows * d)`` of zeros
 N:M (keep N of every M consecutive columns of a row, as ``allocate``'s "N:M"). ``alive`` marks
 the weights not yet pruned (``False``: pruned before, stays pruned and counts toward the target).
 They see tensors, not modules (``saliency.capture`` turns layers into ``W`` and ``H``), and work
-in float64. ``damp`` adds ``damp * mean(diag H) * I`` (relative, as OBS); inputs never active on
-the calibration data (``H_jj = 0``) get ``H_jj = 1`` so that ``H`` stays invertible (their weights
-do not touch the output on that data either way).
+in float64. ``damp`` adds ``damp * mean(diag H) * I`` (relative, as OBS). Inputs never active on
+the calibration data (``H_jj`` zero, or negligible against the layer's mean diagonal: round-off,
+``saliency.negligible``) are decoupled: their row and column of ``H`` are zeroed and ``H_jj = 1``
+so that ``H`` stays invertible. Their weights do not touch the output on that data, so removing
+them costs exactly 0 in every solver (they go first) and moves no other weight.
 
 - OBC / ExactOBS (Frantar & Alistarh 2022): per row, greedy exact OBS, removing
   ``q = argmin w_q^2 / [H^-1]_qq`` then ``w <- w - w_q / [H^-1]_qq H^-1[:, q]`` and the rank-1
@@ -31,6 +33,7 @@ import math
 import torch
 from torch import Tensor
 
+from saliency import negligible
 from saliency.allocate import nm_keep
 
 Pattern = tuple[float | None, tuple[int, int] | None]  # (sparsity, (N, M) or None)
@@ -40,11 +43,20 @@ class SingularHessian(ValueError):
     """The damped ``H`` of a layer is not positive definite."""
 
 
+def dead_inputs(H_diag: Tensor) -> Tensor:
+    """``[d]`` True where input j was never active: ``H_jj`` negligible against the mean."""
+    H_diag = H_diag.detach()
+    return negligible.negligible(H_diag, float(H_diag.abs().mean()))
+
+
 def damped(H: Tensor, damp: float) -> Tensor:
-    """``H + damp * mean(diag H) I`` in float64, with ``H_jj = 1`` where input j was never active."""
+    """``H + damp * mean(diag H) I`` in float64, with the rows and columns of the inputs never
+    active zeroed and their ``H_jj = 1``."""
     H = H.detach().to(torch.float64).clone()
+    dead = dead_inputs(torch.diagonal(H))
+    H[dead] = 0.0
+    H[:, dead] = 0.0
     diag = torch.diagonal(H)
-    dead = diag == 0
     diag[dead] = 1.0
     diag += damp * float(diag.mean())
     return H
@@ -99,7 +111,8 @@ def wanda(W: Tensor, x_norm: Tensor, pattern: Pattern, alive: Tensor | None = No
     ``x_norm [d]`` is ``||X_j||_2`` (any positive multiple: only its order within a row counts).
     Returns ``(W', keep)``."""
     sparsity, nm = pattern
-    score = _key(W.detach().abs().double() * x_norm.double()[None, :], alive)
+    x_norm = x_norm.double().masked_fill(dead_inputs(x_norm.square()), 0.0)
+    score = _key(W.detach().abs().double() * x_norm[None, :], alive)
     if nm is not None:
         keep = nm_keep(score, *nm, alive)
     else:
@@ -129,6 +142,7 @@ def sparsegpt(
     if nm is not None and block_size % nm[1]:
         raise ValueError(f"block_size {block_size} must be a multiple of M={nm[1]} for N:M")
     U = torch.linalg.cholesky(inverse(damped(H, damp)), upper=True)
+    live = ~dead_inputs(torch.diagonal(H))  # removing a dead input's weight costs 0
     W = W.detach().to(torch.float64).clone()
     dead = torch.zeros_like(W, dtype=torch.bool) if alive is None else ~alive.to(W.device)
     prune = torch.zeros_like(dead)
@@ -138,7 +152,7 @@ def sparsegpt(
         u = torch.diagonal(U1)
         if nm is None:
             k = round(sparsity * (rows * i2)) - int(prune[:, :i1].sum())  # exact at i2 = d
-            score = _key(W1.square() / u.square(), ~dead[:, i1:i2]).reshape(-1)
+            score = _key(W1.square() / u.square() * live[i1:i2], ~dead[:, i1:i2]).reshape(-1)
             order = torch.sort(score, stable=True).indices
             flat = dead[:, i1:i2].reshape(-1).clone()
             flat[order[: max(k, 0)]] = True
@@ -146,7 +160,7 @@ def sparsegpt(
         for j in range(i2 - i1):
             if nm is not None and j % nm[1] == 0:
                 g = slice(j, j + nm[1])
-                score = W1[:, g].square() / u[g].square()
+                score = W1[:, g].square() / u[g].square() * live[i1:i2][g]
                 prune[:, i1 + j : i1 + j + nm[1]] = ~nm_keep(score, *nm, ~dead[:, i1:i2][:, g])
             w = W1[:, j]
             q = torch.where(prune[:, i1 + j], 0.0, w)
@@ -158,12 +172,13 @@ def sparsegpt(
     return W, ~prune
 
 
-def _greedy(W, Hinv, steps, alive, nm, record):
+def _greedy(W, Hinv, steps, alive, nm, record, live=None):
     """Greedy exact OBS on rows ``W [b, d]`` (all sharing ``Hinv``), ``steps[r]`` removals in row r.
 
     Already-pruned weights go first (at zero cost). With ``nm``, a group of M columns that has
     lost M - N weights takes no more. Returns ``(W', pruned, increments)``; ``increments[r, t]``
-    is the loss ``w_q^2 / (2 [H^-1]_qq)`` of step t (inf after the row's last step)."""
+    is the loss ``w_q^2 / (2 [H^-1]_qq)`` of step t (inf after the row's last step), 0 for the
+    columns not ``live`` (dead inputs)."""
     b, d = W.shape
     Hi = Hinv.expand(b, d, d).clone()
     W, pruned = W.clone(), torch.zeros(b, d, dtype=torch.bool)
@@ -174,6 +189,8 @@ def _greedy(W, Hinv, steps, alive, nm, record):
         active = steps > t
         diag = torch.diagonal(Hi, dim1=1, dim2=2)
         score = W.square() / diag
+        if live is not None:
+            score = score * live
         score = torch.where(dead & ~pruned, -math.inf, score)
         full = pruned
         if nm is not None:  # groups that already lost M - N weights are closed
@@ -194,6 +211,8 @@ def _greedy(W, Hinv, steps, alive, nm, record):
         if record:
             inc[active, t] = (wq.square() / (2 * dq))[active].clamp_min(0)
             inc[active & dead[rows, q], t] = 0.0
+            if live is not None:
+                inc[active & ~live[q], t] = 0.0
     return W.masked_fill(pruned, 0.0), pruned, inc  # rounding leaves ~1e-18 on pruned weights
 
 
@@ -216,6 +235,7 @@ def obc(
     sparsity, nm = pattern
     rows, d = W.shape
     Hinv = inverse(damped(H, damp))
+    live = ~dead_inputs(torch.diagonal(H))
     W = W.detach().to(torch.float64)
     alive = torch.ones_like(W, dtype=torch.bool) if alive is None else alive.to(W.device)
     dead = (~alive).long()
@@ -228,8 +248,8 @@ def obc(
         groups = dead.view(rows, -1, m).sum(2)
         counts = groups.clamp_min(m - n).sum(1)
     else:
-        incs = [_greedy(W[s], Hinv, torch.full((s.stop - s.start,), d), alive[s], None, True)[2]
-                for s in batches]  # fmt: skip
+        incs = [_greedy(W[s], Hinv, torch.full((s.stop - s.start,), d), alive[s], None, True,
+                        live)[2] for s in batches]  # fmt: skip
         inc = torch.cat(incs)
         k = round(sparsity * (rows * d))
         order = torch.sort(inc.reshape(-1), stable=True).indices[:k]
@@ -237,6 +257,6 @@ def obc(
         counts = torch.maximum(counts.view(rows, d).sum(1), dead.sum(1))
     out, keep = torch.empty_like(W), torch.empty_like(alive)
     for s in batches:
-        out[s], pruned, _ = _greedy(W[s], Hinv, counts[s], alive[s], nm, False)
+        out[s], pruned, _ = _greedy(W[s], Hinv, counts[s], alive[s], nm, False, live)
         keep[s] = ~pruned
     return out, keep

@@ -225,11 +225,23 @@ def hutchinson(model, params, x, y, loss, ref):
     _close_dicts(got, ref.split(acc / K))
 
 
+def _ref_negligible(ref, n):
+    """Weights of ``n`` whose Fisher diagonal is at most 1e-10 of the mean over the nonzero
+    weights of all parameters: zero up to round-off (an attention key bias), never inverted."""
+    diag = {k: (g.reshape(ref.N, -1) ** 2).mean(0) for k, g in ref.grads.items()}
+    alive = {k: p.detach().reshape(-1) != 0 for k, p in ref.params.items()}
+    scale = sum(float(diag[k][alive[k]].sum()) for k in diag) / sum(
+        int(a.sum()) for a in alive.values()
+    )
+    return diag[n] <= 1e-10 * scale
+
+
 def _ref_block_inverse(ref, n, block, damp, scope="layer"):
-    """WoodFisher blocks conditioned on the nonzero weights (zeros count as pruned), damped by
-    ``damp`` times the mean alive Fisher diagonal of the tensor (``scope="layer"``) or of the
-    block (``"block"``, a dead block borrowing the tensor's)."""
-    alive = ref.params[n].detach().reshape(-1) != 0
+    """WoodFisher blocks conditioned on the nonzero weights (zeros count as pruned) of
+    non-negligible curvature, damped by ``damp`` times the mean alive Fisher diagonal of the
+    tensor (``scope="layer"``) or of the block (``"block"``, a dead block borrowing the
+    tensor's)."""
+    alive = (ref.params[n].detach().reshape(-1) != 0) & ~_ref_negligible(ref, n)
     G = ref.grads[n].reshape(ref.N, -1) * alive
     P_ = G.shape[1]
     nb = -(-P_ // block)
@@ -258,6 +270,9 @@ def obs_fisher_blocks(model, params, x, y, loss, ref):
 
 def obs_exact_hessian(model, params, x, y, loss, ref):
     alive = torch.cat([p.detach().reshape(-1) != 0 for p in ref.ps])  # zeros count as pruned
+    H = ref.hessian * (alive[:, None] & alive[None, :])
+    scale = float(torch.diagonal(H)[alive].abs().mean())  # rows of round-off: as pruned
+    alive &= H.abs().amax(1) > 1e-5 * scale
     H = ref.hessian * (alive[:, None] & alive[None, :])
     lam = float(torch.linalg.eigvalsh(H).abs().max()) + 1.0  # definite whatever the model
     inv = IF.exact_inverse_hessian(model, params, [(x, y)], loss, damp_absolute=lam)
@@ -316,23 +331,33 @@ def kfac(model, params, x, y, loss, ref):
     single = saliency.score(model, "obs", [(x, y)], loss, selection="single", **kw)
     greedy = saliency.score(model, "obs", [(x, y)], loss, **kw)  # default: greedy per row
     channel = saliency.score(model, "obs_channel", [(x, y)], loss, params=ps)  # K-FAC default
+    # inputs (outputs) whose column (row) of the K-FAC diagonal G_ii A_jj is at most 1e-10 of its
+    # mean over all layers: round-off, decoupled and scored 0
+    mean = {n: float(torch.diagonal(A[n]).mean() * torch.diagonal(G[n]).mean()) for n in ps}
+    scale = sum(mean[n] * p.numel() for n, p in ps.items()) / sum(p.numel() for p in ps.values())
     for n, p in ps.items():
+        dA, dG = torch.diagonal(A[n]), torch.diagonal(G[n])
+        live_in, live_out = dA * dG.max() > 1e-10 * scale, dG * dA.max() > 1e-10 * scale
+        A[n] = A[n] * (live_in[:, None] & live_in[None, :])
+        G[n] = G[n] * (live_out[:, None] & live_out[None, :])
+        live = (live_out[:, None] & live_in[None, :]).view_as(p)
         _close(got.factors[n].A, A[n])
         _close(got.factors[n].G, G[n])
-        lam = 1e-2 * float(torch.diagonal(A[n]).mean() * torch.diagonal(G[n]).mean())
+        lam = 1e-2 * max(mean[n], 1e-10 * scale)
         H = torch.kron(G[n], A[n]) + lam * torch.eye(A[n].shape[0] * G[n].shape[0])
         Hinv = torch.linalg.inv(H)
         d = torch.diagonal(Hinv).view_as(p)
-        _close(single[n], p.detach() ** 2 / (2 * d), 1e-6)
+        _close(single[n], torch.where(live, p.detach() ** 2 / (2 * d), 0), 1e-6)
         w, k = p.detach().reshape(len(G[n]), -1).double(), len(A[n])
+        live = live.reshape(w.shape)
         blocks = torch.stack([Hinv[k * j : k * j + k, k * j : k * j + k] for j in range(len(w))])
-        want = greedy_scores(blocks, w, w != 0).view_as(p)
+        want = greedy_scores(blocks, w, (w != 0) & live).view_as(p)
         _close(greedy[n], want, 1e-5)
         # obs_channel (K-FAC): 1/2 w_c^T (Hinv[c, c])^-1 w_c per output row c over its nonzero
         # weights, an equal share on each weight of the row
         cost = []
         for j in range(len(w)):
-            q = (torch.arange(len(w) * k) // k == j) & (w.reshape(-1) != 0)
+            q = (torch.arange(len(w) * k) // k == j) & (w.reshape(-1) != 0) & live.reshape(-1)
             wq = w.reshape(-1)[q]
             cost.append(0.5 * wq @ torch.linalg.solve(Hinv[q][:, q].double(), wq))
         share = (torch.stack(cost) / k).view(-1, *[1] * (p.dim() - 1)).expand(p.shape)
@@ -501,7 +526,8 @@ def _obs_ref(ref, params, block):
     for n, p in params.items():
         Hinv = _ref_block_inverse(ref, n, block, 1e-2)
         d = torch.diagonal(Hinv, dim1=1, dim2=2).reshape(-1)[: p.numel()].view_as(p)
-        out[n] = p.detach() ** 2 / (2 * d)
+        live = (p.detach() != 0) & ~_ref_negligible(ref, n).view_as(p)
+        out[n] = torch.where(live, p.detach() ** 2 / (2 * d), 0)
     return out
 
 
@@ -515,7 +541,8 @@ def _obs_greedy_ref(ref, params, block):
         w = p.detach().double().reshape(-1)
         pad = -len(w) % block
         w = torch.nn.functional.pad(w, (0, pad)).view(-1, block)
-        g = greedy_scores(_ref_block_inverse(ref, n, block, 1e-2).double(), w, w != 0)
+        live = torch.nn.functional.pad(~_ref_negligible(ref, n), (0, pad)).view(-1, block)
+        g = greedy_scores(_ref_block_inverse(ref, n, block, 1e-2).double(), w, (w != 0) & live)
         out[n] = g.reshape(-1)[: p.numel()].view_as(p)
     return out
 

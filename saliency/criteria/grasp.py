@@ -7,7 +7,7 @@ from typing import ClassVar
 
 import torch
 
-from saliency import distributed
+from saliency import distributed, negligible
 from saliency.criteria import Scores, register_criterion
 from saliency.criteria.snip import batch_gradients, check_counts, mean_gradient, scoring_mode
 from saliency.fastpaths import reference_kernels
@@ -69,6 +69,8 @@ class GraSP:
                     if h is not None:
                         Hg[n] += b * h.double()
         Hg = distributed.all_reduce_dict(Hg)  # samples is already the total over ranks
+        # round-off Hg (a key bias the softmax ignores): exactly 0 on every machine
+        Hg = negligible.zero_negligible(Hg, negligible.SECOND_DERIVATIVES)
         raw = {n: p.detach().double() * Hg[n] / samples for n, p in params.items()}
         norm = abs(sum(float(s.sum()) for s in raw.values())) + self.eps
         scores = Scores({n: (s / norm).float() for n, s in raw.items()})

@@ -5,17 +5,21 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
-from saliency import curvature
+from saliency import curvature, negligible
 from saliency.criteria import Scores, register_criterion
 from saliency.criteria.base import default_loss, preserve_model_state
 
 _HESSIANS = ("fisher", "true_fisher", "ggn", "hutchinson", "exact", "kfac", "kfac_true")
+_LINEAR = ("hutchinson", "exact")  # linear in second derivatives (saliency.negligible)
 
 
 @register_criterion
 @dataclass(frozen=True)
 class OBD:
     """Optimal Brain Damage: predicted loss increase 1/2 H_qq w_q^2 (LeCun et al. 1990).
+
+    ``H_qq`` negligible against the mean over all targets (``saliency.negligible``: round-off,
+    e.g. an attention key bias) counts as exactly 0.
 
     The second-order Taylor expansion of the loss around a minimum, with the Hessian taken
     diagonal, predicts that zeroing weight ``w_q`` raises the loss by ``1/2 H_qq w_q^2``
@@ -111,8 +115,10 @@ class OBD:
             if self.eval_mode:
                 model.eval()
             H = self.curvature(model, params, data, loss_fn)
-        scores = Scores({n: 0.5 * H[n] * p.detach() ** 2 for n, p in params.items()})
+        rtol = negligible.SECOND_DERIVATIVES if self.hessian in _LINEAR else negligible.SQUARES
+        D = negligible.zero_negligible(dict(H), rtol)  # round-off curvature: exactly 0
+        scores = Scores({n: 0.5 * D[n] * p.detach() ** 2 for n, p in params.items()})
         scores.cost.samples = H.samples
         scores.cost.backward_passes = H.backward_passes
-        scores.extra["hessian_diag"] = dict(H)
+        scores.extra["hessian_diag"] = D
         return scores

@@ -147,12 +147,14 @@ class OBS:
         if isinstance(inv, kfac.KFAC):
             for n, p in params.items():
                 f, w = inv.factors[n], p.detach().to(torch.float64)
+                live = f.live_mask().reshape(w.shape).to(w.device) & (w != 0)
                 if self.selection_rule == "greedy":  # per output row, its block of the inverse
                     rows = w.reshape(f.shape[0], -1)
-                    s = greedy_scores(f.row_inverse, rows, rows != 0).reshape(w.shape)
+                    s = greedy_scores(f.row_inverse, rows, live.reshape(rows.shape))
+                    s = s.reshape(w.shape)
                 else:
                     s = w.square() / (2 * f.inv_diag().to(w.device))
-                scores[n] = torch.where(w != 0, s, 0).to(torch.float32)
+                scores[n] = torch.where(live, s, 0).to(torch.float32)
         elif self.selection_rule == "greedy":
             for blk in inv.blocks:  # each rank its own share of the blocks when sharded
                 r = blk.rows

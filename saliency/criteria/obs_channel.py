@@ -39,10 +39,11 @@ def kfac_channel_costs(f: kfac.KroneckerFactors, w: Tensor, chunk: int = 16) -> 
     nonzero weights count (pruned ones are already gone). Removing row c with the joint update
     moves every other weight of the layer: the block is the whole layer."""
     W = w.detach().to(torch.float64).reshape(w.shape[0], -1).cpu()
+    live = f.live_mask().cpu() & (W != 0)  # weights of negligible curvature cost nothing
     cost = torch.zeros(len(W), dtype=torch.float64)
     for i in range(0, len(W), chunk):
         rows = slice(i, min(i + chunk, len(W)))
-        z = _obs_z(f.row_inverse(rows).cpu(), W[rows], W[rows] != 0)
+        z = _obs_z(f.row_inverse(rows).cpu(), W[rows], live[rows])
         cost[rows] = 0.5 * (W[rows] * z).sum(1)
     return cost
 
