@@ -253,3 +253,25 @@ def test_sequence_classifier_dict_batches_score_with_cross_entropy_per_sample():
     for crit in ("snip", "taylor_weight", "obd"):
         s = saliency.score(model, crit, data=raw)
         assert all(torch.isfinite(v).all() for v in s.values())
+
+
+@pytest.mark.parametrize("crit", ["obd", "obs", "taylor", "sparsegpt", "obc"])
+def test_criteria_score_a_padded_batch_as_the_same_tokens_unpadded(crit):
+    model = _llama()
+    params = saliency.prunable_parameters(model)
+    if crit == "taylor":  # channel scores of the MLP (its activations carry the samples on dim 0)
+        params = {n: p for n, p in params.items() if "mlp" in n}
+    kw = {"params": params, **({"dtype": "float64"} if crit == "obs" else {})}  # float64 inverses
+    got = saliency.score(model, crit, data=_padded(_sequences()), **kw)
+    ref = saliency.score(model, crit, data=_unpadded(_sequences()), **kw)
+    for n in params:
+        torch.testing.assert_close(got[n], ref[n], rtol=1e-6, atol=1e-12, msg=n)
+
+
+@pytest.mark.parametrize("crit", ["wanda", "sparsegpt"])
+def test_layerwise_solvers_prune_an_hf_model_from_dict_batches(crit):
+    model = _llama()
+    masks = saliency.prune(model, crit, 0.5, data=_padded(_sequences()), scope="layer")
+    assert abs(masks.sparsity - 0.5) < 1e-6
+    named = dict(model.named_parameters())
+    assert all(not named[n].detach()[~m].any() for n, m in masks.items())
