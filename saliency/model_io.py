@@ -1,18 +1,34 @@
 """How the library reads data, calls models and splits a loss into per-sample losses.
 
-The lowest layer of the core: criteria, curvature and the per-sample machinery all go through
-these functions, so a convention (what a model's output is, what sample n's loss is) lives in
-one place.
+The lowest layer of the core and the one owner of the batch format: criteria, curvature, the
+per-sample machinery, the layer-wise capture and the sweeps all go through it, so a convention
+(what a batch is, what a model's output is, what sample n's loss is) lives in one place.
 
+- **Batches.** ``iter_batches`` yields ``Batch`` objects from ``(inputs, targets)`` pairs, where
+  inputs is a tensor (``model(x)``), a tuple of tensors (``model(*x)``) or a mapping of keyword
+  arguments (``model(**x)``), or from mappings of model keyword arguments (the Hugging Face
+  convention ``{"input_ids", "attention_mask", "labels", ...}``; the targets are the
+  ``labels``). A ``Batch`` knows its number of samples, slices samples (every tensor whose
+  dim 0 is the batch size; the others are shared), moves to a device, calls the model, and
+  marks padding (``token_mask``: False where ``attention_mask == 0`` or ``labels == -100``).
+  Callers write ``batch.call(model)`` and ``batch[i:j]``, never ``model(x)`` or ``x[i:j]``.
 - **Model outputs.** ``model_output(out)`` is what losses see: a tensor as is; the ``logits``
   of an object or mapping that has them (Hugging Face ``ModelOutput``, ``{"logits": ...}``);
   the first element of a tuple or list (``return_dict=False`` models). Anything else is refused
   with an error that says how to wrap the model.
+- **Losses.** Without ``loss_fn`` (None or ``default_loss``), ``resolve_loss`` picks
+  cross-entropy, or ``causal_lm_loss`` (shifted token cross-entropy, labels -100 ignored) for
+  the labels of a causal LM; the scalar loss of a labelled mapping batch is the model's own
+  ``.loss`` (``batch_loss``). For a causal LM that batch loss is the mean over **all** valid
+  tokens of the batch, while per-sample quantities use each sample's own mean (next item), so
+  a Fisher ``(1/N) sum_n g_n g_n^T`` weighs every sample equally, whatever its length.
 - **Per-sample losses.** ``l_n = loss_fn(f(x_n)[None], y_n[None])``: sample n's own loss with the
   loss's own reduction over positions and its ``ignore_index`` (a sample whose positions are all
   ignored has loss 0). ``per_sample_losses`` computes them for a whole batch: closed forms for
-  cross-entropy and MSE (any reduction, ignore index, label smoothing), ``vmap`` otherwise,
-  a loop if that fails.
+  cross-entropy, ``causal_lm_loss`` and MSE (any reduction, ignore index, label smoothing),
+  ``vmap`` otherwise, a loop if that fails. Padded positions carry label -100, so they are in
+  no loss and, through the gradients, in no Fisher statistic; the layer-wise capture drops
+  their rows (``saliency.capture``).
 """
 
 from __future__ import annotations
@@ -204,8 +220,7 @@ class Batch:
             return raw
         if isinstance(raw, Mapping):
             inputs = {k: v for k, v in raw.items() if k != "labels"}
-            labels = raw.get("labels")
-            b = cls(inputs, labels, labels is not None)
+            b = cls(inputs, _unpadded_labels(raw), "labels" in raw)
         elif isinstance(raw, (tuple, list)) and len(raw) >= 2:
             b = cls(tuple(raw[0]) if isinstance(raw[0], list) else raw[0], raw[1])
         else:
@@ -320,6 +335,15 @@ class Batch:
             if m is None or m.shape == y.shape:
                 m = (y != IGNORE_INDEX) if m is None else m & (y != IGNORE_INDEX)
         return m
+
+
+def _unpadded_labels(raw: Mapping):
+    """A mapping batch's labels, -100 (out of the loss) wherever ``attention_mask == 0``."""
+    y, am = raw.get("labels"), raw.get("attention_mask")
+    if isinstance(y, Tensor) and isinstance(am, Tensor) and y.shape == am.shape:
+        if not y.is_floating_point():
+            return y.masked_fill(am == 0, IGNORE_INDEX)
+    return y
 
 
 _DATASET_BATCH = 256  # batch size used to read a Dataset of (input, target) samples

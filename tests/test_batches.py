@@ -15,6 +15,7 @@ from saliency.model_io import (
     batch_loss,
     causal_lm_loss,
     default_loss,
+    forward,
     iter_batches,
     per_sample_losses,
     resolve_loss,
@@ -63,9 +64,11 @@ def test_hf_dicts_give_labels_as_targets_and_padding_as_a_token_mask():
     labels = ids.masked_fill(am == 0, -100)
     labels[0, 0] = -100
     batch = Batch.of({"input_ids": ids, "attention_mask": am, "labels": labels})
-    assert batch.from_labels and batch.targets is labels and "labels" not in batch.inputs
+    assert batch.from_labels and torch.equal(batch.targets, labels) and "labels" not in batch.inputs
     want = (am == 1) & (labels != -100)
     assert torch.equal(batch.token_mask, want)
+    unmarked = Batch.of({"input_ids": ids, "attention_mask": am, "labels": ids})
+    assert torch.equal(unmarked.targets, ids.masked_fill(am == 0, -100))  # padding: no loss
     assert Batch.of((ids, ids)).token_mask is None
 
 
@@ -141,15 +144,17 @@ def _sequences():
     return [torch.randint(0, 64, (n,), generator=g) for n in LENGTHS]
 
 
-def _padded(seqs, side="right"):
-    """One dict batch: padded with token 0, attention_mask 0 and labels -100 there."""
+def _padded(seqs, side="right", mark_labels=True):
+    """One dict batch: padded with token 0, attention_mask 0 there and labels -100 (or, without
+    ``mark_labels``, the padded input ids themselves: attention_mask alone marks padding)."""
     T = max(len(s) for s in seqs)
     ids = torch.zeros(len(seqs), T, dtype=torch.long)
     am = torch.zeros_like(ids)
     for i, s in enumerate(seqs):
         sl = slice(T - len(s), T) if side == "left" else slice(0, len(s))
         ids[i, sl], am[i, sl] = s, 1
-    return {"input_ids": ids, "attention_mask": am, "labels": ids.masked_fill(am == 0, -100)}
+    labels = ids.masked_fill(am == 0, -100) if mark_labels else ids
+    return {"input_ids": ids, "attention_mask": am, "labels": labels}
 
 
 def _unpadded(seqs):
@@ -193,15 +198,17 @@ def test_default_losses_of_hf_batches_and_ambiguous_ones_name_the_fix():
     assert all(torch.allclose(s[n], t[n], rtol=1e-10, atol=0) for n in s)
 
 
-def test_a_padded_batch_gives_exactly_the_statistics_of_the_same_tokens_unpadded():
+@pytest.mark.parametrize("mark_labels", [True, False])
+def test_a_padded_batch_gives_exactly_the_statistics_of_the_same_tokens_unpadded(mark_labels):
     # right padding: with left padding, transformers 5.25's eager LLaMA in float64 returns NaN
     # logits for every position of a left-padded row (the model itself, before any statistic)
     model = _llama()
     params = saliency.prunable_parameters(model)
-    padded, alone = _padded(_sequences()), _unpadded(_sequences())
+    padded, alone = _padded(_sequences(), mark_labels=mark_labels), _unpadded(_sequences())
     tight = {"rtol": 1e-9, "atol": 1e-13}
     # per-sample losses
-    got = per_sample_losses(causal_lm_loss, model(**padded).logits, padded["labels"])
+    batch = Batch.of(padded)
+    got = per_sample_losses(causal_lm_loss, forward(model, batch), batch.targets)
     ref = torch.stack([causal_lm_loss(model(**b).logits, b["labels"]) for b in alone])
     torch.testing.assert_close(got, ref, **tight)
     # Fisher diagonal: mean over samples of g_n^2, g_n the gradient of sample n's own mean loss
