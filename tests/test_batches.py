@@ -236,7 +236,10 @@ def test_per_sample_grads_of_a_padded_dict_batch_match_a_loop_over_unpadded_samp
              "model.layers.0.input_layernorm.weight", "model.embed_tokens.weight"]  # fmt: skip
     named = dict(model.named_parameters())
     params = {n: named[n] for n in names}  # Linear: closed forms; norm, embedding: vmap
-    got = per_sample.per_sample_grads(model, params, Batch.of(_padded(_sequences())), None, None)
+    batch = Batch.of(_padded(_sequences()))
+    hooked, generic = per_sample._split(model, params)
+    assert len(hooked) == 2 and fastpaths.probe(model, batch, hooked) == set(hooked)
+    got = per_sample.per_sample_grads(model, params, batch, None, None)
     for i, b in enumerate(_unpadded(_sequences())):
         loss = causal_lm_loss(model(**b).logits, b["labels"])
         for n, r in zip(names, torch.autograd.grad(loss, list(params.values())), strict=True):
@@ -282,3 +285,15 @@ def test_layerwise_solvers_prune_an_hf_model_from_dict_batches(crit):
     assert abs(masks.sparsity - 0.5) < 1e-6
     named = dict(model.named_parameters())
     assert all(not named[n].detach()[~m].any() for n, m in masks.items())
+
+
+def test_true_fisher_draws_the_next_token_from_the_previous_positions_logits():
+    logits = torch.full((2, 5, 7), -50.0, dtype=torch.float64)
+    want = torch.tensor([[3, 1, 4, 1, 5], [2, 6, 5, 3, 5]])
+    logits.scatter_(2, want[..., None], 50.0)  # position t predicts want[t] with certainty
+    labels = torch.tensor([[9, 9, 9, -100, 9], [9, 9, 9, 9, -100]])
+    gen = torch.Generator().manual_seed(0)
+    draw = curvature._sample_targets(logits, labels, causal_lm_loss, "auto", gen)
+    assert torch.equal(draw[:, 0], labels[:, 0])  # no prediction for the first token
+    expect = torch.where(labels[:, 1:] == -100, labels[:, 1:], want[:, :-1])
+    assert torch.equal(draw[:, 1:], expect)  # shifted; padding stays out of the loss
