@@ -417,7 +417,19 @@ def _read_batches(data, n_samples, device) -> Iterator[Batch]:
 
 def scalar_loss(loss_fn: LossFn, out: Tensor, y: Tensor) -> Tensor:
     """``loss_fn(out, y)``, refused unless it is a scalar (mean- or sum-reduced)."""
-    loss = loss_fn(out, y)
+    try:
+        loss = loss_fn(out, y)
+    except RuntimeError as e:  # shape mismatches: say which shapes met, and the usual fix
+        hint = (
+            "; for a causal LM (logits [B, T, V], targets the input ids [B, T]) pass "
+            "loss_fn=saliency.causal_lm_loss"
+            if out.dim() == 3 and y.dim() == 2
+            else ""
+        )
+        raise ValueError(
+            f"loss_fn failed on outputs of shape {tuple(out.shape)} and targets of shape "
+            f"{tuple(y.shape)}: {e}{hint}"
+        ) from e
     if not isinstance(loss, Tensor) or loss.dim() != 0:
         shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
         raise ValueError(

@@ -193,6 +193,8 @@ def test_default_losses_of_hf_batches_and_ambiguous_ones_name_the_fix():
         saliency.score(llama, "obd", data=(ids, ids))
     with pytest.raises(ValueError, match="needs targets.*'labels'"):
         saliency.score(llama, "obd", data={"input_ids": ids})
+    with pytest.raises(ValueError, match=r"shape \(2, 6, 64\).*loss_fn=saliency.causal_lm_loss"):
+        saliency.score(llama, "snip", data=(ids, ids), loss_fn=F.cross_entropy)
     s = saliency.score(llama, "obd", data=(ids, ids), loss_fn=causal_lm_loss)
     t = saliency.score(llama, "obd", data={"input_ids": ids, "labels": ids})
     assert all(torch.allclose(s[n], t[n], rtol=1e-10, atol=0) for n in s)
