@@ -220,7 +220,7 @@ class Batch:
             return raw
         if isinstance(raw, Mapping):
             inputs = {k: v for k, v in raw.items() if k != "labels"}
-            b = cls(inputs, _unpadded_labels(raw), "labels" in raw)
+            b = cls(inputs, _unpadded_labels(raw), raw.get("labels") is not None)
         elif isinstance(raw, (tuple, list)) and len(raw) >= 2:
             b = cls(tuple(raw[0]) if isinstance(raw[0], list) else raw[0], raw[1])
         else:
@@ -292,6 +292,8 @@ class Batch:
 
     def __getitem__(self, idx) -> Batch:
         """Samples ``idx`` (a slice or index tensor/list) of every per-sample tensor."""
+        if isinstance(idx, int):
+            raise TypeError(f"index a Batch with a slice or a list (batch[{idx}:{idx + 1}])")
         y = None if self.targets is None else self.targets[idx]
         return self.with_rows({k: v[idx] for k, v in self.rows().items()}, y)
 
@@ -331,7 +333,7 @@ class Batch:
         if isinstance(am, Tensor) and am.dim() == 2:
             m = am != 0
         y = self.targets
-        if self.from_labels and y.dim() == 2 and not y.is_floating_point():
+        if self.from_labels and y is not None and y.dim() == 2 and not y.is_floating_point():
             if m is None or m.shape == y.shape:
                 m = (y != IGNORE_INDEX) if m is None else m & (y != IGNORE_INDEX)
         return m
