@@ -256,7 +256,7 @@ def backpack_reason(model: nn.Module, loss_fn, batches=None) -> str | None:
         return why
     ignore = getattr(loss_fn, "ignore_index", -100)
     if isinstance(mod, nn.CrossEntropyLoss) and batches is not None:
-        targets = [b.targets for b in batches]
+        targets = [Batch.of(b).targets for b in batches]
         if any(bool((y == ignore).any()) for y in targets if not y.is_floating_point()):
             return f"targets hold the ignore index {ignore}, which BackPACK does not skip"
     return None
