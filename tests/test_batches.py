@@ -299,3 +299,10 @@ def test_true_fisher_draws_the_next_token_from_the_previous_positions_logits():
     assert torch.equal(draw[:, 0], labels[:, 0])  # no prediction for the first token
     expect = torch.where(labels[:, 1:] == -100, labels[:, 1:], want[:, :-1])
     assert torch.equal(draw[:, 1:], expect)  # shifted; padding stays out of the loss
+
+
+def test_a_tokenizers_batch_encoding_is_a_mapping_batch():
+    raw = _padded(_sequences())
+    enc = Batch.of(transformers.BatchEncoding(raw))
+    assert enc.from_labels and len(enc) == 3
+    assert torch.equal(enc.token_mask, Batch.of(raw).token_mask)
