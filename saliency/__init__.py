@@ -18,6 +18,7 @@ from saliency.criteria import (
 )
 from saliency.criteria.check import CriterionContractError, check_criterion
 from saliency.masks import Masks
+from saliency.model_io import Batch, causal_lm_loss
 from saliency.prune import GradualPruner, prune, score
 from saliency.schedules import ConstantSparsity, Geometric, OneShot, PolynomialDecay
 from saliency.targets import prunable_parameters
@@ -25,6 +26,7 @@ from saliency.targets import prunable_parameters
 __version__ = "0.1.0"
 
 __all__ = [
+    "Batch",
     "ChannelGroups",
     "ChannelPad",
     "CompactError",
@@ -41,6 +43,7 @@ __all__ = [
     "attach",
     "attached_masks",
     "available_criteria",
+    "causal_lm_loss",
     "channel_groups",
     "check_criterion",
     "compact",

@@ -9,7 +9,8 @@ A layer ``y = W x`` is seen as ``W [out, d]`` acting on input rows ``x [d]``:
   a row of the matching patch.
 
 ``H = 2 X^T X / n`` (n rows) is accumulated in float64 by a forward pre-hook, never holding
-``X``; ``diag_only`` keeps ``sum x_j^2`` (Wanda needs only ``||X_j||_2``). Anything else (a
+``X``; rows of padded tokens (``Batch.token_mask``: ``attention_mask == 0``, ``labels == -100``)
+are left out; ``diag_only`` keeps ``sum x_j^2`` (Wanda needs only ``||X_j||_2``). Anything else (a
 MultiheadAttention's packed ``in_proj_weight``, whose inputs never reach a hook, transposed or
 grouped convolutions, Conv1d/3d, tied weights) is refused naming the tensor and the way out.
 """
@@ -23,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from saliency.model_io import Batch
 from saliency.targets import parameter_uses
 
 WAY_OUT = (
@@ -81,9 +83,19 @@ def _padding(module: nn.Conv2d) -> tuple[int, int]:
     return module.padding
 
 
-def input_rows(module: nn.Module, x: Tensor) -> Tensor:
-    """The layer's input as rows ``[n, d]`` matching ``weight_matrix`` (``W x`` per row)."""
+def input_rows(module: nn.Module, x: Tensor, token_mask: Tensor | None = None) -> Tensor:
+    """The layer's input as rows ``[n, d]`` matching ``weight_matrix`` (``W x`` per row).
+    ``token_mask [B, T]`` (``Batch.token_mask``, False at padding) drops the rows of padded
+    tokens from a Linear's ``[B, T, d]`` input (or ``[B*T, d]``); other inputs keep every row."""
     if isinstance(module, nn.Linear):
+        if token_mask is not None and x.shape[:-1] == token_mask.shape:
+            return x[token_mask]
+        if (
+            token_mask is not None
+            and x.dim() == 2
+            and len(x) == token_mask.numel() > len(token_mask)
+        ):
+            return x[token_mask.reshape(-1)]
         return x.reshape(-1, x.shape[-1])
     if x.dim() == 3:  # unbatched [C, H, W]
         x = x.unsqueeze(0)
@@ -119,41 +131,43 @@ class _Stop(Exception):
 
 @contextlib.contextmanager
 def capturing(modules: Mapping[str, nn.Module], *, diag_only: bool, calls: Mapping[str, int]):
-    """Hooks accumulating ``Stats`` of each module's input. ``calls[name]``: how many times the
-    module runs per forward; once all have run that often, the forward is cut short (``_Stop``)."""
+    """Hooks accumulating ``Stats`` of each module's input rows, without the padded tokens of
+    the batch being run. Yields ``(stats, run)``: ``run(model, batch)`` forwards one
+    ``model_io.Batch`` (no grad); ``calls[name]``: how many times the module runs per forward,
+    and once all have run that often, the forward is cut short (``_Stop``)."""
     stats = {n: Stats(weight_matrix(m).shape[1], diag_only) for n, m in modules.items()}
     seen = dict.fromkeys(modules, 0)
+    mask: list[Tensor | None] = [None]  # the token mask of the batch being run
 
     def hook(name):
         def fn(module, args):
-            stats[name].add(input_rows(module, args[0]))
+            stats[name].add(input_rows(module, args[0], mask[0]))
             seen[name] += 1
             if all(seen[k] >= calls.get(k, 1) for k in seen):
                 raise _Stop
 
         return fn
 
+    def run(model: nn.Module, batch: Batch) -> None:
+        for k in seen:
+            seen[k] = 0
+        mask[0] = batch.token_mask
+        with contextlib.suppress(_Stop), torch.no_grad():
+            batch.call(model)
+
     handles = [m.register_forward_pre_hook(hook(n)) for n, m in modules.items()]
     try:
-        yield stats, seen
+        yield stats, run
     finally:
         for h in handles:
             h.remove()
 
 
-def run_until_stop(model: nn.Module, x: Tensor, seen: dict[str, int]) -> None:
-    """Forward ``x`` (no grad), stopping early at ``_Stop``; resets the per-forward call counts."""
-    for k in seen:
-        seen[k] = 0
-    with contextlib.suppress(_Stop), torch.no_grad():
-        model(x)
-
-
 def call_order(
-    model: nn.Module, modules: Mapping[str, nn.Module], x: Tensor
+    model: nn.Module, modules: Mapping[str, nn.Module], batch: Batch
 ) -> list[tuple[str, Tensor]]:
-    """(name, input tensor) of every call of the modules during one forward of ``x`` (the inputs
-    are held, so that "the same tensor" is decided by identity, never by a recycled id)."""
+    """(name, input tensor) of every call of the modules during one forward of ``batch`` (the
+    inputs are held, so that "the same tensor" is decided by identity, never by a recycled id)."""
     log: list[tuple[str, Tensor]] = []
     handles = [
         m.register_forward_pre_hook(lambda _m, a, n=n: log.append((n, a[0])))
@@ -161,7 +175,7 @@ def call_order(
     ]
     try:
         with torch.no_grad():
-            model(x)
+            batch.call(model)
     finally:
         for h in handles:
             h.remove()

@@ -30,15 +30,15 @@ from saliency import distributed, fastpaths
 from saliency.model_io import (
     LossFn,
     _ce_settings,
-    check_batch,
+    causal_lm_loss,
     check_loss,
-    default_loss,
     forward,
     iter_batches,
     loss_kind,
     loss_phi,
     model_device,
     per_sample_losses,
+    resolve_loss,
     vmap_or_loop,
 )
 from saliency.per_sample import (
@@ -71,16 +71,16 @@ def _setup(model, params, data, loss_fn, n_samples):
     fastpaths.check_per_sample(model)
     if n_samples is not None and (not isinstance(n_samples, int) or n_samples < 1):
         raise ValueError(f"n_samples must be a positive int or None (all data); got {n_samples!r}")
-    loss_fn = default_loss if loss_fn is None else loss_fn
     batches = list(iter_batches(data, n_samples, device=model_device(model)))
-    check_loss(loss_fn, model, *batches[0])
+    loss_fn = resolve_loss(loss_fn, model, batches[0])
+    check_loss(loss_fn, model, batches[0])
     return loss_fn, batches
 
 
-def _summed_losses(model, x, y, loss_fn) -> Tensor:
+def _summed_losses(model, batch, loss_fn) -> Tensor:
     """``sum_n l_n`` of a batch from one forward, after proving the samples do not interact."""
-    fastpaths.probe(model, x, ())
-    return per_sample_losses(loss_fn, forward(model, x), y).sum()
+    fastpaths.probe(model, batch, ())
+    return per_sample_losses(loss_fn, forward(model, batch), batch.targets).sum()
 
 
 def _generator(seed: int, device: torch.device) -> torch.Generator:
@@ -130,6 +130,11 @@ def _sample_targets(out: Tensor, y: Tensor, loss_fn, likelihood: str, gen) -> Te
     ``exp(-loss_fn)`` is the likelihood and the expected Fisher is the GGN."""
     if likelihood == "auto":
         likelihood = "gaussian" if y.is_floating_point() else "categorical"
+    if likelihood == "categorical" and loss_fn is causal_lm_loss:  # next token ~ softmax(f_t)
+        p = torch.softmax(out[:, :-1].float(), dim=-1)
+        draw = torch.multinomial(p.reshape(-1, p.shape[-1]), 1, generator=gen)
+        draw = torch.cat([y[:, :1], draw.reshape(p.shape[:-1])], 1)
+        return torch.where(y == -100, y, draw)  # padding stays out of the loss
     if likelihood == "categorical":
         if out.dim() < 2:
             raise ValueError(
@@ -182,18 +187,18 @@ def diag_fisher(
     loss_fn, batches = _setup(model, params, data, loss_fn, n_samples)
     gen = _generator(seed, model_device(model))
     acc, N, passes = {}, 0, 0
-    for x, y in batches:
-        check_batch(x, y)
+    for batch in batches:
+        y = batch.targets
         if kind == "empirical":
             make = lambda out, y=y: [y]
         else:
             make = lambda out, y=y: [
                 _sample_targets(out, y, loss_fn, likelihood, gen) for _ in range(mc_samples)
             ]
-        sq, p = output_passes(model, params, x, loss_phi(loss_fn), make, chunk_size, "sq")
+        sq, p = output_passes(model, params, batch, loss_phi(loss_fn), make, chunk_size, "sq")
         for n, v in sq.items():
             accumulate(acc, n, v)
-        N, passes = N + len(x), passes + p
+        N, passes = N + len(batch), passes + p
     return _finish(acc, params, N, passes, 1 if kind == "empirical" else mc_samples)
 
 
@@ -265,10 +270,9 @@ def diag_ggn(
             return _backpack_diag(model, params, batches, loss_fn, "DiagGGNExact")
     gen = _generator(seed, model_device(model))
     acc, N, passes = {}, 0, 0
-    for x, y in batches:
-        check_batch(x, y)
+    for batch in batches:
 
-        def make(out, y=y):
+        def make(out, y=batch.targets):
             if exact and out[0].numel() > max_outputs:
                 raise ValueError(
                     f"diag_ggn(exact=True) needs one backward per output: {out[0].numel()} "
@@ -285,10 +289,10 @@ def diag_ggn(
                 )
             return ts
 
-        sq, p = output_passes(model, params, x, batched_dot, make, chunk_size, "sq")
+        sq, p = output_passes(model, params, batch, batched_dot, make, chunk_size, "sq")
         for n, v in sq.items():
             accumulate(acc, n, v)
-        N, passes = N + len(x), passes + p
+        N, passes = N + len(batch), passes + p
     return _finish(acc, params, N, passes, 1 if exact else mc_samples)
 
 
@@ -317,9 +321,8 @@ def diag_hessian_hutchinson(
     names = list(params)
     acc, N, passes = {}, 0, 0
     with requiring_grad(params), fastpaths.reference_kernels():
-        for x, y in batches:
-            check_batch(x, y)
-            L = _summed_losses(model, x, y, loss_fn)
+        for batch in batches:
+            L = _summed_losses(model, batch, loss_fn)
             g = torch.autograd.grad(
                 L, [params[n] for n in names], create_graph=True, allow_unused=True
             )
@@ -345,7 +348,7 @@ def diag_hessian_hutchinson(
                 for (n, _), z, h in zip(live, zs, Hz, strict=True):
                     if h is not None:
                         accumulate(acc, n, z * h)
-            N, passes = N + len(x), passes + 1 + n_probes
+            N, passes = N + len(batch), passes + 1 + n_probes
     return _finish(acc, params, N, passes, n_probes)
 
 
@@ -376,18 +379,17 @@ def _backpack_diag(model, params, batches, loss_fn, extension: str) -> DiagCurva
         p.grad = None
     acc, N, passes = {}, 0, 0
     with torch.enable_grad():
-        for x, y in batches:
-            check_batch(x, y)
-            out = twin(x)
+        for batch in batches:
+            out = forward(twin, batch)
             lossmod, scale = fastpaths._backpack_loss_module(loss_fn, out)
             with backpack.backpack(ext()), warnings.catch_warnings():
                 # BackPACK's module hooks warn when the inputs do not require grad: harmless here
                 warnings.filterwarnings("ignore", message="Full backward hook is firing")
-                backpack.extend(lossmod)(out, y).backward()
+                backpack.extend(lossmod)(out, batch.targets).backward()
             for n in params:
                 accumulate(acc, n, getattr(tp[n], field).detach() * scale)
                 tp[n].grad = None
-            N, passes = N + len(x), passes + 1
+            N, passes = N + len(batch), passes + 1
     return _finish(acc, params, N, passes)
 
 
@@ -395,9 +397,8 @@ def _autograd_diag_hessian(model, params, batches, loss_fn, chunk_size) -> DiagC
     names = list(params)
     acc, N, passes = {}, 0, 0
     with requiring_grad(params), fastpaths.reference_kernels():
-        for x, y in batches:
-            check_batch(x, y)
-            L = _summed_losses(model, x, y, loss_fn)
+        for batch in batches:
+            L = _summed_losses(model, batch, loss_fn)
             g = torch.autograd.grad(
                 L, [params[n] for n in names], create_graph=True, allow_unused=True
             )
@@ -423,7 +424,7 @@ def _autograd_diag_hessian(model, params, batches, loss_fn, chunk_size) -> DiagC
                     d[idx] = h.reshape(len(idx), P)[rows, idx]
                 accumulate(acc, n, d.view_as(p))
                 passes += P  # one Hessian-vector product per weight (vmapped in chunks)
-            N = N + len(x)
+            N = N + len(batch)
     return _finish(acc, params, N, passes)
 
 

@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable, Iterator
 import torch
 from torch import Tensor, nn
 
-from saliency.model_io import default_loss, forward
+from saliency.model_io import Batch, default_loss, forward
 
 # ----------------------------------------------------------------------------- samples mixing
 
@@ -99,15 +99,17 @@ def _rows_differ(a: Tensor, b: Tensor) -> tuple[bool, bool]:
     return same1, moved0
 
 
-def probe(model: nn.Module, x: Tensor, modules: Iterable[nn.Module]) -> set[nn.Module]:
+def probe(model: nn.Module, x: Tensor | Batch, modules: Iterable[nn.Module]) -> set[nn.Module]:
     """The layers among ``modules`` whose every call took inputs and gave outputs with the
     sample axis on dim 0 (module docstring). Raises a ValueError when the model's output for
-    one sample depends on another sample. With one sample, leading size 1 is proof enough."""
+    one sample depends on another sample. With one sample, leading size 1 is proof enough.
+    ``x``: a ``model_io.Batch`` (every per-sample tensor is perturbed) or an input tensor."""
     modules = list(modules)
+    x = x if isinstance(x, Batch) else Batch.of((x, None))
     if len(x) < 2:
         return set(modules)
-    if torch.equal(x[0], x[1]):  # the perturbation needs two different samples
-        other = next((i for i in range(2, len(x)) if not torch.equal(x[i], x[0])), None)
+    if x.same_sample(0, 1):  # the perturbation needs two different samples
+        other = next((i for i in range(2, len(x)) if not x.same_sample(i, 0)), None)
         if other is None:
             return set()
         x = x[[0, other]]
@@ -144,7 +146,7 @@ def probe(model: nn.Module, x: Tensor, modules: Iterable[nn.Module]) -> set[nn.M
 
 
 def require_sample_axis(
-    model: nn.Module, x: Tensor, layers: dict[nn.Module, str], message: str
+    model: nn.Module, x: Tensor | Batch, layers: dict[nn.Module, str], message: str
 ) -> None:
     """``probe`` for criteria that have no generic path: raise ``message.format(name=...)``
     for the first layer (named ``layers[module]``) whose sample axis is not proven."""
@@ -254,6 +256,7 @@ def backpack_reason(model: nn.Module, loss_fn, batches=None) -> str | None:
         return why
     ignore = getattr(loss_fn, "ignore_index", -100)
     if isinstance(mod, nn.CrossEntropyLoss) and batches is not None:
-        if any(bool((y == ignore).any()) for _, y in batches if not y.is_floating_point()):
+        targets = [Batch.of(b).targets for b in batches]
+        if any(bool((y == ignore).any()) for y in targets if not y.is_floating_point()):
             return f"targets hold the ignore index {ignore}, which BackPACK does not skip"
     return None

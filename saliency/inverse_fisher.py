@@ -48,12 +48,14 @@ from torch import Tensor, nn
 from saliency import distributed, fastpaths, negligible, per_sample
 from saliency.apply import attached_masks
 from saliency.model_io import (
+    Batch,
     LossFn,
     default_loss,
     forward,
     iter_batches,
     model_device,
     per_sample_losses,
+    resolve_loss,
 )
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -256,7 +258,7 @@ def _decouple_negligible(
     return s
 
 
-def _read(data, n_samples, device) -> list[tuple[Tensor, Tensor]]:
+def _read(data, n_samples, device) -> list[Batch]:
     return list(iter_batches(data, n_samples, device=device))
 
 
@@ -293,7 +295,7 @@ def block_inverse_fisher(
             "or distributed=False"
         )
     batches = _read(data, n_samples, model_device(model))
-    (m,) = distributed.sum_counts(sum(len(x) for x, _ in batches))
+    (m,) = distributed.sum_counts(sum(len(b) for b in batches))
     B = block_size
     groups = {}
     for n, p in params.items():
@@ -315,11 +317,9 @@ def block_inverse_fisher(
     def chunks():
         """Per chunk of samples: name -> ``[nb, c, B]`` masked gradients (a strided view of a
         zero-padded buffer reused across chunks: masking, casting and padding in one copy)."""
-        for x, y in batches:
-            for i in range(0, len(x), chunk_size):
-                g = per_sample.per_sample_grads(
-                    model, params, x[i : i + chunk_size], y[i : i + chunk_size], loss_fn
-                )
+        for b in batches:
+            for i in range(0, len(b), chunk_size):
+                g = per_sample.per_sample_grads(model, params, b[i : i + chunk_size], None, loss_fn)
                 out = {}
                 for n, gn in g.items():
                     c, nb = len(gn), groups[n].alive.shape[0]
@@ -330,7 +330,7 @@ def block_inverse_fisher(
                     out[n] = buf.view(c, nb, B).transpose(0, 1)
                 yield out
 
-    n_chunks = sum(-(-len(x) // chunk_size) for x, _ in batches)
+    n_chunks = sum(-(-len(b) // chunk_size) for b in batches)
     if method == "cholesky":
         GtG = {
             n: torch.zeros(*groups[n].alive.shape, B, dtype=dt, device=p.device)
@@ -417,7 +417,7 @@ def exact_inverse_hessian(
         )
     alive = alive_masks(model, params) if alive is None else dict(alive)
     batches = _read(data, n_samples, model_device(model))
-    (m,) = distributed.sum_counts(sum(len(x) for x, _ in batches))
+    (m,) = distributed.sum_counts(sum(len(b) for b in batches))
     names = tuple(params)
     dev = model_device(model)
     blk = BlockInverse(names, tuple(p.shape for p in params.values()), torch.empty(0, device=dev),
@@ -426,8 +426,9 @@ def exact_inverse_hessian(
     flat0 = blk.flatten(params, dt).reshape(-1).detach()
 
     fastpaths.check_per_sample(model)
-    for x, _ in batches:
-        fastpaths.probe(model, x, ())  # refuses models whose samples interact
+    loss_fn = resolve_loss(loss_fn, model, batches[0])
+    for b in batches:
+        fastpaths.probe(model, b, ())  # refuses models whose samples interact
     others = {n: p.detach() for n, p in model.named_parameters() if n not in params}
 
     def loss_of(flat: Tensor) -> Tensor:
@@ -435,8 +436,8 @@ def exact_inverse_hessian(
         out = 0
         values = {**others, **{n: ws[n].to(params[n].dtype) for n in names}}
         with per_sample.replaced_parameters(model, values):
-            for x, y in batches:
-                out = out + per_sample_losses(loss_fn, forward(model, x), y).sum().to(dt)
+            for b in batches:
+                out = out + per_sample_losses(loss_fn, forward(model, b), b.targets).sum().to(dt)
         return out / m
 
     with fastpaths.reference_kernels():

@@ -56,6 +56,7 @@ from saliency.model_io import (
     iter_batches,
     model_device,
     per_sample_losses,
+    resolve_loss,
 )
 from saliency.per_sample import _delta_factor, _input_factor, check_params, requiring_grad
 
@@ -200,9 +201,10 @@ def kfac_factors(
     A = {n: 0.0 for n in params}
     G = {n: 0.0 for n in params}
     m_total, passes = 0, 0
-    for x, y in iter_batches(data, n_samples, device=dev):
+    for batch in iter_batches(data, n_samples, device=dev):
+        loss_fn, y = resolve_loss(loss_fn, model, batch), batch.targets
         fastpaths.require_sample_axis(
-            model, x, mods,
+            model, batch, mods,
             "K-FAC cannot factor {name}: the two-sample probe did not prove that its layer "
             "carries the samples on dim 0 of its input and output, once per forward (a layer on "
             "transposed/reshaped tensors, or run twice); use hessian='fisher'",
@@ -215,7 +217,7 @@ def kfac_factors(
         handles = [m.register_forward_hook(hook) for m in mods]
         try:
             with requiring_grad(params):
-                out = forward(model, x)
+                out = forward(model, batch)
         finally:
             for h in handles:
                 h.remove()
@@ -250,7 +252,7 @@ def kfac_factors(
             if not isinstance(m, nn.Linear):
                 a = a[:, 0].transpose(1, 2)  # [B, L, in * k]
             A[n] = A[n] + torch.einsum("bti,btj->ij", a, a) / a.shape[1]
-        m_total += len(x)
+        m_total += len(batch)
     if distributed.world() is not None:  # sums and counts over every rank's samples
         A = distributed.all_reduce_dict(
             {n: torch.as_tensor(A[n], dtype=torch.float64) for n in params}

@@ -66,8 +66,8 @@ def _to_matrix(t: Tensor) -> Tensor:
     return t if t.dim() == 2 else t.movedim(1, -1).reshape(t.shape[0], -1)
 
 
-def _groups(model, modules, x) -> tuple[list[list[str]], dict[str, int]]:
-    calls = capture.call_order(model, modules, x)
+def _groups(model, modules, batch) -> tuple[list[list[str]], dict[str, int]]:
+    calls = capture.call_order(model, modules, batch)
     missing = sorted(set(modules) - {n for n, _ in calls})
     if missing:
         raise ValueError(
@@ -115,7 +115,7 @@ def prune_layerwise(
                for n in params}  # fmt: skip
     modules = capture.layer_modules(model, params)
     device = model_device(model)
-    batches = [x for x, _ in iter_batches(data, crit.n_samples, device=device)]
+    batches = list(iter_batches(data, crit.n_samples, device=device))
     modes = {m: m.training for m in model.modules()}
     model.eval()  # calibration sees the network as it is used: no dropout, running statistics
     try:
@@ -124,9 +124,9 @@ def prune_layerwise(
         world, order = distributed.world(), list(modules)
         for group in groups:
             part = {n: modules[n] for n in group}
-            with capture.capturing(part, diag_only=crit.diag_only, calls=calls) as (stats, seen):
-                for x in batches:
-                    capture.run_until_stop(model, x, seen)
+            with capture.capturing(part, diag_only=crit.diag_only, calls=calls) as (stats, run):
+                for batch in batches:
+                    run(model, batch)
             combine(stats)
             solved, error = {}, None
             for n in group:  # distributed: the owner of each layer solves it, then broadcasts
@@ -168,9 +168,9 @@ def dense_stats(model, params, data, *, n_samples, diag_only) -> dict[str, captu
     model.eval()
     try:
         never = dict.fromkeys(modules, 1 << 62)  # never cut the forward short
-        with capture.capturing(modules, diag_only=diag_only, calls=never) as (stats, seen):
-            for x, _ in iter_batches(data, n_samples, device=model_device(model)):
-                capture.run_until_stop(model, x, seen)
+        with capture.capturing(modules, diag_only=diag_only, calls=never) as (stats, run):
+            for batch in iter_batches(data, n_samples, device=model_device(model)):
+                run(model, batch)
         combine(stats)
     finally:
         for m, mode in modes.items():

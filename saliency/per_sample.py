@@ -1,6 +1,7 @@
 """Per-sample gradients for curvature estimates: closed forms from layer hooks, `vmap` otherwise.
 
-``l_n`` is sample n's own loss, ``loss_fn(f(x_n)[None], y_n[None])``, and ``g_n = dl_n/dw`` its
+``l_n`` is sample n's own loss, ``loss_fn(f(x_n)[None], y_n[None])`` (``x_n``: every
+per-sample tensor of a ``model_io.Batch``, keyword arguments included), and ``g_n = dl_n/dw`` its
 gradient (with a mean-reduced ``loss_fn`` on a batch of B samples, B times that sample's share of
 the batch gradient). Per-sample losses come from ``reduction="none"`` for cross-entropy and MSE
 and from ``torch.func.vmap`` over ``loss_fn`` otherwise (a loop if it cannot be vmapped).
@@ -30,12 +31,15 @@ from torch.func import grad, vmap
 from saliency import fastpaths
 from saliency.fastpaths import check_per_sample
 from saliency.model_io import (
+    Batch,
     LossFn,
+    as_batch,
     check_batch,
     forward,
     loss_kind,
     loss_phi,
     per_sample_losses,
+    resolve_loss,
     vmap_or_loop,
 )
 
@@ -297,9 +301,9 @@ class _Capture:
 def per_sample_grads(
     model: nn.Module,
     params: dict[str, Tensor],
-    x: Tensor,
-    y: Tensor,
-    loss_fn: LossFn,
+    x: Tensor | Batch,
+    y: Tensor | None,
+    loss_fn: LossFn | None,
     *,
     chunk_size: int | None = 64,
 ) -> dict[str, Tensor]:
@@ -310,14 +314,17 @@ def per_sample_grads(
     Linear and Conv1d/2d layers use the closed form ``g_n = delta_n a_n^T`` from one batched
     forward and backward (``a_n`` the layer input, unfolded for convolutions; extra leading dims
     summed); other parameters use ``vmap(grad(...))`` in chunks of ``chunk_size`` samples.
-    The model's mode, ``.grad``, hooks and ``requires_grad`` are left as they were.
+    ``x`` may be a ``model_io.Batch`` (then ``y`` is None); ``loss_fn`` None or ``default_loss``:
+    ``model_io.resolve_loss``. The model's mode, ``.grad``, hooks and ``requires_grad`` are left
+    as they were.
     """
-    check_batch(x, y)
+    batch = as_batch(x, y)
+    phi = loss_phi(resolve_loss(loss_fn, model, batch))
     grads, _ = output_passes(
-        model, params, x, loss_phi(loss_fn), lambda out: [y], chunk_size, "grads"
+        model, params, batch, phi, lambda out: [batch.targets], chunk_size, "grads"
     )
     for n, g in grads.items():  # the contract every caller relies on
-        if g.shape != (len(x), *params[n].shape):
+        if g.shape != (len(batch), *params[n].shape):
             raise RuntimeError(f"per-sample gradients of {n!r} have shape {tuple(g.shape)}")
     return grads
 
@@ -325,9 +332,9 @@ def per_sample_grads(
 def sum_grad_squared(
     model: nn.Module,
     params: dict[str, Tensor],
-    x: Tensor,
-    y: Tensor,
-    loss_fn: LossFn,
+    x: Tensor | Batch,
+    y: Tensor | None,
+    loss_fn: LossFn | None,
     *,
     chunk_size: int | None = 64,
 ) -> dict[str, Tensor]:
@@ -338,8 +345,9 @@ def sum_grad_squared(
     ``g_n`` a memory-bounded chunk of samples at a time; other parameters go through
     ``vmap(grad)``, ``chunk_size`` samples at a time.
     """
-    check_batch(x, y)
-    sq, _ = output_passes(model, params, x, loss_phi(loss_fn), lambda out: [y], chunk_size, "sq")
+    batch = as_batch(x, y)
+    phi = loss_phi(resolve_loss(loss_fn, model, batch))
+    sq, _ = output_passes(model, params, batch, phi, lambda out: [batch.targets], chunk_size, "sq")
     return sq
 
 
@@ -350,22 +358,23 @@ def batched_dot(o: Tensor, t: Tensor) -> Tensor:
 batched_dot.batched = lambda out, t: (out * t).reshape(len(out), -1).sum(1)
 
 
-def output_passes(model, params, x, phi, make_targets, chunk_size, want):
-    """One forward, then one backward per target tensor ``t`` from ``make_targets(outputs)``:
+def output_passes(model, params, batch, phi, make_targets, chunk_size, want):
+    """One forward on ``batch`` (a ``model_io.Batch``), then one backward per target tensor
+    ``t`` from ``make_targets(outputs)``:
     per-sample gradients ``d phi(f(x_n), t_n) / dw`` either materialized (``want="grads"``, one
     target) or squared and summed over samples and targets (``want="sq"``).
     Returns (dict name -> tensor, number of batched backward passes)."""
     check_params(model, params)
     check_per_sample(model)
     hooked, generic = _split(model, params)
-    proven = fastpaths.probe(model, x, hooked)  # raises if the model mixes samples
+    proven = fastpaths.probe(model, batch, hooked)  # raises if the model mixes samples
     acc: dict[str, Tensor] = {}
     passes = 0
     with requiring_grad(params):
         with _Capture(hooked) as cap:
-            out = forward(model, x)
+            out = forward(model, batch)
         for m in list(hooked):  # closed forms only where the sample axis is proven dim 0
-            if m not in proven or not cap.batch_aligned(m, len(x)):
+            if m not in proven or not cap.batch_aligned(m, len(batch)):
                 generic += list(hooked.pop(m).values())
         targets = list(make_targets(out.detach()))
         hp = [params[n] for names in hooked.values() for n in names.values()]
@@ -379,12 +388,12 @@ def output_passes(model, params, x, phi, make_targets, chunk_size, want):
             if hooked and not batched:
                 s = vmap_or_loop(phi, out, t).sum()
                 g = torch.autograd.grad(s, hp, retain_graph=k + 1 < len(targets), allow_unused=True)
-                batch = dict(zip((id(p) for p in hp), g, strict=True))
+                whole = dict(zip((id(p) for p in hp), g, strict=True))
                 passes += 1
                 for m in list(hooked):
                     pairs = cap.terms(m)
                     names = hooked[m]
-                    gw, gb = (batch.get(id(m._parameters[a])) for a in ("weight", "bias"))
+                    gw, gb = (whole.get(id(m._parameters[a])) for a in ("weight", "bias"))
                     stats = _layer_stats(m, pairs, want) if pairs else None
                     if not _explains(m, pairs, stats, gw, gb if "bias" in names else None):
                         generic += list(hooked.pop(m).values())  # fall back to the generic path
@@ -394,12 +403,13 @@ def output_passes(model, params, x, phi, make_targets, chunk_size, want):
                             accumulate(acc, n, stats[0] if attr == "weight" else stats[1])
             if generic:
                 for n, g in _generic_phi_grads(
-                    model, params, generic, x, t, phi, chunk_size
+                    model, params, generic, batch, t, phi, chunk_size
                 ).items():
                     accumulate(acc, n, g if want == "grads" else g.pow(2).sum(0))
                 passes += 1
     return {
-        n: acc[n].to(p.dtype) if n in acc else _zeros(p, len(x), want) for n, p in params.items()
+        n: acc[n].to(p.dtype) if n in acc else _zeros(p, len(batch), want)
+        for n, p in params.items()
     }, passes
 
 
@@ -453,7 +463,7 @@ def _from_outputs(cap, hooked, generic, acc, out, phi, targets, hp, want) -> Non
     finally:
         cap.active = True
     deltas = {(m, i): d for (m, i, _), d in zip(outs, res, strict=False)}
-    batch = {
+    whole = {
         id(p): None if g is None else g.sum(0) if K > 1 else g
         for p, g in zip(hp, res[len(outs) :], strict=True)
     }
@@ -464,7 +474,7 @@ def _from_outputs(cap, hooked, generic, acc, out, phi, targets, hp, want) -> Non
         ]
         stats = _layer_stats(m, pairs, want) if pairs else None
         if hp:
-            gw, gb = (batch.get(id(m._parameters[a])) for a in ("weight", "bias"))
+            gw, gb = (whole.get(id(m._parameters[a])) for a in ("weight", "bias"))
             if not _explains(m, pairs, stats, gw, gb if "bias" in names else None):
                 generic += list(hooked.pop(m).values())  # fall back to the generic path
                 continue
@@ -485,31 +495,35 @@ def accumulate(acc: dict[str, Tensor], n: str, v: Tensor) -> None:
     acc[n] = acc[n] + v if n in acc else v
 
 
-def _generic_phi_grads(model, params, names, x, t, phi, chunk_size) -> dict[str, Tensor]:
+def _generic_phi_grads(model, params, names, batch, t, phi, chunk_size) -> dict[str, Tensor]:
     """The generic path: ``vmap(grad(phi(f(x_n), t_n)))`` with the parameters swapped in
-    (``replaced_parameters``; every other parameter detached, so no graph is kept),
+    (``replaced_parameters``; every other parameter detached, so no graph is kept), vmapped over
+    every per-sample input tensor of ``batch`` (``Batch.rows``: keyword arguments too),
     ``chunk_size`` samples at a time; a plain loop over samples where vmap cannot trace the
     model (e.g. RNN kernels). Any layout, any layer, tied or shared weights."""
     values = {n: params[n].detach() for n in names}
     others = {n: p.detach() for n, p in model.named_parameters() if n not in values}
 
-    def one(p, xn, tn):
+    def one(p, rows, tn):
+        sample = batch.with_rows({k: v.unsqueeze(0) for k, v in rows.items()})
         with replaced_parameters(model, {**others, **p}):
-            return phi(forward(model, xn.unsqueeze(0))[0], tn)
+            return phi(forward(model, sample)[0], tn)
 
     try:
         with fastpaths.reference_kernels():
-            g = vmap(grad(one), in_dims=(None, 0, 0), chunk_size=chunk_size)(values, x, t)
+            g = vmap(grad(one), in_dims=(None, 0, 0), chunk_size=chunk_size)(
+                values, batch.rows(), t
+            )
     except Exception:  # not vmappable (in-place kernels, data-dependent control flow): loop
-        g = _loop_phi_grads(model, params, names, x, t, phi)
+        g = _loop_phi_grads(model, params, names, batch, t, phi)
     return {n: v.detach() for n, v in g.items()}
 
 
-def _loop_phi_grads(model, params, names, x, t, phi) -> dict[str, Tensor]:
+def _loop_phi_grads(model, params, names, batch, t, phi) -> dict[str, Tensor]:
     """Per-sample gradients by one forward and backward per sample (the slow generic path)."""
     ps = [params[n] for n in names]
     rows = []
-    for i in range(len(x)):
-        loss = phi(forward(model, x[i : i + 1])[0], t[i])
+    for i in range(len(batch)):
+        loss = phi(forward(model, batch[i : i + 1])[0], t[i])
         rows.append(torch.autograd.grad(loss, ps, allow_unused=True, materialize_grads=True))
     return {n: torch.stack([r[j] for r in rows]) for j, n in enumerate(names)}

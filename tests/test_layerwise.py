@@ -69,10 +69,12 @@ def _tokens(n=32):
 
 def test_attention_q_k_v_share_one_capture_and_blocks_run_in_order():
     from saliency.layerwise import _groups
+    from saliency.model_io import Batch
 
     model = _gpt()
     params = saliency.prunable_parameters(model, exclude=["head.weight"])
-    groups, _ = _groups(model, capture.layer_modules(model, params), _tokens()[0][0])
+    batch = Batch.of(_tokens()[0])
+    groups, _ = _groups(model, capture.layer_modules(model, params), batch)
     assert groups[:4] == [
         ["blocks.0.attn.q.weight", "blocks.0.attn.k.weight", "blocks.0.attn.v.weight"],
         ["blocks.0.attn.o.weight"], ["blocks.0.fc1.weight"], ["blocks.0.fc2.weight"],

@@ -27,11 +27,15 @@ import torch
 from torch import Tensor, nn
 
 from saliency.model_io import (  # noqa: F401  (re-exported: criteria read data through these)
+    Batch,
     LossFn,
+    batch_loss,
     default_loss,
     forward,
     iter_batches,
     model_device,
+    per_sample_losses,
+    resolve_loss,
     scalar_loss,
 )
 

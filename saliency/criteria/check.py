@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from saliency.criteria import get_criterion
+from saliency.model_io import Batch, forward
 
 
 class CriterionContractError(AssertionError):
@@ -64,7 +65,7 @@ def _start(model: nn.Module, data: list, how: str) -> None:
         model.eval()
     elif how == "train, stale .grad":
         model.train()
-        model(data[0][0]).sum().backward()  # gradients left by the user's own training step
+        forward(model, Batch.of(data[0])).sum().backward()  # the user's own training step
     elif how == "mixed modes, a frozen bias":
         model.eval()
         next(m for m in model.modules() if isinstance(m, nn.Linear)).train()

@@ -15,12 +15,10 @@ from saliency import distributed
 from saliency.criteria import Scores, register_criterion
 from saliency.criteria.base import (
     LossFn,
-    default_loss,
-    forward,
+    batch_loss,
     iter_batches,
     model_device,
     preserve_model_state,
-    scalar_loss,
 )
 
 
@@ -55,23 +53,23 @@ def batch_gradients(
     temperature: float = 1.0,
     create_graph: bool = False,
 ) -> Iterator[tuple[int, dict[str, Tensor]]]:
-    """Yield (batch size, {name: dL_b/dw}) for every batch read, L_b = loss_fn(f(x) / T, y).
+    """Yield (batch size, {name: dL_b/dw}) for every batch read, L_b = loss_fn(f(x) / T, y)
+    (``model_io.batch_loss``: without loss_fn, a Hugging Face model's own loss of its labels).
 
     Stops after `n_samples` samples or `n_batches` batches, whichever comes first (None: no
     limit). Gradients come from `torch.autograd.grad`, so no `.grad` is touched; parameters the
     loss does not reach get a zero gradient.
     """
-    loss_fn = default_loss if loss_fn is None else loss_fn
     names = list(params)
     tensors = [params[n] for n in names]
     device = model_device(model)
-    for i, (x, y) in enumerate(iter_batches(data, n_samples, device=device)):
+    for i, batch in enumerate(iter_batches(data, n_samples, device=device)):
         if n_batches is not None and i >= n_batches:
             return
-        loss = scalar_loss(loss_fn, forward(model, x) / temperature, y)
+        loss = batch_loss(model, batch, loss_fn, temperature=temperature)
         grads = torch.autograd.grad(loss, tensors, allow_unused=True, create_graph=create_graph)
         yield (
-            len(x),
+            len(batch),
             {
                 n: torch.zeros_like(t) if g is None else g
                 for n, t, g in zip(names, tensors, grads, strict=True)

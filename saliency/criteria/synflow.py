@@ -7,9 +7,10 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+from torch import Tensor
 
 from saliency.criteria import Scores, register_criterion
-from saliency.criteria.base import forward, model_device
+from saliency.criteria.base import forward, iter_batches, model_device
 
 
 @register_criterion
@@ -71,15 +72,14 @@ class SynFlow:
                 "synflow is data-free but needs the input shape: pass input_shape=(C, H, W) "
                 "(one example, no batch dimension) or data=<batches> to read it from"
             )
-        for batch in data:
-            x = batch[0] if isinstance(batch, (tuple, list)) else batch
-            if not x.is_floating_point():
-                raise ValueError(
-                    f"synflow feeds an all-ones input, so it needs real-valued inputs; the data "
-                    f"holds {x.dtype} inputs (token ids?). Use another criterion for such models"
-                )
-            return tuple(x.shape[1:])
-        raise ValueError("data yielded no batch to read the input shape from")
+        x = next(iter_batches(data, 1)).inputs
+        if not isinstance(x, Tensor) or not x.is_floating_point():
+            what = f"{x.dtype} inputs (token ids?)" if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(
+                f"synflow feeds an all-ones input, so it needs one real-valued input tensor; the "
+                f"data holds {what}. Use another criterion for such models"
+            )
+        return tuple(x.shape[1:])
 
     def score(self, model, params, data=None, loss_fn=None) -> Scores:
         shape = self._shape(data)

@@ -10,11 +10,26 @@ from torch import Tensor, nn
 
 from saliency import distributed, fastpaths
 from saliency.criteria import Scores, register_criterion
-from saliency.criteria.base import default_loss, forward, iter_batches, model_device
+from saliency.criteria.base import (
+    default_loss,
+    forward,
+    iter_batches,
+    model_device,
+    per_sample_losses,
+    resolve_loss,
+)
 from saliency.criteria.snip import check_counts, scoring_mode
-from saliency.model_io import per_sample_losses
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def _position_mean(prod: Tensor, mask: Tensor | None) -> Tensor:
+    """``[B, C, L]`` -> ``[B, C]`` mean over positions; over the unpadded tokens only when
+    ``mask [B, T]`` (``Batch.token_mask``) marks them and the positions are those tokens."""
+    if mask is None or prod.shape[2] != mask.shape[1]:
+        return prod.mean(2)
+    m = mask.to(prod.dtype)[:, None, :]
+    return (prod * m).sum(2) / m.sum(2).clamp(min=1)
 
 
 def _owners(model: nn.Module, params) -> dict[str, tuple[nn.Module, int]]:
@@ -102,13 +117,14 @@ class Taylor:
             for n in names:
                 handles.append(owners[n][0].register_forward_hook(capture(n)))
             device = model_device(model)
-            for i, (x, y) in enumerate(iter_batches(data, self.n_samples, device=device)):
+            for i, batch in enumerate(iter_batches(data, self.n_samples, device=device)):
                 if self.n_batches is not None and i >= self.n_batches:
                     break
                 for v in outs.values():
                     v.clear()
                 # the sum of per-sample losses: its gradient at sample n's activation is dl_n/da
-                loss = per_sample_losses(loss_fn, forward(model, x), y).sum()
+                loss_fn = resolve_loss(loss_fn, model, batch)
+                loss = per_sample_losses(loss_fn, forward(model, batch), batch.targets).sum()
                 for n in names:
                     if len(outs[n]) != 1:
                         raise ValueError(
@@ -118,7 +134,7 @@ class Taylor:
                             "out (prunable_parameters(model, exclude=...)) or use 'taylor_weight'"
                         )
                 fastpaths.require_sample_axis(  # raises too if samples interact
-                    model, x, {owners[n][0]: n for n in names},
+                    model, batch, {owners[n][0]: n for n in names},
                     "taylor needs the output of the layer of {name} to carry the samples on dim 0 "
                     "(and nothing else mixed into it); that was not the case on this batch (e.g. "
                     "a sequence-first transformer, a layer on x.transpose(0, 1) or on "
@@ -133,9 +149,9 @@ class Taylor:
                         g = torch.zeros_like(a)
                     prod = (a.detach() * g).movedim(dim, 1)  # [B, C, positions]
                     prod = prod.reshape(prod.shape[0], prod.shape[1], -1)
-                    theta = prod.double().mean(2).abs().sum(0)
+                    theta = _position_mean(prod.double(), batch.token_mask).abs().sum(0)
                     totals[n] = totals[n] + theta if n in totals else theta
-                samples, batches = samples + len(x), batches + 1
+                samples, batches = samples + len(batch), batches + 1
         finally:
             for h in handles:
                 h.remove()

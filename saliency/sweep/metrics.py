@@ -12,6 +12,8 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from saliency.model_io import forward
+
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
@@ -51,7 +53,7 @@ def count_flops(model: nn.Module, input_shape: Sequence[int]) -> tuple[int, int]
             dtype=torch.long if tokens else p.dtype if p is not None else None,
         )
         with torch.no_grad():
-            model(x)
+            forward(model, x)
     finally:
         for h in handles:
             h.remove()
@@ -100,7 +102,7 @@ def median_latency(
     for i in range(warmup + repeats):
         for k, m in copies.items():
             start = time.perf_counter()
-            m(x)
+            forward(m, x)
             if i >= warmup:
                 times[k].append(1e3 * (time.perf_counter() - start))
     return {k: statistics.median(v) for k, v in times.items()}

@@ -25,6 +25,7 @@ from torch.utils.data import (
 
 from saliency.apply import clear_optimizer_state
 from saliency.masks import Masks
+from saliency.model_io import Batch, forward
 
 Task = Literal["classification", "regression"]
 
@@ -118,9 +119,9 @@ def train(
     try:
         for _ in range(epochs):
             total, n = 0.0, 0
-            for x, y in loader:
-                x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
-                loss = loss_fn(model(x), y)
+            for raw in loader:
+                batch = Batch.of(raw).to(dev)
+                loss = loss_fn(forward(model, batch), batch.targets)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -132,8 +133,8 @@ def train(
                         clear_optimizer_state(opt, model, masks)
                         last_masks = masks
                 step += 1
-                total += float(loss.detach()) * len(y)
-                n += len(y)
+                total += float(loss.detach()) * len(batch)
+                n += len(batch)
             history.append(total / max(n, 1))
             if on_epoch is not None and on_epoch(len(history) - 1, history[-1]):
                 break
@@ -161,9 +162,9 @@ def evaluate(
     model.eval()
     try:
         loss_sum, correct, n = 0.0, 0, 0
-        for x, y in make_loader(ds, batch_size, shuffle=False):
-            x, y = x.to(dev), y.to(dev)
-            out = model(x)
+        for raw in make_loader(ds, batch_size, shuffle=False):
+            batch = Batch.of(raw).to(dev)
+            out, y = forward(model, batch), batch.targets
             loss_sum += float(loss_fn(out, y)) * len(y)
             if task == "classification":  # sequences (targets [B, T]): per-sample token accuracy
                 hit = (out.argmax(1) == y).double()

@@ -23,6 +23,7 @@ from saliency import distributed
 from saliency.criteria import Cost, for_granularity, get_criterion
 from saliency.layerwise import is_solver
 from saliency.masks import Masks
+from saliency.model_io import Batch, forward
 from saliency.prune import prune_step, score
 from saliency.sweep.config import CriterionSpec, SweepConfig, digest
 
@@ -335,14 +336,14 @@ def loss_gradient(model, data, loss_fn) -> dict[str, torch.Tensor]:
     m = copy.deepcopy(model).eval()
     dev = next(m.parameters()).device
     total, grads = 0, {n: torch.zeros_like(p) for n, p in m.named_parameters()}
-    for x, y in data:
-        x, y = x.to(dev), y.to(dev)
+    for raw in data:
+        batch = Batch.of(raw).to(dev)
         m.zero_grad(set_to_none=True)
-        (loss_fn(m(x), y) * len(x)).backward()
+        (loss_fn(forward(m, batch), batch.targets) * len(batch)).backward()
         for n, p in m.named_parameters():
             if p.grad is not None:
                 grads[n] += p.grad
-        total += len(x)
+        total += len(batch)
     grads = distributed.all_reduce_dict(grads)  # under torchrun: every rank's share
     (total,) = distributed.sum_counts(total)
     return {n: g / total for n, g in grads.items()}
