@@ -51,7 +51,8 @@ from saliency.model_io import (
     model_device,
     per_sample_losses,
 )
-from saliency.per_sample import _delta_factor, _input_factor, check_params, requiring_grad
+from saliency.per_sample import _delta_factor, _input_factor, _linear, check_params, requiring_grad
+from saliency.targets import is_transposed_linear, transposed_linear_types
 
 log = logging.getLogger(__name__)
 
@@ -61,12 +62,15 @@ _TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d)
 @dataclass
 class KroneckerFactors:
     """``A [in, in]``, ``G [out, out]`` of one layer's weight ``[out, *]`` (float64), their
-    eigendecompositions, the damping ``lambda`` and the weight's shape."""
+    eigendecompositions, the damping ``lambda`` and the weight's shape. ``transposed``: the
+    weight is stored ``[in, out]`` (transformers' Conv1D); methods take and give tensors in the
+    weight's own shape, ``as_matrix`` views them as ``[out, in]``."""
 
     A: Tensor
     G: Tensor
     shape: torch.Size
     damping: float = 0.0
+    transposed: bool = False
 
     def __post_init__(self) -> None:
         self.sA, self.UA = torch.linalg.eigh(self.A)
@@ -74,26 +78,32 @@ class KroneckerFactors:
         # tiny negative eigenvalues from rounding of a PSD matrix
         self.sA, self.sG = self.sA.clamp(min=0), self.sG.clamp(min=0)
 
-    def _2d(self, v: Tensor) -> Tensor:
-        return v.reshape(self.shape[0], -1).to(self.A.dtype)
+    def as_matrix(self, v: Tensor) -> Tensor:
+        """A tensor shaped like the weight as ``[out, in]`` (float64)."""
+        v = v.to(self.A.dtype)
+        return v.T if self.transposed else v.reshape(self.shape[0], -1)
+
+    def from_matrix(self, M: Tensor) -> Tensor:
+        """Inverse of ``as_matrix``."""
+        return M.T.contiguous() if self.transposed else M.reshape(self.shape)
 
     def diag(self) -> Tensor:
         """``diag(A (x) G) + lambda``, shaped like the weight."""
         d = torch.outer(torch.diagonal(self.G), torch.diagonal(self.A)) + self.damping
-        return d.reshape(self.shape)
+        return self.from_matrix(d)
 
     def matvec(self, V: Tensor) -> Tensor:
         """``(A (x) G + lambda I) vec(V)`` as ``G V A + lambda V``."""
-        V = self._2d(V)
-        return (self.G @ V @ self.A + self.damping * V).reshape(self.shape)
+        V = self.as_matrix(V)
+        return self.from_matrix(self.G @ V @ self.A + self.damping * V)
 
     def inv_diag(self) -> Tensor:
         """``diag((A (x) G + lambda I)^-1)``, shaped like the weight."""
         M = 1.0 / self._eig()
-        return ((self.UG**2) @ M @ (self.UA**2).T).reshape(self.shape)
+        return self.from_matrix((self.UG**2) @ M @ (self.UA**2).T)
 
     def row_inverse(self, rows: slice) -> Tensor:
-        """The diagonal blocks of ``(A (x) G + lambda I)^-1`` for ``rows`` of the weight,
+        """The diagonal blocks of ``(A (x) G + lambda I)^-1`` for ``rows`` of ``as_matrix(W)``,
         ``[r, in, in]``: block j is ``U_A diag(c_j) U_A^T`` with ``c = (U_G^2) / (s_G s_A^T +
         lambda)`` summed over G's eigenvectors; exact sub-blocks of the K-FAC inverse."""
         c = (self.UG[rows] ** 2) @ (1.0 / self._eig())  # [r, in]
@@ -139,14 +149,15 @@ def _owners(model: nn.Module, params: Mapping[str, Tensor]) -> dict[str, nn.Modu
         why = fastpaths.closed_form_reason(m, attr)
         if why is None and attr != "weight":
             why = "K-FAC covers layer weights, not biases"
-        if why is None and not isinstance(m, _TYPES):
+        if why is None and not isinstance(m, _TYPES + transposed_linear_types()):
             why = f"no K-FAC factors for {type(m).__name__}"
         if why is None and getattr(m, "groups", 1) != 1:
             why = f"grouped convolution (groups={m.groups}) has one Kronecker product per group"
         if why is not None:
             raise ValueError(
                 f"K-FAC cannot factor {n!r} ({type(m).__name__}.{attr}): {why}. K-FAC covers "
-                "weights of nn.Linear and nn.Conv1d/2d (groups=1); use hessian='fisher' "
+                "weights of nn.Linear, transformers' Conv1D and nn.Conv1d/2d (groups=1); use "
+                "hessian='fisher' "
                 "(block WoodFisher) or exclude the parameter"
             )
         out[n] = m
@@ -229,12 +240,12 @@ def kfac_factors(
             for (m, n), g, o in zip(mods.items(), grads, outs, strict=True):
                 g = torch.zeros_like(o) if g is None else g
                 d = _delta_factor(m, g.detach()).to(torch.float64)  # [B, T, out] or [B,1,out,L]
-                if not isinstance(m, nn.Linear):
+                if not _linear(m):
                     d = d[:, 0].transpose(1, 2)  # [B, L, out]
                 G[n] = G[n] + torch.einsum("bto,btp->op", d, d) / len(targets)
         for m, n in mods.items():
             a = _input_factor(m, calls[m][0][0]).to(torch.float64)
-            if not isinstance(m, nn.Linear):
+            if not _linear(m):
                 a = a[:, 0].transpose(1, 2)  # [B, L, in * k]
             A[n] = A[n] + torch.einsum("bti,btj->ij", a, a) / a.shape[1]
         m_total += len(x)
@@ -252,7 +263,7 @@ def kfac_factors(
     for n, p in params.items():
         An, Gn = A[n] / m_total, G[n] / m_total
         lam = damp * float(torch.diagonal(An).mean() * torch.diagonal(Gn).mean()) + damp_absolute
-        factors[n] = KroneckerFactors(An, Gn, p.shape, lam)
+        factors[n] = KroneckerFactors(An, Gn, p.shape, lam, is_transposed_linear(owners[n]))
     from saliency.inverse_fisher import _fingerprint
 
     return KFAC(factors, m_total, passes, _fingerprint(params))

@@ -148,8 +148,8 @@ class OBS:
             for n, p in params.items():
                 f, w = inv.factors[n], p.detach().to(torch.float64)
                 if self.selection_rule == "greedy":  # per output row, its block of the inverse
-                    rows = w.reshape(f.shape[0], -1)
-                    s = greedy_scores(f.row_inverse, rows, rows != 0).reshape(w.shape)
+                    rows = f.as_matrix(w)
+                    s = f.from_matrix(greedy_scores(f.row_inverse, rows, rows != 0))
                 else:
                     s = w.square() / (2 * f.inv_diag().to(w.device))
                 scores[n] = torch.where(w != 0, s, 0).to(torch.float32)
