@@ -1,5 +1,8 @@
 """Kronecker-factored curvature (K-FAC) of Linear and Conv1d/2d weights, for OBD and OBS.
 
+transformers' Conv1D (weight ``[in, out]``, ``x @ W + b``) is its Linear: the factors below are
+those of ``W.T``, and ``KroneckerFactors`` takes and gives tensors in the weight's own shape.
+
 K-FAC (Martens & Grosse 2015; KFC for convolutions, Grosse & Martens 2016; used for pruning by
 EigenDamage, Wang et al. 2019) approximates the Fisher block of a layer with weight
 ``W [out, in]`` (convolutions: ``in = C_in * prod(kernel)``) by a Kronecker product
@@ -157,8 +160,7 @@ def _owners(model: nn.Module, params: Mapping[str, Tensor]) -> dict[str, nn.Modu
             raise ValueError(
                 f"K-FAC cannot factor {n!r} ({type(m).__name__}.{attr}): {why}. K-FAC covers "
                 "weights of nn.Linear, transformers' Conv1D and nn.Conv1d/2d (groups=1); use "
-                "hessian='fisher' "
-                "(block WoodFisher) or exclude the parameter"
+                "hessian='fisher' (block WoodFisher) or exclude the parameter"
             )
         out[n] = m
     return out
