@@ -159,8 +159,8 @@ def _owners(model: nn.Module, params: Mapping[str, Tensor]) -> dict[str, nn.Modu
         if why is not None:
             raise ValueError(
                 f"K-FAC cannot factor {n!r} ({type(m).__name__}.{attr}): {why}. K-FAC covers "
-                "weights of nn.Linear, transformers' Conv1D and nn.Conv1d/2d (groups=1); use "
-                "hessian='fisher' (block WoodFisher) or exclude the parameter"
+                "weights of nn.Linear and nn.Conv1d/2d (groups=1), and transformers' Conv1D; "
+                "use hessian='fisher' (block WoodFisher) or exclude the parameter"
             )
         out[n] = m
     return out
