@@ -420,8 +420,11 @@ def allocate(
     (global scope), so the total stays the closest reachable to the target; in layer scope,
     or when every tensor is at its limit, fewer zeros than asked are pruned. 0 turns it off.
     channel_layout: {name: (dim, groups)} for tensors whose output channels run along dim 1
-    in `groups` blocks of dim 0 (ConvTranspose weights [in, out/groups, *k]: (1, groups));
-    `saliency.prune` derives it from the module types (`targets.channel_layout`).
+    in `groups` blocks of dim 0 (ConvTranspose weights [in, out/groups, *k]: (1, groups)); a
+    2-D tensor with (1, 1) is an [in, out] matrix (transformers' Conv1D) and every granularity
+    works on its transpose, as for the equivalent nn.Linear (channels are its columns, blocks
+    and N:M groups run as on W.T); `saliency.prune` derives it from the module types
+    (`targets.channel_layout`).
     groups: at granularity "channel", {name: unit id per output channel} (`saliency.
     channel_groups(model, example_inputs)`): channels with equal ids across tensors (a residual
     addition's inputs, a depthwise convolution and the layer before it) are one unit, pruned
@@ -433,6 +436,18 @@ def allocate(
     """
     _check_scores(scores, current)
     nm, how = check_allocation(sparsity, scope, granularity, reduce, block, pooling)
+    layout = dict(channel_layout or {})
+    _check_channel_layout(layout, scores)
+    flip = [n for n, v in layout.items() if v == (1, 1) and scores[n].dim() == 2]
+    if flip:  # [in, out] matrices (HF Conv1D): allocate on their [out, in] transpose
+        t = lambda d: d and {n: v.T.contiguous() if n in flip else v for n, v in d.items()}
+        keep = {n: v for n, v in layout.items() if n not in flip}
+        masks = allocate(t(scores), sparsity, scope=scope, granularity=granularity, reduce=reduce,
+                         block=block, pooling=pooling, current=t(current),
+                         layer_sparsity=layer_sparsity, max_layer_sparsity=max_layer_sparsity,
+                         min_layer_channels=min_layer_channels, channel_layout=keep,
+                         groups=groups)  # fmt: skip
+        return Masks(t(masks))
     if nm:
         return Masks(_nm_masks(scores, *nm, current))
     sparsity = float(sparsity)
@@ -448,8 +463,6 @@ def allocate(
         raise ValueError(
             f"min_layer_channels must be an int >= 0 (0 turns the guard off); got {min_layer_channels!r}"
         )
-    layout = dict(channel_layout or {})
-    _check_channel_layout(layout, scores)
     overrides = dict(layer_sparsity or {})
     unknown = sorted(set(overrides) - set(scores))
     if unknown:

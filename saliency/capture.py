@@ -3,6 +3,7 @@
 A layer ``y = W x`` is seen as ``W [out, d]`` acting on input rows ``x [d]``:
 
 - Linear, whatever its leading dims (``[..., in]``): ``W`` as is; every position is a row.
+  transformers' Conv1D (``x @ W + b``, ``W [in, out]``): the same with ``W.T``.
 - Conv2d (groups 1, zero padding), through ``unfold``: ``W [out, in, kh, kw]`` is viewed as
   ``[out, kh*kw*in]`` (input channels fastest, so that N:M groups of consecutive input channels
   at one kernel position are consecutive columns, as ``allocate``'s "N:M"), every output pixel
@@ -25,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from saliency.model_io import Batch
-from saliency.targets import parameter_uses
+from saliency.targets import is_transposed_linear, parameter_uses
 
 WAY_OUT = (
     "exclude it from the targets (prunable_parameters(model, exclude=[...]) or params=) and prune "
@@ -35,7 +36,8 @@ WAY_OUT = (
 
 
 def layer_modules(model: nn.Module, params: Mapping[str, Tensor]) -> dict[str, nn.Module]:
-    """{parameter name: the Linear / Conv2d whose ``weight`` it is}; refuses any other layout."""
+    """{parameter name: the Linear / Conv1D / Conv2d whose ``weight`` it is}; refuses any other
+    layout."""
     uses = parameter_uses(model)
     out = {}
     for name, p in params.items():
@@ -45,6 +47,7 @@ def layer_modules(model: nn.Module, params: Mapping[str, Tensor]) -> dict[str, n
             raise ValueError(f"layer-wise pruning cannot handle {name!r}: it {why}; {WAY_OUT}")
         _, module, attr = holders[0]
         ok = attr == "weight" and type(module) in (nn.Linear, nn.Conv2d)
+        ok = ok or attr == "weight" and is_transposed_linear(module)
         ok = ok or attr == "weight" and type(module).__name__ == "NonDynamicallyQuantizableLinear"
         if ok and isinstance(module, nn.Conv2d):
             ok = module.groups == 1 and module.padding_mode == "zeros"
@@ -52,22 +55,30 @@ def layer_modules(model: nn.Module, params: Mapping[str, Tensor]) -> dict[str, n
                                                                  zip(module.dilation, module.kernel_size, strict=True)))  # fmt: skip
         if not ok:
             raise ValueError(
-                f"layer-wise pruning handles the weights of nn.Linear and nn.Conv2d (groups=1, zero "
-                f"padding); {name!r} is {attr!r} of {type(module).__name__}: {WAY_OUT}"
+                f"layer-wise pruning handles the weights of nn.Linear, transformers' Conv1D and "
+                f"nn.Conv2d (groups=1, zero padding); {name!r} is {attr!r} of {type(module).__name__}: {WAY_OUT}"
             )
         out[name] = module
     return out
 
 
+def as_matrix(module: nn.Module, t: Tensor) -> Tensor:
+    """A tensor shaped like the module's weight (a mask) as ``[out, d]``, as ``weight_matrix``."""
+    if is_transposed_linear(module):
+        return t.T
+    return t if t.dim() == 2 else t.movedim(1, -1).reshape(t.shape[0], -1)
+
+
 def weight_matrix(module: nn.Module) -> Tensor:
-    """The weight as ``[out, d]`` (Conv2d: columns ordered (kh, kw, in))."""
-    W = module.weight.detach()
-    return W if W.dim() == 2 else W.movedim(1, -1).reshape(W.shape[0], -1)
+    """The weight as ``[out, d]`` (Conv2d: columns ordered (kh, kw, in); Conv1D: ``W.T``)."""
+    return as_matrix(module, module.weight.detach())
 
 
 def from_matrix(module: nn.Module, M: Tensor) -> Tensor:
     """Inverse of ``weight_matrix``: a ``[out, d]`` tensor back in the weight's own shape."""
     shape = module.weight.shape
+    if is_transposed_linear(module):
+        return M.T
     if len(shape) == 2:
         return M.reshape(shape)
     return M.reshape(shape[0], *shape[2:], shape[1]).movedim(-1, 1)
@@ -87,7 +98,7 @@ def input_rows(module: nn.Module, x: Tensor, token_mask: Tensor | None = None) -
     """The layer's input as rows ``[n, d]`` matching ``weight_matrix`` (``W x`` per row).
     ``token_mask [B, T]`` (``Batch.token_mask``, False at padding) drops the rows of padded
     tokens from a Linear's ``[B, T, d]`` input (or ``[B*T, d]``); other inputs keep every row."""
-    if isinstance(module, nn.Linear):
+    if isinstance(module, nn.Linear) or is_transposed_linear(module):
         if token_mask is not None and x.shape[:-1] == token_mask.shape:
             return x[token_mask]
         if (

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from saliency.masks import Masks
-from saliency.targets import prunable_parameters
+from saliency.targets import is_transposed_linear, prunable_parameters
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +109,14 @@ def dependency_graph(model: nn.Module, example_inputs):
             "channel groups and compact need the optional torch-pruning package: "
             'pip install "saliency[compact]" (or pip install --no-deps torch-pruning)'
         ) from None
+    conv1d = [n for n, m in model.named_modules() if is_transposed_linear(m)]
+    if conv1d:  # DepGraph has no rule for it: it would slice its [in, out] weight along dim 0
+        raise ValueError(
+            f"channel groups and compact cannot follow transformers' Conv1D layers ({conv1d[:3]}"
+            f"{' ...' if len(conv1d) > 3 else ''}): Torch-Pruning's dependency graph does not "
+            "know their [in, out] weight layout; prune such models without groups= (channel, "
+            "element, block or N:M granularity) and keep the pruned shapes"
+        )
     was_training = {m: m.training for m in model.modules()}
     try:
         with torch.enable_grad():

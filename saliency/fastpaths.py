@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from saliency.model_io import Batch, default_loss, forward
+from saliency.targets import transposed_linear_types
 
 # ----------------------------------------------------------------------------- samples mixing
 
@@ -71,11 +72,19 @@ CLOSED_FORM_TYPES: dict[type[nn.Module], Callable] = {
     nn.Conv2d: nn.Conv2d.forward,
 }
 
+
+def closed_form_types() -> dict[type[nn.Module], Callable]:
+    """``CLOSED_FORM_TYPES`` and the loaded transposed Linears (``targets.TRANSPOSED_LINEAR``:
+    transformers' Conv1D, ``x @ W + b`` with ``W [in, out]``: the Linear's closed form,
+    ``g_n = sum_t x_nt delta_nt^T``, transposed)."""
+    return {**CLOSED_FORM_TYPES, **{t: t.forward for t in transposed_linear_types()}}
+
+
 _CLOSED_FORM_RULES: list[tuple[Callable[[nn.Module, str], bool], str]] = [
-    (lambda m, a: type(m) not in CLOSED_FORM_TYPES and not any(
-        isinstance(m, t) for t in CLOSED_FORM_TYPES), "no closed form for this layer type"),
+    (lambda m, a: not isinstance(m, tuple(closed_form_types())),
+     "no closed form for this layer type"),
     (lambda m, a: type(m).forward is not next(
-        f for t, f in CLOSED_FORM_TYPES.items() if isinstance(m, t)), "custom forward"),
+        f for t, f in closed_form_types().items() if isinstance(m, t)), "custom forward"),
     (lambda m, a: a not in ("weight", "bias"), "not the layer's weight or bias"),
 ]  # fmt: skip
 

@@ -1,5 +1,8 @@
 """Kronecker-factored curvature (K-FAC) of Linear and Conv1d/2d weights, for OBD and OBS.
 
+transformers' Conv1D (weight ``[in, out]``, ``x @ W + b``) is its Linear: the factors below are
+those of ``W.T``, and ``KroneckerFactors`` takes and gives tensors in the weight's own shape.
+
 K-FAC (Martens & Grosse 2015; KFC for convolutions, Grosse & Martens 2016; used for pruning by
 EigenDamage, Wang et al. 2019) approximates the Fisher block of a layer with weight
 ``W [out, in]`` (convolutions: ``in = C_in * prod(kernel)``) by a Kronecker product
@@ -58,7 +61,8 @@ from saliency.model_io import (
     per_sample_losses,
     resolve_loss,
 )
-from saliency.per_sample import _delta_factor, _input_factor, check_params, requiring_grad
+from saliency.per_sample import _delta_factor, _input_factor, _linear, check_params, requiring_grad
+from saliency.targets import is_transposed_linear, transposed_linear_types
 
 log = logging.getLogger(__name__)
 
@@ -68,13 +72,16 @@ _TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d)
 @dataclass
 class KroneckerFactors:
     """``A [in, in]``, ``G [out, out]`` of one layer's weight ``[out, *]`` (float64), their
-    eigendecompositions, the damping ``lambda`` and the weight's shape."""
+    eigendecompositions, the damping ``lambda`` and the weight's shape. ``transposed``: the
+    weight is stored ``[in, out]`` (transformers' Conv1D); methods take and give tensors in the
+    weight's own shape, ``as_matrix`` views them as ``[out, in]``."""
 
     A: Tensor
     G: Tensor
     shape: torch.Size
     damping: float = 0.0
     live: Tensor | None = None  # [out, in] bool: False where the curvature is negligible
+    transposed: bool = False
 
     def __post_init__(self) -> None:
         self.sA, self.UA = torch.linalg.eigh(self.A)
@@ -88,26 +95,32 @@ class KroneckerFactors:
             return torch.ones(len(self.G), len(self.A), dtype=torch.bool, device=self.A.device)
         return self.live
 
-    def _2d(self, v: Tensor) -> Tensor:
-        return v.reshape(self.shape[0], -1).to(self.A.dtype)
+    def as_matrix(self, v: Tensor) -> Tensor:
+        """A tensor shaped like the weight as ``[out, in]`` (float64)."""
+        v = v.to(self.A.dtype)
+        return v.T if self.transposed else v.reshape(self.shape[0], -1)
+
+    def from_matrix(self, M: Tensor) -> Tensor:
+        """Inverse of ``as_matrix``."""
+        return M.T.contiguous() if self.transposed else M.reshape(self.shape)
 
     def diag(self) -> Tensor:
         """``diag(A (x) G) + lambda``, shaped like the weight."""
         d = torch.outer(torch.diagonal(self.G), torch.diagonal(self.A)) + self.damping
-        return d.reshape(self.shape)
+        return self.from_matrix(d)
 
     def matvec(self, V: Tensor) -> Tensor:
         """``(A (x) G + lambda I) vec(V)`` as ``G V A + lambda V``."""
-        V = self._2d(V)
-        return (self.G @ V @ self.A + self.damping * V).reshape(self.shape)
+        V = self.as_matrix(V)
+        return self.from_matrix(self.G @ V @ self.A + self.damping * V)
 
     def inv_diag(self) -> Tensor:
         """``diag((A (x) G + lambda I)^-1)``, shaped like the weight."""
         M = 1.0 / self._eig()
-        return ((self.UG**2) @ M @ (self.UA**2).T).reshape(self.shape)
+        return self.from_matrix((self.UG**2) @ M @ (self.UA**2).T)
 
     def row_inverse(self, rows: slice) -> Tensor:
-        """The diagonal blocks of ``(A (x) G + lambda I)^-1`` for ``rows`` of the weight,
+        """The diagonal blocks of ``(A (x) G + lambda I)^-1`` for ``rows`` of ``as_matrix(W)``,
         ``[r, in, in]``: block j is ``U_A diag(c_j) U_A^T`` with ``c = (U_G^2) / (s_G s_A^T +
         lambda)`` summed over G's eigenvectors; exact sub-blocks of the K-FAC inverse."""
         c = (self.UG[rows] ** 2) @ (1.0 / self._eig())  # [r, in]
@@ -153,15 +166,15 @@ def _owners(model: nn.Module, params: Mapping[str, Tensor]) -> dict[str, nn.Modu
         why = fastpaths.closed_form_reason(m, attr)
         if why is None and attr != "weight":
             why = "K-FAC covers layer weights, not biases"
-        if why is None and not isinstance(m, _TYPES):
+        if why is None and not isinstance(m, _TYPES + transposed_linear_types()):
             why = f"no K-FAC factors for {type(m).__name__}"
         if why is None and getattr(m, "groups", 1) != 1:
             why = f"grouped convolution (groups={m.groups}) has one Kronecker product per group"
         if why is not None:
             raise ValueError(
                 f"K-FAC cannot factor {n!r} ({type(m).__name__}.{attr}): {why}. K-FAC covers "
-                "weights of nn.Linear and nn.Conv1d/2d (groups=1); use hessian='fisher' "
-                "(block WoodFisher) or exclude the parameter"
+                "weights of nn.Linear and nn.Conv1d/2d (groups=1), and transformers' Conv1D; "
+                "use hessian='fisher' (block WoodFisher) or exclude the parameter"
             )
         out[n] = m
     return out
@@ -244,12 +257,12 @@ def kfac_factors(
             for (m, n), g, o in zip(mods.items(), grads, outs, strict=True):
                 g = torch.zeros_like(o) if g is None else g
                 d = _delta_factor(m, g.detach()).to(torch.float64)  # [B, T, out] or [B,1,out,L]
-                if not isinstance(m, nn.Linear):
+                if not _linear(m):
                     d = d[:, 0].transpose(1, 2)  # [B, L, out]
                 G[n] = G[n] + torch.einsum("bto,btp->op", d, d) / len(targets)
         for m, n in mods.items():
             a = _input_factor(m, calls[m][0][0]).to(torch.float64)
-            if not isinstance(m, nn.Linear):
+            if not _linear(m):
                 a = a[:, 0].transpose(1, 2)  # [B, L, in * k]
             A[n] = A[n] + torch.einsum("bti,btj->ij", a, a) / a.shape[1]
         m_total += len(batch)
@@ -273,7 +286,8 @@ def kfac_factors(
     for n, p in params.items():
         An, Gn, live = _decouple_negligible(A[n], G[n], s)
         lam = damp * negligible.floored(mean[n], s) + damp_absolute
-        factors[n] = KroneckerFactors(An, Gn, p.shape, lam, live)
+        transposed = is_transposed_linear(owners[n])
+        factors[n] = KroneckerFactors(An, Gn, p.shape, lam, live, transposed)
     from saliency.inverse_fisher import _fingerprint
 
     return KFAC(factors, m_total, passes, _fingerprint(params))

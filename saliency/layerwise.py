@@ -62,10 +62,6 @@ def check_settings(crit, sparsity, scope: str, granularity: str, alloc: Mapping[
     return sparsity, nm
 
 
-def _to_matrix(t: Tensor) -> Tensor:
-    return t if t.dim() == 2 else t.movedim(1, -1).reshape(t.shape[0], -1)
-
-
 def _groups(model, modules, batch) -> tuple[list[list[str]], dict[str, int]]:
     calls = capture.call_order(model, modules, batch)
     missing = sorted(set(modules) - {n for n, _ in calls})
@@ -132,7 +128,8 @@ def prune_layerwise(
             for n in group:  # distributed: the owner of each layer solves it, then broadcasts
                 if world is not None and order.index(n) % world[1] != world[0]:
                     continue
-                alive = None if current is None else _to_matrix(current[n].to(device).bool())
+                alive = current[n].to(device).bool() if current is not None else None
+                alive = None if alive is None else capture.as_matrix(modules[n], alive)
                 W = capture.weight_matrix(modules[n])
                 try:
                     W2, k = crit.solve_layer(W, stats[n].H, pattern[n], alive)

@@ -6,8 +6,8 @@ gradient (with a mean-reduced ``loss_fn`` on a batch of B samples, B times that 
 the batch gradient). Per-sample losses come from ``reduction="none"`` for cross-entropy and MSE
 and from ``torch.func.vmap`` over ``loss_fn`` otherwise (a loop if it cannot be vmapped).
 
-Closed forms for ``nn.Linear`` (``g_n = sum_t delta_nt x_nt^T``) and ``nn.Conv1d/2d`` (unfolded
-inputs) come from a forward hook on the layer input and a tensor hook on its output gradient
+Closed forms for ``nn.Linear`` (``g_n = sum_t delta_nt x_nt^T``; transformers' ``Conv1D``, whose
+weight is ``[in, out]``: its transpose) and ``nn.Conv1d/2d`` (unfolded inputs) come from a forward hook on the layer input and a tensor hook on its output gradient
 ``delta``; every other parameter goes through ``torch.func.vmap(grad(...))`` over
 ``functional_call``, chunked. A hooked weight whose per-sample gradients do not sum to autograd's
 batch gradient (it is also used outside its layer, e.g. tied) falls back to that generic path.
@@ -42,6 +42,7 @@ from saliency.model_io import (
     resolve_loss,
     vmap_or_loop,
 )
+from saliency.targets import is_transposed_linear
 
 __all__ = [
     "LossFn", "accumulate", "batched_dot", "check_batch", "check_params", "check_per_sample",
@@ -144,11 +145,16 @@ def _unfold(m: nn.Module, x: Tensor) -> Tensor:
     return p.reshape(B, C * math.prod(m.kernel_size), -1)
 
 
+def _linear(m: nn.Module) -> bool:
+    """Linear, or a Linear with its weight stored [in, out] (transformers' Conv1D)."""
+    return isinstance(m, nn.Linear) or is_transposed_linear(m)
+
+
 def _input_factor(m: nn.Module, x: Tensor) -> Tensor:
     """Per-sample input factor ``a``: ``[B, T, in]`` for Linear (T = product of extra dims),
     ``[B, G, in/G * k, L]`` unfolded patches for convolutions with G groups."""
     B = x.shape[0]
-    if isinstance(m, nn.Linear):
+    if _linear(m):
         if x.dim() < 2:
             raise ValueError(f"{m} got unbatched input of shape {tuple(x.shape)}")
         return x.reshape(B, -1, x.shape[-1])
@@ -164,7 +170,7 @@ def _delta_factor(m: nn.Module, delta: Tensor) -> Tensor:
     """Output gradient as ``[B, T, out]`` (Linear) or ``[B, G, out/G, L]`` (convolutions), so
     that ``g_n = d_n^T a_n`` summed over T or L."""
     B = delta.shape[0]
-    if isinstance(m, nn.Linear):
+    if _linear(m):
         return delta.reshape(B, -1, delta.shape[-1])
     return delta.reshape(B, m.groups, delta.shape[1] // m.groups, -1)
 
@@ -174,8 +180,9 @@ _CHUNK_ELEMENTS = 2**23  # per-chunk budget (elements) of per-sample gradients a
 
 def _grads_from_factors(m: nn.Module, a: Tensor, d: Tensor) -> tuple[Tensor, Tensor]:
     """Materialized per-sample weight and bias gradients ``[B, *shape]``."""
-    if isinstance(m, nn.Linear):
-        return torch.einsum("bto,bti->boi", d, a), d.sum(1)
+    if _linear(m):  # HF Conv1D: the weight and its gradient are [in, out]
+        form = "bto,bti->bio" if is_transposed_linear(m) else "bto,bti->boi"
+        return torch.einsum(form, d, a), d.sum(1)
     gw = torch.matmul(d, a.transpose(-1, -2))  # [B, G, out/G, in/G * k]
     return gw.reshape(len(a), *m.weight.shape), d.sum(-1).reshape(len(a), -1)
 
@@ -191,12 +198,13 @@ def _layer_stats(m: nn.Module, pairs, want: str):
     unfolded per chunk, so memory stays within ``_CHUNK_ELEMENTS``)."""
     x0 = pairs[0][0]
     K = len(pairs[0][1]) if pairs[0][1].dim() == x0.dim() + 1 else 0  # K vmapped passes
-    if want == "sq" and isinstance(m, nn.Linear) and len(pairs) == 1 and x0.dim() == 2:
+    if want == "sq" and _linear(m) and len(pairs) == 1 and x0.dim() == 2:
         d = pairs[0][1]
         d2 = d * d
         if K:  # sum_k sum_n d_kn^2 x_n^2 = (sum_k d_k^2)^T x^2
             d2, d = d2.sum(0), d.sum(0)
-        return d2.T @ (x0 * x0), d2.sum(0), None, d.sum(0)
+        w = (x0 * x0).T @ d2 if is_transposed_linear(m) else d2.T @ (x0 * x0)
+        return w, d2.sum(0), None, d.sum(0)
     if K:  # the K passes become K * B samples
         pairs = [
             (x.expand(K, *x.shape).reshape(K * len(x), *x.shape[1:]), d.flatten(0, 1))
@@ -204,7 +212,7 @@ def _layer_stats(m: nn.Module, pairs, want: str):
         ]
         x0 = pairs[0][0]
     B = len(x0)
-    patch = x0[0].numel() * (1 if isinstance(m, nn.Linear) else math.prod(m.kernel_size))
+    patch = x0[0].numel() * (1 if _linear(m) else math.prod(m.kernel_size))
     chunk = max(1, min(B, _CHUNK_ELEMENTS // (m.weight.numel() + patch)))
     w, b, w_sum, b_sum = [], [], 0, 0
     for i in range(0, B, chunk):
@@ -238,7 +246,7 @@ def _explains(m: nn.Module, pairs, stats, gw: Tensor | None, gb: Tensor | None) 
         d = d.sum(0) if d.dim() == x.dim() + 1 else d
         r = torch.randn(x.shape[1], generator=torch.Generator().manual_seed(0), dtype=x.dtype)
         r = r.to(x.device)
-        ok = close(d.T @ (x @ r), gw @ r)
+        ok = close(d.T @ (x @ r), (gw.T if is_transposed_linear(m) else gw) @ r)
     else:
         ok = close(w_sum.reshape(gw.shape), gw)
     return ok and (gb is None or close(b_sum.reshape(gb.shape), gb))

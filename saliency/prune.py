@@ -169,8 +169,9 @@ def prune_step(
     weights together on each layer's calibration inputs: they ignore `scores` and run
     `layerwise.prune_layerwise` on `data` instead of allocate + update.
 
-    At granularity "channel", where each weight's output channels lie is read from the module
-    that holds it (ConvTranspose weights are [in, out/groups, *k]) and handed to `allocate`.
+    Where each weight's output channels lie is read from the module that holds it
+    (ConvTranspose weights are [in, out/groups, *k]; transformers' Conv1D [in, out]) and handed
+    to `allocate`.
     """
     if is_solver(crit):
         scope, granularity = (
@@ -184,8 +185,9 @@ def prune_step(
         return masks
     if allocate_kwargs.get("reduce") is None:  # None (a sweep's default): the criterion's own
         allocate_kwargs["reduce"] = getattr(crit, "channel_reduce", None)
-    if allocate_kwargs.get("granularity") == "channel":
-        allocate_kwargs.setdefault("channel_layout", channel_layout(model, params))
+    # where each weight's output channels lie (ConvTranspose; HF Conv1D, [in, out], whose blocks
+    # and N:M groups allocate then takes on its transpose)
+    allocate_kwargs.setdefault("channel_layout", channel_layout(model, params))
     masks = allocate(scores, sparsity, current=current, **allocate_kwargs)
     if callable(getattr(crit, "apply_update", None)):
         crit.apply_update(model, params, masks, scores)

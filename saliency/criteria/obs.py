@@ -147,11 +147,10 @@ class OBS:
         if isinstance(inv, kfac.KFAC):
             for n, p in params.items():
                 f, w = inv.factors[n], p.detach().to(torch.float64)
-                live = f.live_mask().reshape(w.shape).to(w.device) & (w != 0)
+                live = f.from_matrix(f.live_mask()).to(w.device) & (w != 0)
                 if self.selection_rule == "greedy":  # per output row, its block of the inverse
-                    rows = w.reshape(f.shape[0], -1)
-                    s = greedy_scores(f.row_inverse, rows, live.reshape(rows.shape))
-                    s = s.reshape(w.shape)
+                    rows = f.as_matrix(w)
+                    s = f.from_matrix(greedy_scores(f.row_inverse, rows, f.as_matrix(live).bool()))
                 else:
                     s = w.square() / (2 * f.inv_diag().to(w.device))
                 scores[n] = torch.where(live, s, 0).to(torch.float32)

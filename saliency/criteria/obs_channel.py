@@ -9,8 +9,10 @@ import torch
 from torch import Tensor
 
 from saliency import distributed, kfac
+from saliency.allocate import group_index
 from saliency.criteria import Scores, register_criterion
 from saliency.criteria.obs import OBS, _obs_z
+from saliency.targets import channel_layout
 
 
 def channel_costs(Hinv: Tensor, w: Tensor, channel: Tensor, alive: Tensor, n_channels: int,
@@ -38,7 +40,7 @@ def kfac_channel_costs(f: kfac.KroneckerFactors, w: Tensor, chunk: int = 16) -> 
     exact row blocks of the damped inverse (`KroneckerFactors.row_inverse`); only the row's
     nonzero weights count (pruned ones are already gone). Removing row c with the joint update
     moves every other weight of the layer: the block is the whole layer."""
-    W = w.detach().to(torch.float64).reshape(w.shape[0], -1).cpu()
+    W = f.as_matrix(w.detach()).cpu()
     live = f.live_mask().cpu() & (W != 0)  # weights of negligible curvature cost nothing
     cost = torch.zeros(len(W), dtype=torch.float64)
     for i in range(0, len(W), chunk):
@@ -85,19 +87,19 @@ class OBSChannel(OBS):
         scores = Scores()
         if isinstance(inv, kfac.KFAC):
             for n, p in params.items():
-                cost = kfac_channel_costs(inv.factors[n], p) / p[0].numel()
-                shape = (-1, *[1] * (p.dim() - 1))
-                scores[n] = cost.view(shape).expand(p.shape).to(torch.float32).to(p.device)
+                f = inv.factors[n]
+                cost = kfac_channel_costs(f, p) * (len(f.G) / p.numel())
+                share = f.from_matrix(cost[:, None].expand(len(f.G), len(f.A)))
+                scores[n] = share.to(torch.float32).to(p.device)
             blocks = []
         else:
-            blocks = inv.blocks
+            blocks, layout = inv.blocks, channel_layout(model, params)
         for blk in blocks:
-            offsets, ids = 0, {}
-            for n in blk.names:  # one channel id per output row, across the block's tensors
-                rows = params[n].shape[0]
-                ids[n] = (torch.arange(rows) + offsets).view(-1, *[1] * (params[n].dim() - 1))
-                ids[n] = ids[n].expand(params[n].shape)
-                offsets += rows
+            offsets, ids, size = 0, {}, {}
+            for n in blk.names:  # one id per output channel, across the block's tensors
+                ch = group_index(params[n].shape, "channel", None, "cpu", layout.get(n, (0, 1)))
+                ids[n], size[n] = ch + offsets, params[n].numel() // (int(ch.max()) + 1)
+                offsets += int(ch.max()) + 1
             r = blk.rows  # this rank's share of the blocks when sharded (saliency.distributed)
             channel = blk.flatten(ids).long().cpu()[r]
             cost = channel_costs(blk.Hinv.cpu(), blk.flatten(params, torch.float64).cpu()[r],
@@ -105,7 +107,7 @@ class OBSChannel(OBS):
             if blk.sharded:  # a channel's cost is a sum over blocks: over every rank's blocks
                 cost = distributed.sum_shards(cost)
             for n in blk.names:
-                share = cost[ids[n]] / params[n][0].numel()
+                share = cost[ids[n]] / size[n]
                 scores[n] = share.to(torch.float32).to(params[n].device)
         scores.extra["obs"] = inv
         scores.cost.samples = inv.samples

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from saliency import distributed, fastpaths
+from saliency.allocate import group_index
 from saliency.criteria import Scores, register_criterion
 from saliency.criteria.base import (
     default_loss,
@@ -19,6 +20,7 @@ from saliency.criteria.base import (
     resolve_loss,
 )
 from saliency.criteria.snip import check_counts, scoring_mode
+from saliency.targets import channel_layout, is_transposed_linear
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -36,7 +38,7 @@ def _owners(model: nn.Module, params) -> dict[str, tuple[nn.Module, int]]:
     """{name: (layer whose weight it is, channel dim of that layer's output)}."""
     layers = {}
     for m in model.modules():
-        if isinstance(m, nn.Linear):
+        if isinstance(m, nn.Linear) or is_transposed_linear(m):  # HF Conv1D: x @ W + b
             layers[id(m.weight)] = (m, -1)
         elif isinstance(m, _CONV):
             layers[id(m.weight)] = (m, 1)
@@ -44,7 +46,7 @@ def _owners(model: nn.Module, params) -> dict[str, tuple[nn.Module, int]]:
     for n, p in params.items():
         if id(p) not in layers:
             raise ValueError(
-                f"taylor scores the output channels of Linear and Conv1d/2d/3d layers; {n!r} "
+                f"taylor scores the output channels of Linear, Conv1D and Conv1d/2d/3d layers; {n!r} "
                 "is not the weight of one (attention's in_proj_weight, ConvTranspose...): leave "
                 "it out (prunable_parameters(model, exclude_types=(nn.MultiheadAttention,)) or "
                 "exclude=...) or use 'taylor_weight' for such parameters"
@@ -170,9 +172,10 @@ class Taylor:
     def score(self, model, params, data, loss_fn=None) -> Scores:
         with scoring_mode(model, params, eval_mode=self.eval_mode):
             ch, samples, batches = self.channel_scores(model, params, data, loss_fn)
+        layout = channel_layout(model, params)  # HF Conv1D: output channels along dim 1
         scores = Scores(
             {
-                n: ch[n].view(-1, *[1] * (p.dim() - 1)).expand(p.shape).clone()
+                n: ch[n][group_index(p.shape, "channel", None, ch[n].device, layout.get(n, (0, 1)))]
                 for n, p in params.items()
             }
         )
