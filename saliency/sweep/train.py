@@ -26,7 +26,7 @@ from torch.utils.data import (
 from saliency.apply import clear_optimizer_state
 from saliency.masks import Masks
 
-Task = Literal["classification", "regression"]
+Task = Literal["classification", "regression", "lm"]
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -153,8 +153,15 @@ def evaluate(
     device: str | torch.device = "auto",
 ) -> dict[str, float]:
     """Test metrics: {"accuracy" (fraction correct), "loss" (mean cross-entropy)} for
-    classification, {"mse"} for regression. Restores the model's training mode."""
+    classification, {"mse"} for regression, {"loss" (mean token NLL), "perplexity"} for "lm"
+    (causal LMs on windows of token ids, `metrics.perplexity`). Restores the training mode."""
     dev = resolve_device(device)
+    if task == "lm":
+        from saliency.sweep.metrics import token_nll
+
+        # logits [B, T, vocab] are large (8 x 256 x 49152 floats: 400 MB): small batches
+        total, count = token_nll(model.to(dev), ds, batch_size=min(batch_size, 8))
+        return {"loss": total / count, "perplexity": math.exp(total / count)}
     loss_fn = task_loss(task)
     model.to(dev)
     was_training = model.training
