@@ -13,7 +13,7 @@ from torch.utils.data import TensorDataset
 
 import saliency
 from saliency.sweep.metrics import perplexity, token_nll
-from saliency.sweep.train import evaluate
+from saliency.sweep.train import causal_lm_loss, evaluate, task_loss
 from saliency.zoo import smollm2
 
 transformers = pytest.importorskip("transformers")
@@ -105,6 +105,14 @@ def test_evaluate_task_lm_is_perplexity():
     metrics = evaluate(model, TensorDataset(ids, ids), task="lm", device="cpu")
     assert metrics["perplexity"] == pytest.approx(reference_perplexity(model, ids), rel=1e-5)
     assert metrics["loss"] == pytest.approx(math.log(metrics["perplexity"]))
+
+
+def test_causal_lm_loss_is_hf_loss():
+    model, ids = tiny_llama(), windows(3)
+    with torch.no_grad():
+        out = model(ids, labels=ids)
+    assert causal_lm_loss(out, ids) == pytest.approx(float(out.loss), rel=1e-6)
+    assert task_loss("lm") is causal_lm_loss
 
 
 # ----------------------------------------------------------------------------- token windows
@@ -235,3 +243,46 @@ def test_smollm2_dense_perplexity_on_pydoc():
     assert 10 < perplexity(model, x[:4], batch_size=4) < 40  # about 19 on 16 windows
     with pytest.raises(ValueError, match="vocabulary of 49152"):
         zoo.get_model("smollm2-135m", input_shape=(256,), num_classes=10)
+
+
+# ----------------------------------------------------------------------------- sweeps
+
+
+@pytest.fixture
+def tiny_lm_zoo():
+    """A tiny LLaMA and random token windows registered in the zoo, unregistered afterwards."""
+    from saliency.zoo import datasets, models
+
+    @datasets.register_dataset("tiny_lm")
+    def tiny_lm(*, data_root=None, seed: int = 0):
+        cal, test = smollm2.token_windows(windows(20, 16).flatten(), seq_len=16, test_fraction=0.2)
+        lm = smollm2.lm_samples
+        return datasets.Dataset(lm(cal), lm(test), "lm", VOCAB, (16,), "tiny_lm")
+
+    models.register_model("tiny_llama")(lambda shape, num_classes: tiny_llama())
+    yield
+    datasets._DATASETS.pop("tiny_lm", None)
+    models._MODELS.pop("tiny_llama", None)
+
+
+def test_sweep_records_perplexity(tiny_lm_zoo, tmp_path):
+    from saliency.sweep.config import parse_config
+    from saliency.sweep.records import read_records
+    from saliency.sweep.runner import run_sweep
+
+    raw = {
+        "name": "lm",
+        "model": "tiny_llama",
+        "dataset": "tiny_lm",
+        "sparsities": [0.5],
+        "criteria": ["magnitude"],
+        "train": {"epochs": 0},
+    }
+    res = run_sweep(parse_config(raw), tmp_path)
+    assert not res.failures
+    ppl = {r["criterion"]: r["value"] for r in read_records(res.out) if r["metric"] == "perplexity"}
+    test = saliency.zoo.get_dataset("tiny_lm").test.tensors[0]
+    assert ppl["dense"] == pytest.approx(perplexity(tiny_llama(), test), rel=1e-5)
+    assert ppl["magnitude"] != ppl["dense"] and all(
+        r["task"] == "lm" for r in read_records(res.out)
+    )

@@ -25,6 +25,7 @@ from torch.utils.data import (
 
 from saliency.apply import clear_optimizer_state
 from saliency.masks import Masks
+from saliency.model_io import model_output
 
 Task = Literal["classification", "regression", "lm"]
 
@@ -59,13 +60,24 @@ def make_loader(ds: Dataset, batch_size: int, shuffle: bool, seed: int = 0) -> D
     return DataLoader(ds, batch_size=batch_size, sampler=sampler)
 
 
+def causal_lm_loss(out, labels: Tensor) -> Tensor:
+    """Mean shifted cross-entropy of a causal LM: logits `[B, T, vocab]` (or an output with
+    `.logits`) at position t predict `labels[:, t + 1]` (labels = input_ids, as HF models take
+    them). The sweeps' loss for task "lm"; no padding (the zoo's windows have none)."""
+    logits = model_output(out)
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
+
+
 def task_loss(task: Task) -> Callable[[Tensor, Tensor], Tensor]:
-    """Mean cross-entropy on logits (classification) or mean squared error (regression)."""
+    """Mean cross-entropy on logits (classification), mean squared error (regression), or the
+    shifted token cross-entropy of a causal LM ("lm", `causal_lm_loss`)."""
     if task == "classification":
         return F.cross_entropy
     if task == "regression":
         return lambda out, y: F.mse_loss(out.reshape(y.shape), y.to(out.dtype))
-    raise ValueError(f"task must be 'classification' or 'regression'; got {task!r}")
+    if task == "lm":
+        return causal_lm_loss
+    raise ValueError(f"task must be 'classification', 'regression' or 'lm'; got {task!r}")
 
 
 def make_optimizer(params, optimizer: str, lr: float, momentum: float, weight_decay: float):
