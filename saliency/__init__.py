@@ -17,6 +17,7 @@ from saliency.criteria import (
     register_criterion,
 )
 from saliency.criteria.check import CriterionContractError, check_criterion
+from saliency.hf import load_masks, load_pretrained, save_pretrained
 from saliency.masks import Masks
 from saliency.model_io import Batch, causal_lm_loss
 from saliency.prune import GradualPruner, prune, score
@@ -51,11 +52,14 @@ __all__ = [
     "from_torch_prune",
     "get_criterion",
     "load_checkpoint",
+    "load_masks",
+    "load_pretrained",
     "prunable_parameters",
     "prune",
     "register_criterion",
     "remove",
     "save_checkpoint",
+    "save_pretrained",
     "score",
     "to_torch_prune",
 ]

@@ -21,7 +21,8 @@ SHAPES = {
 
 
 def test_registry_names():
-    assert set(zoo.available_models()) == set(SHAPES) | {"char_gpt"}  # tokens: test_layerwise
+    # tokens: test_layerwise (char_gpt), test_hf_zoo (smollm2-135m)
+    assert set(zoo.available_models()) == set(SHAPES) | {"char_gpt", "smollm2-135m"}
     with pytest.raises(ValueError, match="unknown model 'vgg'.*lenet300"):
         get_model("vgg", input_shape=(1, 28, 28), num_classes=10)
     with pytest.raises(ValueError, match="already registered"):

@@ -1,18 +1,21 @@
-"""Cost metrics of a (pruned) model: multiply-adds, gzipped size, parameters remaining, latency."""
+"""Metrics of a (pruned) model: multiply-adds, gzipped size, parameters remaining, latency, and
+the perplexity of a causal language model on fixed-length windows."""
 
 from __future__ import annotations
 
 import copy
 import gzip
 import io
+import math
 import statistics
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.utils.data import DataLoader
 
-from saliency.model_io import forward
+from saliency.model_io import forward, model_device, model_output
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -106,3 +109,64 @@ def median_latency(
             if i >= warmup:
                 times[k].append(1e3 * (time.perf_counter() - start))
     return {k: statistics.median(v) for k, v in times.items()}
+
+
+def _window_batches(windows, batch_size: int) -> Iterator[Tensor]:
+    """Token ids `[B, T]` from a tensor `[N, T]` or a Dataset of `(input_ids, labels)` samples
+    (the zoo's language-model datasets). The one place that reads the batch: a dict batch
+    (`{"input_ids", ...}`) would be read here, or by `model_io` once it knows them."""
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int; got {batch_size!r}")
+    if isinstance(windows, Tensor):
+        yield from windows.split(batch_size)
+        return
+    for batch in DataLoader(windows, batch_size=batch_size, shuffle=False):
+        if isinstance(batch, Mapping):
+            yield batch["input_ids"]
+        else:
+            yield batch if isinstance(batch, Tensor) else batch[0]
+
+
+@torch.no_grad()
+def token_nll(model: nn.Module, windows, *, batch_size: int = 4) -> tuple[float, int]:
+    """(summed negative log-likelihood, number of predicted tokens) of a causal LM on `windows`
+    of token ids, all of one length T: every window predicts its tokens 1..T-1 from the ones
+    before (shifted cross-entropy, no padding, no context across windows). `model(ids)` returns
+    logits `[B, T, vocab]` (or an output with `.logits`); it runs in eval mode on its device,
+    and its training mode is restored."""
+    dev, was_training = model_device(model), model.training
+    total, count, length = 0.0, 0, None
+    model.eval()
+    try:
+        for ids in _window_batches(windows, batch_size):
+            if ids.dim() != 2 or ids.is_floating_point() or (length not in (None, ids.shape[1])):
+                raise ValueError(
+                    f"windows must be token ids [N, T] of one length T; got a batch of shape "
+                    f"{tuple(ids.shape)}, dtype {ids.dtype} (T so far: {length})"
+                )
+            length, ids = ids.shape[1], ids.to(dev)
+            logits = model_output(model(ids))
+            if logits.shape[:2] != ids.shape:
+                raise ValueError(
+                    f"a causal LM must return logits [B, T, vocab] = [{len(ids)}, {length}, ...]; "
+                    f"got {tuple(logits.shape)}"
+                )
+            nll = torch.nn.functional.cross_entropy(
+                logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="sum"
+            )
+            total += float(nll.double())
+            count += ids[:, 1:].numel()
+    finally:
+        model.train(was_training)
+    if count == 0:
+        raise ValueError("windows hold no predicted token (no window, or windows of length 1)")
+    return total, count
+
+
+def perplexity(model: nn.Module, windows, *, batch_size: int = 4) -> float:
+    """Perplexity of a causal LM on fixed-length, non-overlapping windows of token ids, as
+    SparseGPT (Frantar & Alistarh 2023) and Wanda (Sun et al. 2023) evaluate it:
+    ``exp(sum of the shifted token NLL over all windows / number of predicted tokens)``.
+    `windows`: a tensor `[N, T]` or a Dataset of `(input_ids, labels)` samples (`token_nll`)."""
+    total, count = token_nll(model, windows, batch_size=batch_size)
+    return math.exp(total / count)

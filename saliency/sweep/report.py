@@ -12,7 +12,7 @@ import statistics
 from collections import defaultdict
 from typing import Any
 
-HEADLINE = {"classification": "accuracy", "regression": "mse"}
+HEADLINE = {"classification": "accuracy", "regression": "mse", "lm": "perplexity"}
 PHASES = ("final", "pruned", "dense")  # the most trained state a unit records is its result
 
 

@@ -25,9 +25,9 @@ from torch.utils.data import (
 
 from saliency.apply import clear_optimizer_state
 from saliency.masks import Masks
-from saliency.model_io import Batch, forward
+from saliency.model_io import Batch, causal_lm_loss, forward
 
-Task = Literal["classification", "regression"]
+Task = Literal["classification", "regression", "lm"]
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -61,12 +61,15 @@ def make_loader(ds: Dataset, batch_size: int, shuffle: bool, seed: int = 0) -> D
 
 
 def task_loss(task: Task) -> Callable[[Tensor, Tensor], Tensor]:
-    """Mean cross-entropy on logits (classification) or mean squared error (regression)."""
+    """Mean cross-entropy on logits (classification), mean squared error (regression), or the
+    shifted token cross-entropy of a causal LM ("lm", `causal_lm_loss`)."""
     if task == "classification":
         return F.cross_entropy
     if task == "regression":
         return lambda out, y: F.mse_loss(out.reshape(y.shape), y.to(out.dtype))
-    raise ValueError(f"task must be 'classification' or 'regression'; got {task!r}")
+    if task == "lm":
+        return causal_lm_loss
+    raise ValueError(f"task must be 'classification', 'regression' or 'lm'; got {task!r}")
 
 
 def make_optimizer(params, optimizer: str, lr: float, momentum: float, weight_decay: float):
@@ -154,8 +157,15 @@ def evaluate(
     device: str | torch.device = "auto",
 ) -> dict[str, float]:
     """Test metrics: {"accuracy" (fraction correct), "loss" (mean cross-entropy)} for
-    classification, {"mse"} for regression. Restores the model's training mode."""
+    classification, {"mse"} for regression, {"loss" (mean token NLL), "perplexity"} for "lm"
+    (causal LMs on windows of token ids, `metrics.perplexity`). Restores the training mode."""
     dev = resolve_device(device)
+    if task == "lm":
+        from saliency.sweep.metrics import token_nll
+
+        # logits [B, T, vocab] are large (8 x 256 x 49152 floats: 400 MB): small batches
+        total, count = token_nll(model.to(dev), ds, batch_size=min(batch_size, 8))
+        return {"loss": total / count, "perplexity": math.exp(total / count)}
     loss_fn = task_loss(task)
     model.to(dev)
     was_training = model.training

@@ -60,6 +60,10 @@ def dataset(cfg: SweepConfig):
 
 
 def loss_fn_for(task: str) -> Callable:
+    if task == "lm":
+        from saliency.model_io import causal_lm_loss
+
+        return causal_lm_loss
     if task == "regression":
         return lambda out, y: torch.nn.functional.mse_loss(out.reshape(y.shape), y.to(out.dtype))
     return torch.nn.functional.cross_entropy

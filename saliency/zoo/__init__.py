@@ -3,6 +3,7 @@
 Not imported by the core: `import saliency` never loads this package.
 """
 
+from saliency.zoo import smollm2 as _smollm2  # noqa: F401,E402  (smollm2-135m, pydoc_smollm2)
 from saliency.zoo import text as _text  # noqa: F401,E402  (registers pydoc_chars, char_gpt)
 from saliency.zoo.datasets import (
     Dataset,

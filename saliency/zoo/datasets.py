@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
-Task = Literal["classification", "regression"]
+Task = Literal["classification", "regression", "lm"]  # lm: causal LM windows, see smollm2.py
 
 
 @dataclass(frozen=True)
