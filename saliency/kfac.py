@@ -260,11 +260,12 @@ def kfac_factors(
                 if not _linear(m):
                     d = d[:, 0].transpose(1, 2)  # [B, L, out]
                 G[n] = G[n] + torch.einsum("bto,btp->op", d, d) / len(targets)
+        tokens = batch.token_mask
         for m, n in mods.items():
             a = _input_factor(m, calls[m][0][0]).to(torch.float64)
             if not _linear(m):
                 a = a[:, 0].transpose(1, 2)  # [B, L, in * k]
-            A[n] = A[n] + torch.einsum("bti,btj->ij", a, a) / a.shape[1]
+            A[n] = A[n] + _input_second_moment(a, tokens)
         m_total += len(batch)
     if distributed.world() is not None:  # sums and counts over every rank's samples
         A = distributed.all_reduce_dict(
@@ -291,6 +292,15 @@ def kfac_factors(
     from saliency.inverse_fisher import _fingerprint
 
     return KFAC(factors, m_total, passes, _fingerprint(params))
+
+
+def _input_second_moment(a: Tensor, tokens: Tensor | None) -> Tensor:
+    """``sum_n (1/T_n) sum_t a_nt a_nt^T`` over ``a [B, T, in]``: T_n the sample's unpadded
+    positions where ``tokens [B, T]`` (``Batch.token_mask``) lines up with them, else all T."""
+    if tokens is None or tuple(tokens.shape) != tuple(a.shape[:2]):
+        return torch.einsum("bti,btj->ij", a, a) / a.shape[1]
+    w = tokens.to(a) / tokens.sum(1, keepdim=True).clamp(min=1).to(a)
+    return torch.einsum("bt,bti,btj->ij", w, a, a)
 
 
 def _decouple_negligible(A: Tensor, G: Tensor, scale: float) -> tuple[Tensor, Tensor, Tensor]:

@@ -230,6 +230,14 @@ def test_a_padded_batch_gives_exactly_the_statistics_of_the_same_tokens_unpadded
     w_ref = saliency.score(model, "wanda", data=alone)
     for n in params:
         torch.testing.assert_close(w_pad[n], w_ref[n], msg=n)
+    # K-FAC factors: A averages each sample's unpadded positions, G sums them
+    from saliency import kfac
+
+    K_pad = kfac.kfac_factors(model, params, padded).factors
+    K_ref = kfac.kfac_factors(model, params, alone).factors
+    for n in params:
+        torch.testing.assert_close(K_pad[n].A, K_ref[n].A, **tight, msg=n)
+        torch.testing.assert_close(K_pad[n].G, K_ref[n].G, **tight, msg=n)
 
 
 def test_per_sample_grads_of_a_padded_dict_batch_match_a_loop_over_unpadded_samples():
