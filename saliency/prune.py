@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from saliency import distributed as _distributed
+from saliency import layer_sparsity
 from saliency.allocate import allocate, check_allocation
 from saliency.apply import attach, attached_masks, clear_optimizer_state
 from saliency.criteria import (
@@ -34,6 +35,7 @@ ALLOCATE_KWARGS = (
     "max_layer_sparsity",
     "min_layer_channels",
     "groups",
+    "allocation",
 )
 
 
@@ -254,7 +256,13 @@ def _prune(model, criterion, sparsity, data, loss_fn, scope, granularity, params
     attached = attached_masks(model)
     masks = _restrict(current if current is not None else attached, params)
     rounds = crit.schedule(sparsity) if callable(getattr(crit, "schedule", None)) else [sparsity]
+    if "allocation" in alloc and not is_solver(crit):
+        raise ValueError(
+            f"allocation= chooses layer sparsities for the layer-wise solvers (obc, sparsegpt, "
+            f"wanda); {crit.name!r} allocates globally or per layer through scope= instead"
+        )
     if is_solver(crit):  # refuse bad settings before any work; one solve, its cost measured
+        alloc = _layer_allocation(model, crit, params, data, sparsity, alloc)
         check_settings(crit, sparsity, scope, granularity, alloc)
         check_replicated(model)
         start = time.perf_counter()
@@ -286,6 +294,24 @@ def _prune(model, criterion, sparsity, data, loss_fn, scope, granularity, params
     elif optimizer is not None:
         clear_optimizer_state(optimizer, model, masks)
     return masks
+
+
+def _layer_allocation(model, crit, params, data, sparsity, alloc: dict[str, Any]) -> dict:
+    """``allocation="owl" | "obs"``: layer sparsities from the dense model
+    (``saliency.layer_sparsity``), handed on as ``layer_sparsity``; "uniform" (default): none."""
+    how = alloc.pop("allocation", "uniform")
+    if how == "uniform":
+        return alloc
+    if how not in ("owl", "obs"):
+        raise ValueError(f"allocation must be 'uniform', 'owl' or 'obs'; got {how!r}")
+    if sparsity is None or alloc.get("layer_sparsity"):
+        raise ValueError(
+            f"allocation={how!r} spreads one sparsity over the layers: pass sparsity= and no "
+            "layer_sparsity (or pass layer_sparsity alone)"
+        )
+    spread = layer_sparsity.owl_sparsity if how == "owl" else layer_sparsity.obs_budget_sparsity
+    alloc["layer_sparsity"] = spread(model, params, data, sparsity, n_samples=crit.n_samples)
+    return alloc
 
 
 class GradualPruner:
