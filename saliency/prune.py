@@ -34,6 +34,7 @@ ALLOCATE_KWARGS = (
     "max_layer_sparsity",
     "min_layer_channels",
     "groups",
+    "tie_seed",
 )
 
 
