@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from saliency import distributed as _distributed
 from saliency.allocate import allocate, check_allocation
 from saliency.apply import attach, attached_masks, clear_optimizer_state
+from saliency.collapse import check_collapse, input_disconnected, warn_zero_scores
 from saliency.criteria import (
     Cost,
     Criterion,
@@ -113,6 +114,7 @@ def _score(model, criterion, data, loss_fn, params, hparams) -> Scores:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     _check_scores(raw, params, crit)
+    warn_zero_scores(raw, params, crit)
     if _distributed.world() is not None:  # a criterion that scored its own shard alone
         name = getattr(crit, "name", type(crit).__name__)
         _distributed.check_replicated(
@@ -254,6 +256,7 @@ def _prune(model, criterion, sparsity, data, loss_fn, scope, granularity, params
     params = dict(params) if params is not None else prunable_parameters(model)
     attached = attached_masks(model)
     masks = _restrict(current if current is not None else attached, params)
+    was_connected = input_disconnected(model, data) is False  # checked again after pruning
     rounds = crit.schedule(sparsity) if callable(getattr(crit, "schedule", None)) else [sparsity]
     if is_solver(crit):  # refuse bad settings before any work; one solve, its cost measured
         check_settings(crit, sparsity, scope, granularity, alloc)
@@ -279,6 +282,8 @@ def _prune(model, criterion, sparsity, data, loss_fn, scope, granularity, params
             granularity=granularity,
             **alloc,
         )
+    if masks is not None:  # an emptied layer or an output cut from the input is never silent
+        check_collapse(model, masks, data, was_connected)
     if keep:
         # masks attached earlier on tensors outside this call's targets stay in force; the
         # biases and BatchNorm of pruned channel units stay zero too (`groups`)
