@@ -495,7 +495,7 @@ class MobileSE(nn.Module):
 
 ARCHS += [
     Arch("mobile_se", MobileSE, _x(2, 5, 5)),
-    Arch("mobile_se_zero_init", lambda: MobileSE(True), _x(2, 5, 5)),
+    Arch("mobile_se_zero_init", lambda: MobileSE(True), _x(2, 5, 5), tags={"zero_init"}),
     Arch("cross_attention", CrossAttention, _x(B, D + 3 + 5)),
     Arch("conv_transpose_grouped", ConvTransposedGrouped, _x(4, 3)),
 ]
