@@ -149,15 +149,16 @@ def lowest(keys: list[Tensor], k: int, seed: int) -> list[Tensor]:
         return [torch.full(x.shape, k > 0, dtype=torch.bool, device=x.device) for x in keys]
     gen = torch.Generator().manual_seed(seed)
     lo, hi = _bracket(keys, k, n, gen)
+    band = [(x >= lo) & (x <= hi) for x in keys]
     below = sum(int(torch.count_nonzero(x < lo)) for x in keys)
-    upto = sum(int(torch.count_nonzero(x <= hi)) for x in keys)
-    if not below < k <= upto:  # the sample missed (rare): bracket everything
-        lo, hi, below = -math.inf, math.inf, 0
-    cand = torch.cat([x[(x >= lo) & (x <= hi)].cpu() for x in keys])
+    inside = sum(int(torch.count_nonzero(b)) for b in band)
+    if not below < k <= below + inside:  # the sample missed (rare): bracket everything
+        below, band = 0, [torch.ones_like(b) for b in band]
+    cand = torch.cat([x[b].cpu() for x, b in zip(keys, band, strict=True)])
     t = float(torch.kthvalue(cand, k - below).values)
     pruned = [x < t for x in keys]
     tied = [(x == t).nonzero().squeeze(1) for x in keys]
-    need = k - sum(int(torch.count_nonzero(p)) for p in pruned)
+    need = k - below - int(torch.count_nonzero(cand < t))  # entries below t: none above hi
     pick = torch.zeros(sum(len(i) for i in tied), dtype=torch.bool)
     pick[torch.randperm(len(pick), generator=gen)[:need]] = True
     for p, i, chosen in zip(pruned, tied, pick.split([len(i) for i in tied]), strict=True):
