@@ -42,9 +42,9 @@ def warn_zero_scores(scores: Mapping[str, Tensor], params: Mapping[str, Tensor],
     if zero:
         name = getattr(crit, "name", type(crit).__name__)
         warnings.warn(
-            f"criterion {name!r} scored every weight of {_names(zero)} exactly 0 (typically "
-            "downstream gradients are 0 at initialisation: a zero-initialised BatchNorm gamma "
-            "or classifier head); allocation orders them at random (tie_seed), so these layers "
+            f"criterion {name!r} scored every weight of {_names(zero)} exactly 0 (the gradients "
+            "reaching them are 0: downstream of a zero-initialised BatchNorm gamma or "
+            "classifier head, or behind ReLUs that are off for every sample); allocation orders them at random (tie_seed), so these layers "
             "are pruned blindly. Use a data-free or magnitude criterion, or re-initialise the "
             "zeroed tensors before scoring",
             ZeroScoreWarning,
