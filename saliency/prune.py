@@ -233,7 +233,8 @@ def prune(
     as `current`) stay pruned. With `keep`, the masks are attached so that training keeps pruned
     weights at zero (`saliency.remove` bakes them in). `cost`, if given, accumulates the
     scoring cost of every round (seconds, samples, backward passes). Keyword arguments named like `allocate`'s
-    (reduce, block, pooling, layer_sparsity, max_layer_sparsity, min_layer_channels) go there;
+    (reduce, block, pooling, layer_sparsity, max_layer_sparsity, min_layer_channels, groups,
+    tie_seed: equal scores are ordered at random from it) go there;
     the rest are the criterion's hyperparameters. Channel granularity keeps at least one output
     channel per layer unless `min_layer_channels=0` (see `allocate`). With
     `groups=saliency.channel_groups(model, example_inputs)` tied channels (residual additions,
@@ -241,7 +242,9 @@ def prune(
     of pruned channels are zeroed and kept zero too, so that `saliency.compact` can remove
     them with the outputs unchanged. Under torch.distributed the masks and updated weights come
     out the same on every rank (`score`; OBS blocks and layer-wise solves are shared out among
-    ranks); ``distributed=False`` prunes each rank alone.
+    ranks); ``distributed=False`` prunes each rank alone. Layer collapse is never silent: a
+    `LayerCollapseWarning` names emptied layers and says when the output no longer depends on
+    the input (`saliency.collapse`); a `ZeroScoreWarning` names layers scored all zero.
     """
     with _distributed.enabled(distributed):
         return _prune(model, criterion, sparsity, data, loss_fn, scope, granularity, params,
