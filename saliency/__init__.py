@@ -7,6 +7,7 @@ from saliency.allocate import allocate
 from saliency.apply import attach, attached_masks, from_torch_prune, remove, to_torch_prune
 from saliency.channels import ChannelGroups, ChannelPad, channel_groups
 from saliency.checkpoint import load_checkpoint, save_checkpoint
+from saliency.collapse import LayerCollapseWarning, ZeroScoreWarning
 from saliency.compact import CompactError, compact
 from saliency.criteria import (
     Cost,
@@ -35,11 +36,13 @@ __all__ = [
     "Cost",
     "CriterionContractError",
     "Geometric",
+    "LayerCollapseWarning",
     "GradualPruner",
     "Masks",
     "OneShot",
     "PolynomialDecay",
     "Scores",
+    "ZeroScoreWarning",
     "allocate",
     "attach",
     "attached_masks",

@@ -5,8 +5,10 @@ groups (an element, an output channel, an (h, w) block), each group gets one sco
 its elements' scores, and the lowest-scoring groups are pruned. Counts are exact: with groups of
 equal size, round(sparsity * G) of the G groups (round(sparsity * N) elements for element
 granularity, as `torch.nn.utils.prune`); with unequal groups (global channel scope, edge blocks),
-the number of zeros closest to round(sparsity * N). Ties are broken deterministically by position
-(layer order, then flat index), by a stable sort. Per-layer limits (`max_layer_sparsity`, and at
+the number of zeros closest to round(sparsity * N). Ties among equal scores are spread uniformly
+at random over the tied entries, from a generator seeded by `tie_seed` (deterministic for a
+given seed), never taken in layer order: a layer whose scores are all equal (all zero upstream
+of a zero-initialised tensor, common at initialisation) would otherwise be the first to go, whole. Per-layer limits (`max_layer_sparsity`, and at
 channel granularity the layer-collapse guard `min_layer_channels`) move the zeros a layer may not
 take to the next-lowest groups of other layers, keeping the total where it can be reached.
 """
@@ -48,7 +50,8 @@ def _check_scores(scores: Mapping[str, Tensor], current: Masks | None) -> None:
     for n, s in scores.items():
         if not isinstance(s, Tensor):
             raise TypeError(f"score {n!r} must be a torch.Tensor; got {type(s).__name__}")
-        if not torch.isfinite(s).all():
+        # one fast read: NaN propagates through min / max, inf shows there
+        if s.numel() and s.is_floating_point() and not all(map(math.isfinite, torch.aminmax(s))):
             bad = int((~torch.isfinite(s)).sum())
             raise ValueError(f"score {n!r} has {bad} NaN or inf entries; scores must be finite")
     if current is not None:
@@ -125,17 +128,80 @@ def _reduce(s: Tensor, idx: Tensor, n_groups: int, how: str) -> Tensor:
     return total / count
 
 
+def tie_order(key: Tensor, seed: int) -> Tensor:
+    """Indices sorting `key` ascending, equal keys in a random order drawn from `seed`: ties are
+    spread over the tied entries instead of falling on the first layers in model order."""
+    perm = torch.randperm(len(key), generator=torch.Generator().manual_seed(seed))
+    return perm[torch.sort(key[perm], stable=True).indices]
+
+
+def lowest(keys: list[Tensor], k: int, seed: int) -> list[Tensor]:
+    """Bool flags of the `k` lowest entries over all of `keys` (each flat, one dtype), ties at
+    the threshold drawn uniformly from `seed`.
+
+    A selection, not a sort: the k-th value is bracketed from a random sample of the entries,
+    then found exactly among the few entries in the bracket, so the tensors are read a few
+    times and never concatenated (global allocation over 25M weights in well under a second;
+    a full sort took tens of seconds on two cores).
+    """
+    n = sum(len(x) for x in keys)
+    if k <= 0 or k >= n:
+        return [torch.full(x.shape, k > 0, dtype=torch.bool, device=x.device) for x in keys]
+    gen = torch.Generator().manual_seed(seed)
+    lo, hi = _bracket(keys, k, n, gen)
+    band = [(x >= lo) & (x <= hi) for x in keys]
+    below = sum(int(torch.count_nonzero(x < lo)) for x in keys)
+    inside = sum(int(torch.count_nonzero(b)) for b in band)
+    if not below < k <= below + inside:  # the sample missed (rare): bracket everything
+        below, band = 0, [torch.ones_like(b) for b in band]
+    cand = torch.cat([x[b].cpu() for x, b in zip(keys, band, strict=True)])
+    t = float(torch.kthvalue(cand, k - below).values)
+    pruned = [x < t for x in keys]
+    tied = [(x == t).nonzero().squeeze(1) for x in keys]
+    need = k - below - int(torch.count_nonzero(cand < t))  # entries below t: none above hi
+    pick = torch.zeros(sum(len(i) for i in tied), dtype=torch.bool)
+    pick[torch.randperm(len(pick), generator=gen)[:need]] = True
+    for p, i, chosen in zip(pruned, tied, pick.split([len(i) for i in tied]), strict=True):
+        p[i[chosen.to(i.device)]] = True
+    return pruned
+
+
+def _bracket(keys: list[Tensor], k: int, n: int, gen: torch.Generator) -> tuple[float, float]:
+    """Values ``lo <= hi`` that hold the k-th lowest entry with overwhelming probability, from
+    the order statistics of a random sample (+- 6 standard deviations of its rank)."""
+    m = min(n, 1 << 16)
+    sample = torch.cat([
+        x[torch.randint(len(x), (max(1, round(m * len(x) / n)),), generator=gen).to(x.device)]
+        .double().cpu()
+        for x in keys if len(x)
+    ]).sort().values  # fmt: skip
+    q, size = k / n, len(sample)
+    band = 6 * math.sqrt(size * q * (1 - q)) + 2
+    a, b = int(q * size - band), int(q * size + band)
+    lo = float(sample[a]) if a >= 0 else -math.inf
+    hi = float(sample[b]) if b < size else math.inf
+    return lo, hi
+
+
 def _select(
-    group_scores: Tensor, sizes: Tensor, pruned_before: Tensor, cap: Tensor, target: int
+    group_scores: Tensor,
+    sizes: Tensor,
+    pruned_before: Tensor,
+    cap: Tensor,
+    target: int,
+    seed: int = 0,
 ) -> tuple[Tensor, int]:
     """Pruned flag per group: the lowest-scoring prefix whose zero count is closest to `target`,
     and the most zeros the per-layer limits let any prefix reach.
 
-    Groups already entirely pruned go first; `cap` marks the groups per-layer limits let go.
+    Groups already entirely pruned go first; `cap` marks the groups per-layer limits let go;
+    equal scores are ordered at random from `seed` (`tie_order`).
     """
     fully = pruned_before == sizes
     key = torch.where(fully, torch.full_like(group_scores, -math.inf), group_scores)
-    order = torch.sort(key, stable=True).indices
+    if bool((sizes == 1).all()) and bool(cap.all()):  # elements, no limits: a selection
+        return lowest([key], max(target, int(fully.sum())), seed)[0], len(key)
+    order = tie_order(key, seed)
     order = order[cap[order] | fully[order]]
     gain = (sizes - pruned_before)[order]
     zeros = int(pruned_before.sum()) + torch.cat([gain.new_zeros(1), gain.cumsum(0)])
@@ -398,6 +464,7 @@ def allocate(
     min_layer_channels: int = 1,
     channel_layout: Mapping[str, tuple[int, int]] | None = None,
     groups: Mapping[str, Tensor] | None = None,
+    tie_seed: int = 0,
 ) -> Masks:
     """Masks pruning the lowest-scoring fraction `sparsity` of the target set (higher score = keep).
 
@@ -433,6 +500,8 @@ def allocate(
     "max": the max). The tied tensors form one layer for `scope="layer"`, for
     `min_layer_channels` and `max_layer_sparsity` (a unit may go only if every member allows
     it); `layer_sparsity` may not name them. Tensors it does not name are not tied.
+    tie_seed: seeds the random order of equal scores (module docstring); the same seed gives
+    the same masks.
     """
     _check_scores(scores, current)
     nm, how = check_allocation(sparsity, scope, granularity, reduce, block, pooling)
@@ -446,7 +515,7 @@ def allocate(
                          block=block, pooling=pooling, current=t(current),
                          layer_sparsity=layer_sparsity, max_layer_sparsity=max_layer_sparsity,
                          min_layer_channels=min_layer_channels, channel_layout=keep,
-                         groups=groups)  # fmt: skip
+                         groups=groups, tie_seed=tie_seed)  # fmt: skip
         return Masks(t(masks))
     if nm:
         return Masks(_nm_masks(scores, *nm, current))
@@ -462,6 +531,10 @@ def allocate(
     ):
         raise ValueError(
             f"min_layer_channels must be an int >= 0 (0 turns the guard off); got {min_layer_channels!r}"
+        )
+    if isinstance(tie_seed, bool) or not isinstance(tie_seed, int):
+        raise TypeError(
+            f"tie_seed must be an int (seeds the order of equal scores); got {tie_seed!r}"
         )
     overrides = dict(layer_sparsity or {})
     unknown = sorted(set(overrides) - set(scores))
@@ -481,6 +554,13 @@ def allocate(
                 "tied tensors are pruned by unit, together"
             )
 
+    if (
+        granularity == "element"
+        and scope == "global"
+        and not overrides
+        and max_layer_sparsity is None
+    ):
+        return _global_elements(scores, sparsity, current, tie_seed)
     layers = {
         name: _layer(
             name,
@@ -512,7 +592,7 @@ def allocate(
         g_scores = torch.cat([t.scores.cpu() for t in cat])
         before = torch.cat([t.before.cpu() for t in cat])
         cap = torch.cat([t.cap.cpu() for t in cat])
-        pruned, reachable = _select(g_scores, sizes, before, cap, target)
+        pruned, reachable = _select(g_scores, sizes, before, cap, target, tie_seed)
         bounds = torch.tensor([0] + [len(t.scores) for t in cat]).cumsum(0).tolist()
         guard = torch.cat([t.guard.cpu() for t in cat])
         # the unguarded choice prunes a layer's protected (highest-scoring live) channels exactly
@@ -523,7 +603,7 @@ def allocate(
             if (pruned[a:b] & ~guard[a:b]).any()
         ]
         if short:
-            pruned, reachable = _select(g_scores, sizes, before, cap & guard, target)
+            pruned, reachable = _select(g_scores, sizes, before, cap & guard, target, tie_seed)
             zeros = int(before.sum() + ((sizes - before) * pruned).sum())
             log.warning(
                 "channel allocation at sparsity %.4g would leave %s with fewer than %d output "
@@ -570,6 +650,26 @@ def allocate(
             for n in rest:
                 result.update(select([n], sparsity))
     return Masks({n: result[n] for n in scores})
+
+
+def _global_elements(
+    scores: Mapping[str, Tensor], sparsity: float, current: Masks | None, seed: int
+) -> Masks:
+    """Global element allocation without per-layer limits: one selection (`lowest`) over every
+    weight, the dead ones (`current`) first; the same counts and order as `_select`."""
+    fast = (torch.float32, torch.float64)
+    dtype = next(iter(scores.values())).dtype
+    same = dtype in fast and all(s.dtype == dtype for s in scores.values())
+    keys = []
+    for n, s in scores.items():
+        x = s.reshape(-1) if same else s.reshape(-1).double()  # one dtype: exact comparisons
+        if current is not None:
+            x = x.masked_fill(~current[n].reshape(-1).to(x.device), -math.inf)
+        keys.append(x)
+    dead = 0 if current is None else sum(int((~current[n]).sum()) for n in scores)
+    k = max(round(sparsity * sum(len(x) for x in keys)), dead)
+    pruned = lowest(keys, k, seed)
+    return Masks({n: ~p.view(s.shape) for (n, s), p in zip(scores.items(), pruned, strict=True)})
 
 
 def nm_keep(score: Tensor, n: int, m: int, alive: Tensor | None = None) -> Tensor:

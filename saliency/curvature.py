@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from saliency import distributed, fastpaths
+from saliency.activations import twice_differentiable
 from saliency.model_io import (
     LossFn,
     _ce_settings,
@@ -320,7 +321,7 @@ def diag_hessian_hutchinson(
     gen = _generator(seed, model_device(model))
     names = list(params)
     acc, N, passes = {}, 0, 0
-    with requiring_grad(params), fastpaths.reference_kernels():
+    with requiring_grad(params), fastpaths.reference_kernels(), twice_differentiable(model):
         for batch in batches:
             L = _summed_losses(model, batch, loss_fn)
             g = torch.autograd.grad(
@@ -396,7 +397,7 @@ def _backpack_diag(model, params, batches, loss_fn, extension: str) -> DiagCurva
 def _autograd_diag_hessian(model, params, batches, loss_fn, chunk_size) -> DiagCurvature:
     names = list(params)
     acc, N, passes = {}, 0, 0
-    with requiring_grad(params), fastpaths.reference_kernels():
+    with requiring_grad(params), fastpaths.reference_kernels(), twice_differentiable(model):
         for batch in batches:
             L = _summed_losses(model, batch, loss_fn)
             g = torch.autograd.grad(
@@ -412,20 +413,23 @@ def _autograd_diag_hessian(model, params, batches, loss_fn, chunk_size) -> DiagC
                     rows = torch.arange(len(idx), device=gi.device)
                     V = torch.zeros(len(idx), P, dtype=gi.dtype, device=gi.device)
                     V[rows, idx] = 1
-                    (h,) = torch.autograd.grad(
-                        gi,
-                        p,
-                        grad_outputs=V.view(len(idx), *p.shape),
-                        retain_graph=True,
-                        is_grads_batched=True,
-                        allow_unused=True,
-                        materialize_grads=True,
-                    )
+                    h = _batched_hvp(gi, p, V.view(len(idx), *p.shape))
                     d[idx] = h.reshape(len(idx), P)[rows, idx]
                 accumulate(acc, n, d.view_as(p))
                 passes += P  # one Hessian-vector product per weight (vmapped in chunks)
             N = N + len(batch)
     return _finish(acc, params, N, passes)
+
+
+def _batched_hvp(g: Tensor, p: Tensor, V: Tensor) -> Tensor:
+    """``H v`` for every row v of ``V`` (``g`` the gradient w.r.t. ``p`` with its graph), vmapped;
+    one at a time where an op of the double backward has no batching rule (the double backward
+    of a depthwise convolution: "Batching rule not implemented for aten::is_nonzero")."""
+    kw = {"retain_graph": True, "allow_unused": True, "materialize_grads": True}
+    try:
+        return torch.autograd.grad(g, p, grad_outputs=V, is_grads_batched=True, **kw)[0]
+    except RuntimeError:
+        return torch.stack([torch.autograd.grad(g, p, grad_outputs=v, **kw)[0] for v in V])
 
 
 def diag_hessian_exact(

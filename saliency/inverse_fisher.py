@@ -46,6 +46,7 @@ import torch
 from torch import Tensor, nn
 
 from saliency import distributed, fastpaths, negligible, per_sample
+from saliency.activations import twice_differentiable
 from saliency.apply import attached_masks
 from saliency.model_io import (
     Batch,
@@ -440,7 +441,7 @@ def exact_inverse_hessian(
                 out = out + per_sample_losses(loss_fn, forward(model, b), b.targets).sum().to(dt)
         return out / m
 
-    with fastpaths.reference_kernels():
+    with fastpaths.reference_kernels(), twice_differentiable(model):
         H = torch.autograd.functional.hessian(loss_of, flat0).to(dt)
     H = distributed.all_reduce_sum(H)  # this rank's share of the mean: the sum over ranks
     a = blk.alive[0]

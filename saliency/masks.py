@@ -85,11 +85,16 @@ class Masks(Mapping[str, Tensor]):
     def density(self) -> float:
         return 1.0 - self.sparsity
 
+    def emptied(self) -> list[str]:
+        """Names of the tensors with every entry pruned (layer collapse)."""
+        return [r["name"] for r in self.layer_report()[:-1] if r["emptied"]]
+
     def layer_sparsity(self) -> dict[str, float]:
         return {n: float((~m).sum()) / m.numel() for n, m in self._masks.items()}
 
     def layer_report(self) -> list[dict[str, Any]]:
-        """One row per tensor (name, shape, numel, zeros, sparsity), then a "total" row."""
+        """One row per tensor (name, shape, numel, zeros, sparsity, emptied: every entry pruned,
+        layer collapse), then a "total" row."""
         rows = [
             {
                 "name": n,
@@ -97,6 +102,7 @@ class Masks(Mapping[str, Tensor]):
                 "numel": m.numel(),
                 "zeros": int((~m).sum()),
                 "sparsity": float((~m).sum()) / m.numel(),
+                "emptied": m.numel() > 0 and not bool(m.any()),
             }
             for n, m in self._masks.items()
         ]
@@ -107,12 +113,13 @@ class Masks(Mapping[str, Tensor]):
                 "numel": self.numel,
                 "zeros": self.zeros,
                 "sparsity": self.sparsity,
+                "emptied": False,
             }
         )
         return rows
 
     def table(self) -> str:
-        """The layer report as a fixed-width text table."""
+        """The layer report as a fixed-width text table; emptied layers are marked EMPTIED."""
         rows = self.layer_report()
         w = max(len(r["name"]) for r in rows)
         lines = [f"{'name':<{w}}  {'shape':<18} {'numel':>10} {'zeros':>10} {'sparsity':>8}"]
@@ -120,6 +127,7 @@ class Masks(Mapping[str, Tensor]):
             shape = "x".join(map(str, r["shape"])) or "-"
             lines.append(
                 f"{r['name']:<{w}}  {shape:<18} {r['numel']:>10} {r['zeros']:>10} {r['sparsity']:>8.2%}"
+                + ("  EMPTIED" if r["emptied"] else "")
             )
         return "\n".join(lines)
 

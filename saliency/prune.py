@@ -13,6 +13,7 @@ from saliency import distributed as _distributed
 from saliency import layer_sparsity
 from saliency.allocate import allocate, check_allocation
 from saliency.apply import attach, attached_masks, clear_optimizer_state
+from saliency.collapse import check_collapse, input_disconnected, warn_zero_scores
 from saliency.criteria import (
     Cost,
     Criterion,
@@ -36,6 +37,7 @@ ALLOCATE_KWARGS = (
     "min_layer_channels",
     "groups",
     "allocation",
+    "tie_seed",
 )
 
 
@@ -114,6 +116,7 @@ def _score(model, criterion, data, loss_fn, params, hparams) -> Scores:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     _check_scores(raw, params, crit)
+    warn_zero_scores(raw, params, crit)
     if _distributed.world() is not None:  # a criterion that scored its own shard alone
         name = getattr(crit, "name", type(crit).__name__)
         _distributed.check_replicated(
@@ -232,7 +235,8 @@ def prune(
     as `current`) stay pruned. With `keep`, the masks are attached so that training keeps pruned
     weights at zero (`saliency.remove` bakes them in). `cost`, if given, accumulates the
     scoring cost of every round (seconds, samples, backward passes). Keyword arguments named like `allocate`'s
-    (reduce, block, pooling, layer_sparsity, max_layer_sparsity, min_layer_channels) go there;
+    (reduce, block, pooling, layer_sparsity, max_layer_sparsity, min_layer_channels, groups,
+    tie_seed: equal scores are ordered at random from it) go there;
     the rest are the criterion's hyperparameters. Channel granularity keeps at least one output
     channel per layer unless `min_layer_channels=0` (see `allocate`). With
     `groups=saliency.channel_groups(model, example_inputs)` tied channels (residual additions,
@@ -240,7 +244,9 @@ def prune(
     of pruned channels are zeroed and kept zero too, so that `saliency.compact` can remove
     them with the outputs unchanged. Under torch.distributed the masks and updated weights come
     out the same on every rank (`score`; OBS blocks and layer-wise solves are shared out among
-    ranks); ``distributed=False`` prunes each rank alone.
+    ranks); ``distributed=False`` prunes each rank alone. Layer collapse is never silent: a
+    `LayerCollapseWarning` names emptied layers and says when the output no longer depends on
+    the input (`saliency.collapse`); a `ZeroScoreWarning` names layers scored all zero.
     """
     with _distributed.enabled(distributed):
         return _prune(model, criterion, sparsity, data, loss_fn, scope, granularity, params,
@@ -255,6 +261,7 @@ def _prune(model, criterion, sparsity, data, loss_fn, scope, granularity, params
     params = dict(params) if params is not None else prunable_parameters(model)
     attached = attached_masks(model)
     masks = _restrict(current if current is not None else attached, params)
+    was_connected = input_disconnected(model, data) is False  # checked again after pruning
     rounds = crit.schedule(sparsity) if callable(getattr(crit, "schedule", None)) else [sparsity]
     if "allocation" in alloc and not is_solver(crit):
         raise ValueError(
@@ -286,6 +293,8 @@ def _prune(model, criterion, sparsity, data, loss_fn, scope, granularity, params
             granularity=granularity,
             **alloc,
         )
+    if masks is not None:  # an emptied layer or an output cut from the input is never silent
+        check_collapse(model, masks, data, was_connected)
     if keep:
         # masks attached earlier on tensors outside this call's targets stay in force; the
         # biases and BatchNorm of pruned channel units stay zero too (`groups`)

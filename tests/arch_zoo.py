@@ -459,7 +459,43 @@ class ConvTransposedGrouped(nn.Module):
         return self.head(torch.tanh(self.up(x)).mean(2))
 
 
+class MobileSE(nn.Module):
+    """The layers of MobileNetV3 / EfficientNet / timm's ResNet in one block (issue 23): GroupNorm
+    and Hardswish stem, a depthwise conv, squeeze-excitation gated by Hardsigmoid (no double
+    backward in torch), a grouped 1x1 conv, a residual BatchNorm (gamma zero-initialised with
+    `zero_init`, timm's ``zero_init_last``), ReLU6, LayerNorm and a head (zero-initialised with
+    `zero_init`, as torchvision's ViT and timm's Mixer) on [B, 2, 5, 5] inputs."""
+
+    def __init__(self, zero_init: bool = False):
+        super().__init__()
+        self.stem = nn.Conv2d(2, 4, 3, padding=1)
+        self.gn = nn.GroupNorm(2, 4)
+        self.act = nn.Hardswish()
+        self.dw = nn.Conv2d(4, 4, 3, padding=1, groups=4)
+        self.se_reduce = nn.Conv2d(4, 2, 1)
+        self.se_expand = nn.Conv2d(2, 4, 1)
+        self.gate = nn.Hardsigmoid()
+        self.pw = nn.Conv2d(4, 4, 1, groups=2)
+        self.bn = nn.BatchNorm2d(4)
+        self.relu6 = nn.ReLU6()
+        self.norm = nn.LayerNorm(4)
+        self.head = nn.Linear(4, C)
+        if zero_init:
+            nn.init.zeros_(self.bn.weight)
+            nn.init.zeros_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
+
+    def forward(self, x):
+        h = self.act(self.gn(self.stem(x)))
+        r = self.dw(h)
+        s = self.gate(self.se_expand(F.relu(self.se_reduce(r.mean((2, 3), keepdim=True)))))
+        h = self.relu6(2 * h + self.bn(self.pw(r * s)))
+        return self.head(self.norm(h.mean((2, 3))))
+
+
 ARCHS += [
+    Arch("mobile_se", MobileSE, _x(2, 5, 5)),
+    Arch("mobile_se_zero_init", lambda: MobileSE(True), _x(2, 5, 5), tags={"zero_init"}),
     Arch("cross_attention", CrossAttention, _x(B, D + 3 + 5)),
     Arch("conv_transpose_grouped", ConvTransposedGrouped, _x(4, 3)),
 ]

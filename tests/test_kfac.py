@@ -214,3 +214,33 @@ def test_kfac_leaves_the_model_untouched_and_keeps_pruned_weights_zero():
     m2 = saliency.prune(model, "obs", 0.8, [(x, y)], hessian="kfac", current=m1, keep=False)
     for n, p in saliency.prunable_parameters(model).items():
         assert bool((p[~m2[n]] == 0).all()) and not bool((m2[n] & ~m1[n]).any())
+
+
+def test_eigh_failure_falls_back_to_jittered_float64(monkeypatch, caplog):
+    from saliency import kfac
+
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(3, 20, generator=g, dtype=torch.float64)
+    A = X.T @ X  # rank 3 of 20, as a factor from few samples
+    G = torch.eye(2, dtype=torch.float64)
+    real, calls = torch.linalg.eigh, []
+
+    def flaky(M, *args, **kwargs):
+        calls.append(len(M))
+        if len(calls) == 1:
+            raise torch.linalg.LinAlgError("linalg.eigh: The algorithm failed to converge")
+        return real(M, *args, **kwargs)
+
+    monkeypatch.setattr(torch.linalg, "eigh", flaky)
+    f = kfac.KroneckerFactors(A, G, torch.Size([2, 20]), damping=1e-3)
+    assert calls == [20, 20, 2] and "failed to converge" in caplog.text
+    s, U = real(A)
+    assert torch.allclose(f.UA @ torch.diag(f.sA) @ f.UA.T, A, atol=1e-9)
+    assert torch.allclose(f.sA, s.clamp(min=0), atol=1e-9)
+
+    def broken(M, *args, **kwargs):
+        raise torch.linalg.LinAlgError("linalg.eigh: The algorithm failed to converge")
+
+    monkeypatch.setattr(torch.linalg, "eigh", broken)
+    with pytest.raises(ValueError, match=r"20 x 20 factor failed even in float64"):
+        kfac.KroneckerFactors(A, G, torch.Size([2, 20]))

@@ -21,6 +21,7 @@ def test_sparsity_report_and_table(mlp):
         "numel": 200704,
         "zeros": 128 * 784,
         "sparsity": 0.5,
+        "emptied": False,
     }
     assert rows[-1]["name"] == "total" and rows[-1]["zeros"] == 128 * 784
     assert masks.sparsity == pytest.approx(128 * 784 / sum(p.numel() for p in params.values()))

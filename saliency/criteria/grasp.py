@@ -8,6 +8,7 @@ from typing import ClassVar
 import torch
 
 from saliency import distributed, negligible
+from saliency.activations import twice_differentiable
 from saliency.criteria import Scores, register_criterion
 from saliency.criteria.snip import batch_gradients, check_counts, mean_gradient, scoring_mode
 from saliency.fastpaths import reference_kernels
@@ -35,7 +36,9 @@ class GraSP:
 
     ``eval_mode=False`` (default) scores in train mode as the official code does at
     initialization (dropout, if any, is active: ``eval_mode=True`` for deterministic scores);
-    mode, ``.grad``, ``requires_grad`` and buffers are restored afterwards.
+    mode, ``.grad``, ``requires_grad`` and buffers are restored afterwards. Hardsigmoid has
+    no double backward in torch: it runs as its clamp equivalent while scoring
+    (`saliency.activations`; zero curvature almost everywhere, as the original).
     """
 
     name: ClassVar[str] = "grasp"
@@ -55,7 +58,11 @@ class GraSP:
     def score(self, model, params, data, loss_fn=None) -> Scores:
         kw = {"n_samples": self.n_samples, "n_batches": self.n_batches}
         Hg = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in params.items()}
-        with scoring_mode(model, params, eval_mode=self.eval_mode), reference_kernels():
+        with (
+            scoring_mode(model, params, eval_mode=self.eval_mode),
+            reference_kernels(),
+            twice_differentiable(model),
+        ):
             g, samples, batches = mean_gradient(
                 model, params, data, loss_fn, temperature=self.temperature, **kw
             )

@@ -35,18 +35,35 @@ def channel_costs(Hinv: Tensor, w: Tensor, channel: Tensor, alive: Tensor, n_cha
     return cost
 
 
-def kfac_channel_costs(f: kfac.KroneckerFactors, w: Tensor, chunk: int = 16) -> Tensor:
-    """``1/2 w_c^T (H^-1[c, c])^-1 w_c`` per output row c of one layer under K-FAC, with the
-    exact row blocks of the damped inverse (`KroneckerFactors.row_inverse`); only the row's
-    nonzero weights count (pruned ones are already gone). Removing row c with the joint update
-    moves every other weight of the layer: the block is the whole layer."""
+def kfac_channel_costs(f: kfac.KroneckerFactors, w: Tensor) -> Tensor:
+    """``1/2 w_c^T (H^-1[c, c])^-1 w_c`` per output row c of one layer under K-FAC, over the
+    row's live nonzero weights Q (pruned ones are already gone). Removing row c with the joint
+    update moves every other weight of the layer: the block is the whole layer.
+
+    Through the Kronecker eigenbases: the row block of the damped inverse is ``M_c = U_A
+    diag(c_c) U_A^T`` with ``c_c = (U_G^2)_c / (s_G s_A^T + lambda)`` (`row_inverse`), so for a
+    full row ``w^T M_c^-1 w = sum_k (U_A^T w)_k^2 / c_ck``: one ``[out, in] x [in, in]`` product
+    for the whole layer, not an ``[in, in]`` block per row (4608 x 4608 x 512 for ResNet's
+    layer4). A row with dead entries D uses the Schur complement ``(M_QQ)^-1 = N_QQ - N_QD
+    (N_DD)^-1 N_DQ`` of ``N = M_c^-1`` (or solves ``M_QQ`` when fewer weights live than died).
+    In float64; equal to the explicit row blocks (tests/test_obs_channel_kfac.py)."""
     W = f.as_matrix(w.detach()).cpu()
-    live = f.live_mask().cpu() & (W != 0)  # weights of negligible curvature cost nothing
-    cost = torch.zeros(len(W), dtype=torch.float64)
-    for i in range(0, len(W), chunk):
-        rows = slice(i, min(i + chunk, len(W)))
-        z = _obs_z(f.row_inverse(rows).cpu(), W[rows], live[rows])
-        cost[rows] = 0.5 * (W[rows] * z).sum(1)
+    Q = f.live_mask().cpu() & (W != 0)  # weights of negligible curvature cost nothing
+    UA = f.UA.cpu()
+    C = (f.UG.cpu() ** 2) @ (1.0 / f._eig().cpu())  # [out, in]: eigenvalues of each row block
+    P = (W * Q) @ UA  # U_A^T w_c per row
+    cost = 0.5 * (P**2 / C).sum(1)
+    partial = (Q.any(1) & ~Q.all(1)).nonzero().squeeze(1).tolist()
+    for c in partial:
+        q = Q[c]
+        d = ~q
+        if int(d.sum()) <= int(q.sum()):  # w^T N w minus the dead coordinates' share
+            nw = UA @ (P[c] / C[c])
+            N_dd = (UA[d] / C[c]) @ UA[d].T
+            cost[c] -= 0.5 * nw[d] @ torch.linalg.solve(N_dd, nw[d])
+        else:  # few live weights: solve M_QQ directly
+            M_qq = (UA[q] * C[c]) @ UA[q].T
+            cost[c] = 0.5 * W[c, q] @ torch.linalg.solve(M_qq, W[c, q])
     return cost
 
 
