@@ -103,17 +103,31 @@ def candidates(model: nn.Module, modules: dict[str, nn.Module], names: Sequence[
 
 @contextlib.contextmanager
 def watching(blocks, modules: dict[str, nn.Module]):
-    """Records one forward's events: ("layer", name), ("block", i, args, kwargs), ("end", i, out)."""
+    """Records one forward's events: ("layer", name), ("block", i, fed, args[1:], kwargs) with
+    ``fed``: its first argument is the previous block's output, ("end", i). Only the latest
+    block output is held (a model's worth of activations would not fit at LLM scale)."""
     events: list[tuple] = []
+    last: list = [None]
+
+    def pre(_m, a, k, i):
+        fed = bool(a) and last[0] is not None and a[0] is last[0]
+        events.append(("block", i, fed, tuple(a[1:]), k))
+
+    def end(_m, a, out, i):
+        last[0] = out if isinstance(out, Tensor) else out[0]
+        events.append(("end", i))
+
     hs = [m.register_forward_pre_hook(lambda _m, a, n=n: events.append(("layer", n)))
           for n, m in modules.items()]  # fmt: skip
     for i, (_, b) in enumerate(blocks or []):
-        hs.append(b.register_forward_pre_hook(
-            lambda _m, a, k, i=i: events.append(("block", i, a, k)), with_kwargs=True))  # fmt: skip
-        hs.append(b.register_forward_hook(lambda _m, a, o, i=i: events.append(("end", i, o))))
+        hs.append(
+            b.register_forward_pre_hook(lambda m, a, k, i=i: pre(m, a, k, i), with_kwargs=True)
+        )
+        hs.append(b.register_forward_hook(lambda m, a, o, i=i: end(m, a, o, i)))
     try:
         yield events
     finally:
+        last[0] = None
         for h in hs:
             h.remove()
 
@@ -127,15 +141,11 @@ def plan(blocks, events, groups: list[list[str]], modules) -> tuple[Plan | None,
     calls = [e for e in events if e[0] == "block"]
     if [e[1] for e in calls] != list(range(len(blocks))):
         return None, "the blocks are not each called once, in order"
-    ends = {e[1]: e[2] for e in events if e[0] == "end"}
-    for i in range(1, len(blocks)):
-        a, k = calls[i][2], calls[i][3]
-        out = ends[i - 1] if isinstance(ends[i - 1], Tensor) else ends[i - 1][0]
-        same = len(a) == len(calls[0][2]) and all(
-            x is y for x, y in zip(a[1:], calls[0][2][1:], strict=True)
-        )
-        same = same and k.keys() == calls[0][3].keys() and all(k[n] is calls[0][3][n] for n in k)
-        if not a or a[0] is not out or not same:
+    _, _, _, args0, kw0 = calls[0]
+    for _, i, fed, args, kw in calls[1:]:
+        same = len(args) == len(args0) and all(x is y for x, y in zip(args, args0, strict=True))
+        same = same and kw.keys() == kw0.keys() and all(kw[n] is kw0[n] for n in kw)
+        if not fed or not same:
             return None, f"block {i} is not fed block {i - 1}'s output and block 0's arguments"
     where, inside, pos = {}, -1, "pre"
     for e in events:

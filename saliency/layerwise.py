@@ -4,13 +4,16 @@ The papers' procedure (OBC, SparseGPT, Wanda): layer k is calibrated on the inpu
 once the layers before it are pruned, so it also absorbs their error. The layers are taken in
 the order of a probe forward on the first calibration batch; consecutive layers reading the
 very same input tensor (an attention block's q, k and v projections) form one group and are
-solved on the same capture. For each group, the calibration batches run through the model up
-to the group's last call (the forward is cut there), hooks accumulate ``H = 2 X^T X / n`` of
-the group's layers (never ``X`` itself), the solver returns ``(W', mask)`` of each layer, and
-``W'`` is written into the model before the next group is captured. Memory: one ``[d, d]`` per
-layer of the group and the calibration inputs; time: about one forward of the calibration set
-per group over the prefix of the model that precedes it (a transformer of B blocks: ~4B partial
-forwards), instead of caching every block's activations.
+solved on the same capture. ``H = 2 X^T X / n`` of the group's layers is accumulated by hooks
+(never ``X`` itself), the solver returns ``(W', mask)`` of each layer, and ``W'`` is written into
+the model before the next group is captured. Memory: one ``[d, d]`` per layer of the group.
+
+Two ways to feed a group its inputs. A model of repeated blocks (a transformer) is propagated
+block by block (``saliency.blocks``: block 0's inputs caught once, each block run on the cached
+inputs of the one before; ~``groups + 1`` forwards of each block, optional offload and resume).
+Elsewhere (no block structure, targets outside the blocks, ``blocks=False``) the calibration
+batches run through the model up to the group's last call (the prefix path: one partial forward
+of the calibration set per group, ~2B^2 block forwards for B blocks). Both give the same bits.
 
 A solver criterion defines ``solve_layer(W, H, pattern, alive) -> (W', keep)`` on matrices
 (``saliency.solvers``), ``diag_only`` (Wanda needs only ``diag H``) and ``n_samples``.
@@ -131,7 +134,7 @@ def prune_layerwise(
     try:
         found = _blocks.candidates(model, modules, blocks)
         with _blocks.watching(found, modules) as events:
-            groups, calls = _groups(model, modules, batches[0])
+            groups, calls = _groups(model, modules, batches[0][:1])  # one sample: the order
         counts["prefix"] += 1
         plan, why = _blocks.plan(found, events, groups, modules)
         asked = (

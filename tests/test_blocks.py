@@ -174,3 +174,51 @@ def test_block_settings_refused_where_they_cannot_apply():
         saliency.prune(model, "wanda", 0.5, data=data, scope="layer", blocks=["nope"])
     with pytest.raises(ValueError, match="settings of the layer-wise solvers"):
         saliency.prune(model, "magnitude", 0.5, data=data, offload=True)
+
+
+@pytest.mark.gpu
+def test_offload_to_cuda_one_block_at_a_time():
+    """On CUDA: the model stays on the CPU, each block visits the GPU alone, and the masks
+    match a CPU run's up to round-off (Wanda: ties aside, the same)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    model, data = _llama(), _padded()
+    work, seen = copy.deepcopy(model), []
+
+    def check(module, args, kwargs):
+        on = [i for i, b in enumerate(work.model.layers) if next(b.parameters()).is_cuda]
+        seen.append(on)
+
+    hs = [b.register_forward_pre_hook(check, with_kwargs=True) for b in work.model.layers]
+    masks = saliency.prune(work, "wanda", 0.5, data=data, scope="layer", keep=False, offload=True)
+    for h in hs:
+        h.remove()
+    assert all(len(on) <= 1 for on in seen) and any(seen)
+    assert all(not p.is_cuda for p in work.parameters())
+    _, ref, _ = _prune(model, data, "wanda", {})
+    agree = sum(int((masks[n] == ref[n]).sum()) for n in ref) / sum(m.numel() for m in ref.values())
+    assert agree > 0.99
+
+
+class _Scaled(torch.nn.Module):
+    """Blocks with work between them: no chain, so no block stage."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(torch.nn.Linear(6, 6) for _ in range(3))
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = torch.tanh(b(x)) * 2
+        return x
+
+
+def test_no_chain_falls_back_to_the_prefix_path_or_is_refused_when_asked():
+    torch.manual_seed(0)
+    model = _Scaled()
+    data = [(torch.randn(32, 6), torch.zeros(32, dtype=torch.long))]
+    auto = _prune(model, data, "sparsegpt", {})
+    _assert_same(auto, _prune(model, data, "sparsegpt", {}, blocks=False))
+    assert auto[2]["block"] == 0
+    with pytest.raises(ValueError, match="block 1 is not fed block 0's output"):
+        _prune(model, data, "sparsegpt", {}, blocks=[f"blocks.{i}" for i in range(3)])
