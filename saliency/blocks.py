@@ -16,8 +16,16 @@ forward per group (~2B^2 block forwards for B blocks). Memory: one block's input
 for the whole calibration set, e.g. 7B (hidden 4096, float16) at 128 x 2048 tokens:
 128 * 2048 * 4096 * 2 B = 2 GiB per copy, 4 GiB for inputs and outputs, plus the shared
 keyword arguments. With ``offload=True`` (or ``device=``) only the current block sits on the
-compute device. With ``checkpoint_dir`` each finished block is saved (its solved weights and
-masks, the next block's inputs) so that a killed run resumes from the last finished block.
+compute device (the modules before block 0 join it for the catch); the probe forward (one
+sample) and targets after the blocks (a head, on the prefix path) run where the model lives.
+With ``checkpoint_dir`` each finished block is saved (its solved weights and masks, then the
+next block's inputs, each file written to a temporary name and renamed) so that a killed run
+resumes from the last finished block, bit for bit; a directory of another run is refused.
+
+The chain is checked on the probe forward, never assumed: every block called once, in order,
+fed the previous block's output and block 0's other arguments (the same objects), no target
+outside the blocks running between them. Otherwise the prefix path runs (or, if ``blocks=``,
+``offload``, ``device`` or ``checkpoint_dir`` asked for the block stage, a ValueError says why).
 """
 
 from __future__ import annotations
