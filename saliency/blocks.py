@@ -84,10 +84,12 @@ def candidates(model: nn.Module, modules: dict[str, nn.Module], names: Sequence[
     ``names is False``: the prefix path asked for)."""
     if names is False:
         return None
+    if isinstance(names, (str, bool)):
+        raise ValueError(f"blocks= takes a list of module names, or False; got {names!r}")
     if names is not None:
         known = dict(model.named_modules())
         bad = [n for n in names if n not in known]
-        if isinstance(names, str) or bad or len(names) < 1:
+        if bad or len(names) < 1:
             raise ValueError(f"blocks= names unknown modules {bad}; give module names such as "
                              f"{[n for n, m in model.named_modules() if isinstance(m, nn.ModuleList)][:3]}")  # fmt: skip
         return [(n, known[n]) for n in names]

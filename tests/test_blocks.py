@@ -172,6 +172,8 @@ def test_block_settings_refused_where_they_cannot_apply():
         saliency.prune(model, "wanda", 0.5, data=data, scope="layer", offload=True)
     with pytest.raises(ValueError, match="blocks= names unknown modules \\['nope'\\]"):
         saliency.prune(model, "wanda", 0.5, data=data, scope="layer", blocks=["nope"])
+    with pytest.raises(ValueError, match="blocks= takes a list of module names"):
+        saliency.prune(model, "wanda", 0.5, data=data, scope="layer", blocks="0")
     with pytest.raises(ValueError, match="settings of the layer-wise solvers"):
         saliency.prune(model, "magnitude", 0.5, data=data, offload=True)
 
