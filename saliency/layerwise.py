@@ -207,12 +207,12 @@ def _solve_group(crit, group, modules, stats, pattern, current, keep) -> dict[st
     for n in group:
         if world is not None and order.index(n) % world[1] != world[0]:
             continue
-        W = capture.weight_matrix(modules[n])
-        alive = current[n].to(W.device).bool() if current is not None else None
+        W = capture.weight_matrix(modules[n])  # solved where H lives (the CPU), written back
+        alive = current[n].cpu().bool() if current is not None else None
         alive = None if alive is None else capture.as_matrix(modules[n], alive)
         try:
-            W2, k = crit.solve_layer(W, stats[n].H, pattern[n], alive)
-            solved[n] = (W2.to(W), k.bool())
+            W2, k = crit.solve_layer(W.cpu(), stats[n].H, pattern[n], alive)
+            solved[n] = (W2.to(W), k.bool().to(W.device))
         except ValueError as e:
             error = error or ValueError(f"layer {n!r}: {e}")
     distributed.raise_together(error)
@@ -221,7 +221,7 @@ def _solve_group(crit, group, modules, stats, pattern, current, keep) -> dict[st
         module = modules[n]
         if world is not None:
             W = capture.weight_matrix(module)
-            empty = (torch.empty_like(W), torch.empty(W.shape, dtype=torch.bool))
+            empty = (torch.empty_like(W), torch.empty(W.shape, dtype=torch.bool, device=W.device))
             W2, k = solved.get(n, empty)
             src = order.index(n) % world[1]
             solved[n] = (distributed.broadcast(W2, src), distributed.broadcast(k, src))
