@@ -15,8 +15,10 @@ forwards; with it, 1238 = 150 x 8 + 8 + 30):
 |-----------|--------|---------------:|-----------:|--------:|-----------:|
 | wanda     | blocks |           1448 |        181 |   149.5 |      24.22 |
 | wanda     | prefix |          15120 |       1890 |  1690.9 |      24.22 |
+| sparsegpt | blocks |           1448 |        181 |   843.3 |      21.56 |
 
-Masks identical on both paths.
+Masks identical on both paths (Wanda). SparseGPT's prefix row was not run (about 40 min on
+that machine); its seconds on the blocks path are mostly the float64 column sweeps on the CPU.
 """
 
 import argparse
