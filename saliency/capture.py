@@ -144,7 +144,8 @@ class _Stop(Exception):
 def capturing(modules: Mapping[str, nn.Module], *, diag_only: bool, calls: Mapping[str, int]):
     """Hooks accumulating ``Stats`` of each module's input rows, without the padded tokens of
     the batch being run. Yields ``(stats, run)``: ``run(model, batch)`` forwards one
-    ``model_io.Batch`` (no grad); ``calls[name]``: how many times the module runs per forward,
+    ``model_io.Batch`` (or a block's cached inputs, ``saliency.blocks.Cached``: anything with
+    ``call(module)`` and ``token_mask``; no grad); ``calls[name]``: how many times the module runs per forward,
     and once all have run that often, the forward is cut short (``_Stop``)."""
     stats = {n: Stats(weight_matrix(m).shape[1], diag_only) for n, m in modules.items()}
     seen = dict.fromkeys(modules, 0)

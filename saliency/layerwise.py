@@ -4,13 +4,16 @@ The papers' procedure (OBC, SparseGPT, Wanda): layer k is calibrated on the inpu
 once the layers before it are pruned, so it also absorbs their error. The layers are taken in
 the order of a probe forward on the first calibration batch; consecutive layers reading the
 very same input tensor (an attention block's q, k and v projections) form one group and are
-solved on the same capture. For each group, the calibration batches run through the model up
-to the group's last call (the forward is cut there), hooks accumulate ``H = 2 X^T X / n`` of
-the group's layers (never ``X`` itself), the solver returns ``(W', mask)`` of each layer, and
-``W'`` is written into the model before the next group is captured. Memory: one ``[d, d]`` per
-layer of the group and the calibration inputs; time: about one forward of the calibration set
-per group over the prefix of the model that precedes it (a transformer of B blocks: ~4B partial
-forwards), instead of caching every block's activations.
+solved on the same capture. ``H = 2 X^T X / n`` of the group's layers is accumulated by hooks
+(never ``X`` itself), the solver returns ``(W', mask)`` of each layer, and ``W'`` is written into
+the model before the next group is captured. Memory: one ``[d, d]`` per layer of the group.
+
+Two ways to feed a group its inputs. A model of repeated blocks (a transformer) is propagated
+block by block (``saliency.blocks``: block 0's inputs caught once, each block run on the cached
+inputs of the one before; ~``groups + 1`` forwards of each block, optional offload and resume).
+Elsewhere (no block structure, targets outside the blocks, ``blocks=False``) the calibration
+batches run through the model up to the group's last call (the prefix path: one partial forward
+of the calibration set per group, ~2B^2 block forwards for B blocks). Both give the same bits.
 
 A solver criterion defines ``solve_layer(W, H, pattern, alive) -> (W', keep)`` on matrices
 (``saliency.solvers``), ``diag_only`` (Wanda needs only ``diag H``) and ``n_samples``.
@@ -19,12 +22,14 @@ A solver criterion defines ``solve_layer(W, H, pattern, alive) -> (W', keep)`` o
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+import os
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from saliency import blocks as _blocks
 from saliency import capture, distributed
 from saliency.allocate import check_allocation, check_sparsity
 from saliency.masks import Masks
@@ -94,11 +99,20 @@ def prune_layerwise(
     granularity: str = "element",
     current: Masks | None = None,
     layer_sparsity: Mapping[str, float] | None = None,
+    blocks: Sequence[str] | bool | None = None,
+    offload: bool = False,
+    device: str | torch.device | None = None,
+    checkpoint_dir: str | os.PathLike | None = None,
+    forwards: dict[str, int] | None = None,
 ) -> Masks:
     """Prune ``params`` in place with ``crit.solve_layer``, sequentially (module docstring).
 
     Every layer gets ``sparsity`` (exact count per layer) or its ``layer_sparsity`` override, or
     the N:M pattern of ``granularity``; ``current`` zeros stay zero and count toward the target.
+    Models made of repeated blocks (or ``blocks=[module names]``) are propagated block by block
+    (``saliency.blocks``; ``blocks=False``: the prefix path): ``offload=True`` / ``device=`` keep only the current block on the
+    compute device, ``checkpoint_dir`` makes the run resumable. ``forwards`` (a dict, filled in)
+    counts model calls (``"prefix"``) and block calls (``"block"``), one per batch.
     Returns the masks (not attached: ``saliency.prune`` attaches them)."""
     nm, _ = check_allocation(sparsity, "layer", granularity)
     overrides = dict(layer_sparsity or {})
@@ -110,51 +124,115 @@ def prune_layerwise(
     pattern = {n: (check_sparsity(overrides.get(n, sparsity)) if nm is None else None, nm)
                for n in params}  # fmt: skip
     modules = capture.layer_modules(model, params)
-    device = model_device(model)
-    batches = list(iter_batches(data, crit.n_samples, device=device))
+    home = model_device(model)
+    compute = _compute_device(device, offload, home)
+    batches = list(iter_batches(data, crit.n_samples, device=home))
+    counts = forwards if forwards is not None else {}
+    counts.update(prefix=0, block=0)
     modes = {m: m.training for m in model.modules()}
     model.eval()  # calibration sees the network as it is used: no dropout, running statistics
     try:
-        groups, calls = _groups(model, modules, batches[0])
+        found = _blocks.candidates(model, modules, blocks)
+        with _blocks.watching(found, modules) as events:
+            groups, calls = _groups(model, modules, batches[0][:1])  # one sample: the order
+        counts["prefix"] += 1
+        plan, why = _blocks.plan(found, events, groups, modules)
+        asked = (
+            blocks not in (None, False)
+            or offload
+            or device is not None
+            or checkpoint_dir is not None
+        )
+        if plan is None and asked:
+            raise ValueError(f"blocks=, offload=, device= and checkpoint_dir= need block-by-block "
+                             f"propagation, which is not possible here: {why}")  # fmt: skip
+        log.debug("layer-wise propagation: %s", why or f"{len(plan.blocks)} blocks")
         keep: dict[str, Tensor] = {}
-        world, order = distributed.world(), list(modules)
-        for group in groups:
+
+        def do_group(group, module, inputs):
             part = {n: modules[n] for n in group}
             with capture.capturing(part, diag_only=crit.diag_only, calls=calls) as (stats, run):
-                for batch in batches:
-                    run(model, batch)
+                for b in inputs:
+                    run(module, b)
             combine(stats)
-            solved, error = {}, None
-            for n in group:  # distributed: the owner of each layer solves it, then broadcasts
-                if world is not None and order.index(n) % world[1] != world[0]:
-                    continue
-                alive = current[n].to(device).bool() if current is not None else None
-                alive = None if alive is None else capture.as_matrix(modules[n], alive)
-                W = capture.weight_matrix(modules[n])
-                try:
-                    W2, k = crit.solve_layer(W, stats[n].H, pattern[n], alive)
-                    solved[n] = (W2.to(W), k.bool())
-                except ValueError as e:
-                    error = error or ValueError(f"layer {n!r}: {e}")
-            distributed.raise_together(error)
-            for n in group:
-                module = modules[n]
-                if world is not None:
-                    W = capture.weight_matrix(module)
-                    empty = (torch.empty_like(W), torch.empty(W.shape, dtype=torch.bool))
-                    W2, k = solved.get(n, empty)
-                    src = order.index(n) % world[1]
-                    solved[n] = (distributed.broadcast(W2, src), distributed.broadcast(k, src))
-                W2, k = solved[n]
-                with torch.no_grad():
-                    module.weight.copy_(capture.from_matrix(module, W2))
-                keep[n] = capture.from_matrix(module, k.to(device)).contiguous()
-                log.debug("%s: %s, %d rows, sparsity %.3f", crit.name, n, stats[n].n,
-                          1 - float(k.float().mean()))  # fmt: skip
+            return _solve_group(crit, group, modules, stats, pattern, current, keep)
+
+        def restore(written):
+            with torch.no_grad():
+                for n, (w, k) in written.items():
+                    modules[n].weight.copy_(w)
+                    keep[n] = k.to(modules[n].weight.device)
+
+        rest = groups
+        if plan is not None:
+            if checkpoint_dir is not None and distributed.world() is not None:
+                raise ValueError("checkpoint_dir= is not supported under torch.distributed")
+            store = None if checkpoint_dir is None else _blocks.Store(
+                checkpoint_dir, _run_key(crit, pattern, plan, batches))  # fmt: skip
+            _blocks.propagate(model, plan, batches, do_group, restore, home=home, compute=compute,
+                              offload=offload or compute != home, store=store, counts=counts)  # fmt: skip
+            rest = plan.post
+        for group in rest:  # the prefix path: every batch through the model up to the group
+            do_group(group, model, batches)
+            counts["prefix"] += len(batches)
     finally:
         for m, mode in modes.items():
             m.train(mode)
-    return Masks({n: keep[n] for n in params})
+    return Masks({n: keep[n].to(params[n].device) for n in params})
+
+
+def _compute_device(device, offload: bool, home: torch.device) -> torch.device:
+    if device is not None:
+        try:
+            return torch.device(device)
+        except (RuntimeError, TypeError) as e:
+            raise ValueError(f"device must name a torch device ('cuda', 'cuda:1', 'cpu'); "
+                             f"got {device!r}") from e  # fmt: skip
+    if offload and torch.cuda.is_available():
+        return torch.device("cuda")
+    return home
+
+
+def _run_key(crit, pattern, plan, batches) -> dict[str, Any]:
+    """What a checkpoint directory must match to be resumed."""
+    return {"criterion": repr(crit), "pattern": {n: list(p) for n, p in pattern.items()},
+            "blocks": plan.names, "samples": [len(b) for b in batches]}  # fmt: skip
+
+
+def _solve_group(crit, group, modules, stats, pattern, current, keep) -> dict[str, tuple]:
+    """Solve and write the layers of one group; ``{target: (weight, mask)}`` as written.
+    Distributed: the owner of each layer solves it, then broadcasts."""
+    world, order = distributed.world(), list(modules)
+    solved, error = {}, None
+    for n in group:
+        if world is not None and order.index(n) % world[1] != world[0]:
+            continue
+        W = capture.weight_matrix(modules[n])  # solved where H lives (the CPU), written back
+        alive = current[n].cpu().bool() if current is not None else None
+        alive = None if alive is None else capture.as_matrix(modules[n], alive)
+        try:
+            W2, k = crit.solve_layer(W.cpu(), stats[n].H, pattern[n], alive)
+            solved[n] = (W2.to(W), k.bool().to(W.device))
+        except ValueError as e:
+            error = error or ValueError(f"layer {n!r}: {e}")
+    distributed.raise_together(error)
+    written = {}
+    for n in group:
+        module = modules[n]
+        if world is not None:
+            W = capture.weight_matrix(module)
+            empty = (torch.empty_like(W), torch.empty(W.shape, dtype=torch.bool, device=W.device))
+            W2, k = solved.get(n, empty)
+            src = order.index(n) % world[1]
+            solved[n] = (distributed.broadcast(W2, src), distributed.broadcast(k, src))
+        W2, k = solved[n]
+        with torch.no_grad():
+            module.weight.copy_(capture.from_matrix(module, W2))
+        keep[n] = capture.from_matrix(module, k.to(module.weight.device)).contiguous()
+        written[n] = (module.weight.detach(), keep[n])
+        log.debug("%s: %s, %d rows, sparsity %.3f", crit.name, n, stats[n].n,
+                  1 - float(k.float().mean()))  # fmt: skip
+    return written
 
 
 def dense_stats(model, params, data, *, n_samples, diag_only) -> dict[str, capture.Stats]:

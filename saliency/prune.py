@@ -140,6 +140,10 @@ def _restrict(masks: Masks | None, params: Mapping[str, Tensor]) -> Masks | None
     return Masks({n: masks[n] if n in masks else ones[n] for n in params})
 
 
+# block-stage settings of the layer-wise solvers (saliency.blocks), passed through prune's kwargs
+LAYERWISE_RUN = ("blocks", "offload", "device", "checkpoint_dir")
+
+
 def _split_kwargs(kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     alloc = {k: kwargs.pop(k) for k in ALLOCATE_KWARGS if k in kwargs}
     return alloc, kwargs
@@ -166,13 +170,15 @@ def prune_step(
     *,
     current: Masks | None,
     data: Iterable | None = None,
+    run: Mapping[str, Any] | None = None,
     **allocate_kwargs: Any,
 ) -> Masks:
     """Allocate from `scores`, apply the criterion's weight update if it has one, zero the pruned.
 
     Layer-wise solvers (OBC, SparseGPT, Wanda: `layerwise.is_solver`) choose masks and update
     weights together on each layer's calibration inputs: they ignore `scores` and run
-    `layerwise.prune_layerwise` on `data` instead of allocate + update.
+    `layerwise.prune_layerwise` on `data` instead of allocate + update, with `run` (its
+    block-stage settings: blocks, offload, device, checkpoint_dir, forwards).
 
     Where each weight's output channels lie is read from the module that holds it
     (ConvTranspose weights are [in, out/groups, *k]; transformers' Conv1D [in, out]) and handed
@@ -185,7 +191,8 @@ def prune_step(
         )
         check_settings(crit, sparsity, scope, granularity, allocate_kwargs)
         masks = prune_layerwise(model, crit, params, data, sparsity, granularity=granularity,
-                                current=current, layer_sparsity=allocate_kwargs.get("layer_sparsity"))  # fmt: skip
+                                current=current, layer_sparsity=allocate_kwargs.get("layer_sparsity"),
+                                **(run or {}))  # fmt: skip
         masks.apply(model)
         return masks
     if allocate_kwargs.get("reduce") is None:  # None (a sweep's default): the criterion's own
@@ -255,9 +262,14 @@ def prune(
 
 def _prune(model, criterion, sparsity, data, loss_fn, scope, granularity, params, current, keep,
            optimizer, cost, kwargs) -> Masks:  # fmt: skip
-    alloc, hparams = _split_kwargs(dict(kwargs))
+    kwargs = dict(kwargs)
+    run = {k: kwargs.pop(k) for k in LAYERWISE_RUN if k in kwargs}
+    alloc, hparams = _split_kwargs(kwargs)
     _check_before_scoring(sparsity, scope, granularity, alloc)
     crit = get_criterion(criterion, **for_granularity(criterion, hparams, granularity))
+    if run and not is_solver(crit):
+        raise ValueError(f"{sorted(run)} are settings of the layer-wise solvers (obc, sparsegpt, "
+                         f"wanda), not of {getattr(crit, 'name', criterion)!r}")  # fmt: skip
     params = dict(params) if params is not None else prunable_parameters(model)
     attached = attached_masks(model)
     masks = _restrict(current if current is not None else attached, params)
@@ -272,11 +284,13 @@ def _prune(model, criterion, sparsity, data, loss_fn, scope, granularity, params
         alloc = _layer_allocation(model, crit, params, data, sparsity, alloc)
         check_settings(crit, sparsity, scope, granularity, alloc)
         check_replicated(model)
-        start = time.perf_counter()
+        start, forwards = time.perf_counter(), {}
         masks = prune_step(model, crit, params, None, sparsity, current=masks, data=data,
-                           scope=scope, granularity=granularity, **alloc)  # fmt: skip
+                           run={**run, "forwards": forwards}, scope=scope,
+                           granularity=granularity, **alloc)  # fmt: skip
         if cost is not None:
-            cost.add(Cost(seconds=time.perf_counter() - start, backward_passes=0))
+            cost.add(Cost(seconds=time.perf_counter() - start, backward_passes=0,
+                          forwards=forwards))  # fmt: skip
         rounds = []
     for s in rounds:
         scores = _score(model, crit, data, loss_fn, params, {})  # in prune's distributed mode

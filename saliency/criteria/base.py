@@ -48,6 +48,7 @@ class Cost:
     samples: int = 0
     backward_passes: int | None = None
     peak_memory_bytes: int | None = None
+    forwards: dict[str, int] | None = None  # layer-wise solvers: {"prefix": n, "block": n} calls
 
     def add(self, other: Cost) -> Cost:
         """Accumulate `other` (one more scoring pass) into this cost, in place; returns self.
@@ -58,6 +59,10 @@ class Cost:
         self.backward_passes = None if bp is None or obp is None else bp + obp
         peaks = [m for m in (self.peak_memory_bytes, other.peak_memory_bytes) if m is not None]
         self.peak_memory_bytes = max(peaks) if peaks else None
+        if other.forwards is not None:
+            mine = self.forwards or {}
+            self.forwards = {k: mine.get(k, 0) + other.forwards.get(k, 0)
+                             for k in {*mine, *other.forwards}}  # fmt: skip
         return self
 
     def as_dict(self) -> dict[str, Any]:
