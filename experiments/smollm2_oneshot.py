@@ -21,8 +21,8 @@ import sys
 import time
 from pathlib import Path
 
-CONFIGS = [("dense", None)] + [
-    (c, p) for p in ("0.5", "2:4") for c in ("magnitude", "wanda", "sparsegpt")
+CONFIGS = [("dense", None)] + [  # cheapest first
+    (c, p) for c in ("magnitude", "wanda", "sparsegpt") for p in ("0.5", "2:4")
 ]
 
 
