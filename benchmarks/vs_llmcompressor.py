@@ -39,7 +39,9 @@ def _theirs(model, ids, method, pattern):
     ds = Dataset.from_dict(
         {"input_ids": ids.tolist(), "attention_mask": [[1] * ids.shape[1]] * len(ids)}
     )
-    oneshot(model=model, dataset=ds, recipe=recipe, num_calibration_samples=len(ids),
+    from saliency.zoo.smollm2 import tokenizer
+
+    oneshot(model=model, dataset=ds, recipe=recipe, num_calibration_samples=len(ids), tokenizer=tokenizer(),
             max_seq_length=ids.shape[1], shuffle_calibration_samples=False)  # fmt: skip
 
 

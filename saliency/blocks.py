@@ -178,14 +178,20 @@ def plan(blocks, events, groups: list[list[str]], modules) -> tuple[Plan | None,
     return Plan([n for n, _ in blocks], [b for _, b in blocks], pre, per, post), ""
 
 
+def _is_cache(v) -> bool:
+    """A transformers key/value cache (it would grow each time a block is re-run)."""
+    return hasattr(v, "get_seq_length") and hasattr(v, "update")
+
+
 def catch(model, block0: nn.Module, batches) -> list[Cached]:
     """Block 0's inputs for every batch, one prefix forward each, the cache switched off."""
     out: list[Cached] = []
 
     def hook(_m, args, kwargs):
-        kwargs = {k: (None if k in _CACHE_KEYS else False if k == "use_cache" else v)
-                  for k, v in kwargs.items()}  # fmt: skip
-        out.append(Cached(tuple(args), kwargs, None))
+        kwargs = {k: (None if k in _CACHE_KEYS or _is_cache(v) else False if k == "use_cache"
+                      else v) for k, v in kwargs.items()}  # fmt: skip
+        args = tuple(None if _is_cache(a) else a for a in args)  # GPT-2 passes it by position
+        out.append(Cached(args, kwargs, None))
         raise _Stop
 
     h = block0.register_forward_pre_hook(hook, with_kwargs=True)
