@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import tempfile
 import time
 
 import torch
@@ -69,6 +70,17 @@ def main() -> None:
     ds = get_dataset("pydoc_smollm2")
     dense = get_model("smollm2-135m", input_shape=(256,), num_classes=None).eval()
     ids, test = ds.train.tensors[0][: args.calib], ds.test.tensors[0][: args.test]
+    # llm-compressor reads the config (and tokenizer) from the model's directory: the GGUF
+    # package has none, so the dense model is saved once and named by that directory
+    from saliency.zoo.smollm2 import tokenizer
+
+    home = tempfile.mkdtemp(prefix="smollm2-")
+    dense.hf_quantizer = None  # dequantized to float32 on load: a plain float model
+    if hasattr(dense.config, "quantization_config"):
+        del dense.config.quantization_config
+    dense.save_pretrained(home)
+    tokenizer().save_pretrained(home)
+    dense.config._name_or_path = dense.name_or_path = home
     print(json.dumps({"dense_perplexity": perplexity(dense, test)}), flush=True)
     for method in args.methods:
         for pattern in args.patterns:
