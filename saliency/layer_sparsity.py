@@ -74,8 +74,7 @@ def owl_sparsity(
     modules = capture.layer_modules(model, params)
     counts: dict[str, list[int]] = {}
     for n, st in stats.items():
-        x_norm = st.H.sqrt().masked_fill(solvers.dead_inputs(st.H), 0.0)
-        score = capture.weight_matrix(modules[n]).detach().abs().double().cpu() * x_norm[None]
+        score = solvers.wanda_scores(capture.weight_matrix(modules[n]).cpu(), st.H)
         c = counts.setdefault(block_of(n), [0, 0])
         c[0] += int((score > M * score.mean()).sum())
         c[1] += score.numel()
@@ -102,9 +101,7 @@ def obs_budget_sparsity(
     costs: dict[str, Tensor] = {}
     for n, st in stats.items():
         W = capture.weight_matrix(modules[n]).detach().double().cpu()
-        Hinv_diag = torch.diagonal(solvers.inverse(solvers.damped(st.H, damp)))
-        c = W.square() / (2 * Hinv_diag[None, :])
-        c = c.masked_fill(solvers.dead_inputs(torch.diagonal(st.H))[None, :], 0.0)
+        c = solvers.obs_costs(W, st.H, damp)
         energy = float(torch.einsum("ij,jk,ik->", W, st.H.double(), W)) / 2
         costs[n] = c.reshape(-1) / max(energy, 1e-300)
     flat = torch.cat(list(costs.values()))

@@ -289,11 +289,8 @@ def obs_scores(crit, model, params, data) -> dict[str, Tensor]:
     out = {}
     for n, st in stats.items():
         try:
-            Hinv = solvers.inverse(solvers.damped(st.H, crit.damp))
+            s = solvers.obs_costs(capture.weight_matrix(modules[n]).cpu(), st.H, crit.damp)
         except ValueError as e:
             raise ValueError(f"layer {n!r}: {e}") from e
-        W = capture.weight_matrix(modules[n]).double().cpu()
-        s = W.square() / (2 * torch.diagonal(Hinv))[None, :]
-        s = s.masked_fill(solvers.dead_inputs(torch.diagonal(st.H)).cpu()[None, :], 0.0)
         out[n] = capture.from_matrix(modules[n], s.float()).to(params[n].device).contiguous()
     return out

@@ -49,6 +49,21 @@ def dead_inputs(H_diag: Tensor) -> Tensor:
     return negligible.negligible(H_diag, float(H_diag.abs().mean()))
 
 
+def wanda_scores(W: Tensor, H_diag: Tensor) -> Tensor:
+    """``|W_ij| ||X_j||_2`` in float64 from ``H_diag`` (``diag H``, any positive multiple of
+    ``||X_j||^2``), 0 for the inputs never active."""
+    x_norm = H_diag.detach().double().sqrt().masked_fill(dead_inputs(H_diag), 0.0)
+    return W.detach().abs().double() * x_norm[None, :]
+
+
+def obs_costs(W: Tensor, H: Tensor, damp: float) -> Tensor:
+    """Layer-wise OBS costs ``w_q^2 / (2 [H^-1]_qq)`` on the damped ``H``, 0 for the inputs
+    never active (their weights do not touch the output)."""
+    Hinv_diag = torch.diagonal(inverse(damped(H, damp)))
+    cost = W.detach().double().square() / (2 * Hinv_diag[None, :])
+    return cost.masked_fill(dead_inputs(torch.diagonal(H))[None, :], 0.0)
+
+
 def damped(H: Tensor, damp: float) -> Tensor:
     """``H + damp * mean(diag H) I`` in float64, with the rows and columns of the inputs never
     active zeroed and their ``H_jj = 1``."""

@@ -36,7 +36,6 @@ class Wanda:
         modules = capture.layer_modules(model, params)
         out = {}
         for n, st in stats.items():
-            x_norm = st.H.sqrt().masked_fill(solvers.dead_inputs(st.H), 0.0)
-            s = capture.weight_matrix(modules[n]).abs().double().cpu() * x_norm[None, :]
+            s = solvers.wanda_scores(capture.weight_matrix(modules[n]).cpu(), st.H)
             out[n] = capture.from_matrix(modules[n], s.float()).to(params[n].device).contiguous()
         return out
