@@ -9,6 +9,7 @@ resident memory is its own; records are appended to ``--out`` (JSONL) and a reru
 configurations already there.
 
     python experiments/smollm2_oneshot.py --calib 32 --test 16 --out results/smollm2.jsonl
+    python experiments/smollm2_oneshot.py --layer-sparsity --calib 8 --test 16  # OWL/OBS budget
 """
 
 from __future__ import annotations
@@ -21,12 +22,17 @@ import sys
 import time
 from pathlib import Path
 
-CONFIGS = [("dense", None)] + [  # cheapest first
-    (c, p) for c in ("magnitude", "wanda", "sparsegpt") for p in ("0.5", "2:4")
+CONFIGS = [("dense", None, "uniform")] + [  # cheapest first
+    (c, p, "uniform") for c in ("magnitude", "wanda", "sparsegpt") for p in ("0.5", "2:4")
+]
+# --layer-sparsity: uniform against OWL and the OBS budget (issue 19), Wanda and SparseGPT
+LAYER_SPARSITY = [
+    (c, p, a) for c in ("wanda", "sparsegpt") for p in ("0.7", "0.6", "0.5")
+    for a in ("uniform", "owl", "obs")
 ]
 
 
-def run_one(criterion: str, pattern: str | None, calib: int, test: int) -> dict:
+def run_one(criterion: str, pattern: str | None, allocation: str, calib: int, test: int) -> dict:
     import torch
 
     import saliency
@@ -46,11 +52,14 @@ def run_one(criterion: str, pattern: str | None, calib: int, test: int) -> dict:
             kw["granularity"] = "2:4"
         if criterion in ("wanda", "sparsegpt"):
             kw["n_samples"] = calib
+        if allocation != "uniform":
+            kw["allocation"] = allocation
         saliency.prune(model, criterion, sparsity, data=data, **kw)
     seconds = time.perf_counter() - start
     ppl = perplexity(model, ds.test.tensors[0][:test], batch_size=4)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # GiB (ru_maxrss in KiB)
-    return {"criterion": criterion, "pattern": pattern, "calib_windows": calib,
+    return {"criterion": criterion, "pattern": pattern, "allocation": allocation,
+            "calib_windows": calib,
             "test_windows": test, "perplexity": ppl, "prune_seconds": round(seconds, 1),
             "peak_rss_gib": round(peak, 2), "torch_threads": torch.get_num_threads()}  # fmt: skip
 
@@ -60,23 +69,26 @@ def main() -> None:
     ap.add_argument("--calib", type=int, default=32)
     ap.add_argument("--test", type=int, default=16)
     ap.add_argument("--out", type=Path, default=Path("results/smollm2_oneshot.jsonl"))
-    ap.add_argument("--one", nargs=2, metavar=("CRITERION", "PATTERN"), help=argparse.SUPPRESS)
+    ap.add_argument("--layer-sparsity", action="store_true",
+                    help="uniform against OWL and OBS-budget layer sparsities at 50/60/70%%")
+    ap.add_argument("--one", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
         pattern = None if args.one[1] == "-" else args.one[1]
-        print(json.dumps(run_one(args.one[0], pattern, args.calib, args.test)))
+        print(json.dumps(run_one(args.one[0], pattern, args.one[2], args.calib, args.test)))
         return
     args.out.parent.mkdir(parents=True, exist_ok=True)
     done = set()
     if args.out.exists():
         for line in args.out.read_text().splitlines():
             r = json.loads(line)
-            done.add((r["criterion"], r["pattern"], r["calib_windows"], r["test_windows"]))
-    for crit, pattern in CONFIGS:
-        if (crit, pattern, args.calib, args.test) in done:
+            alloc = r.get("allocation", "uniform")
+            done.add((r["criterion"], r["pattern"], alloc, r["calib_windows"], r["test_windows"]))
+    for crit, pattern, alloc in LAYER_SPARSITY if args.layer_sparsity else CONFIGS:
+        if (crit, pattern, alloc, args.calib, args.test) in done:
             continue
         cmd = [sys.executable, __file__, "--calib", str(args.calib), "--test", str(args.test),
-               "--one", crit, pattern or "-"]  # fmt: skip
+               "--one", crit, pattern or "-", alloc]  # fmt: skip
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
         record = out.strip().splitlines()[-1]
         with args.out.open("a") as f:
