@@ -100,9 +100,10 @@ def head_dim_of(model: nn.Module) -> int:
 
 def _calls(blocks: list[nn.Module], run) -> list[list[tuple[str, int]]]:
     """Per block, [(layer name, id of the tensor it read)] in call order, for its Linear /
-    Conv1D layers, from one forward (``run``)."""
-    seen: list[list[tuple[str, int]]] = [[] for _ in blocks]
-    hooks = [m.register_forward_pre_hook(lambda _m, a, n=n, s=s: s.append((n, id(a[0]))))
+    Conv1D layers, from one forward (``run``). The tensors are held until the end so that no
+    id is reused."""
+    seen: list[list[tuple[str, Tensor]]] = [[] for _ in blocks]
+    hooks = [m.register_forward_pre_hook(lambda _m, a, n=n, s=s: s.append((n, a[0])))
              for block, s in zip(blocks, seen, strict=True)
              for n, m in block.named_modules() if _linear_like(m)]  # fmt: skip
     try:
@@ -111,7 +112,7 @@ def _calls(blocks: list[nn.Module], run) -> list[list[tuple[str, int]]]:
     finally:
         for h in hooks:
             h.remove()
-    return seen
+    return [[(n, id(t)) for n, t in s] for s in seen]
 
 
 def _branches(calls: list[tuple[str, int]]) -> list[tuple[list[str], str]]:
