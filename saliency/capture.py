@@ -117,16 +117,26 @@ def input_rows(module: nn.Module, x: Tensor, token_mask: Tensor | None = None) -
 
 
 class Stats:
-    """Running ``sum x x^T`` (or ``sum x^2``) and row count of one layer's inputs, in float64."""
+    """Running ``sum x x^T`` (or ``sum x^2``), ``sum x`` and row count of one layer's inputs,
+    in float64."""
 
     def __init__(self, d: int, diag_only: bool) -> None:
         self.diag_only, self.n = diag_only, 0
         self.sum = torch.zeros(d if diag_only else (d, d), dtype=torch.float64)
+        self.total = torch.zeros(d, dtype=torch.float64)
 
     def add(self, rows: Tensor) -> None:
         rows = rows.detach().to(torch.float64).cpu()
         self.sum += rows.square().sum(0) if self.diag_only else rows.T @ rows
+        self.total += rows.sum(0)
         self.n += rows.shape[0]
+
+    @property
+    def mean(self) -> Tensor:
+        """``E[x]`` over the captured rows (FLAP's bias compensation)."""
+        if self.n == 0:
+            raise ValueError("no calibration rows were captured")
+        return self.total / self.n
 
     @property
     def H(self) -> Tensor:

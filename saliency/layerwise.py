@@ -104,6 +104,7 @@ def prune_layerwise(
     device: str | torch.device | None = None,
     checkpoint_dir: str | os.PathLike | None = None,
     forwards: dict[str, int] | None = None,
+    solve_group=None,
 ) -> Masks:
     """Prune ``params`` in place with ``crit.solve_layer``, sequentially (module docstring).
 
@@ -113,6 +114,8 @@ def prune_layerwise(
     (``saliency.blocks``; ``blocks=False``: the prefix path): ``offload=True`` / ``device=`` keep only the current block on the
     compute device, ``checkpoint_dir`` makes the run resumable. ``forwards`` (a dict, filled in)
     counts model calls (``"prefix"``) and block calls (``"block"``), one per batch.
+    ``solve_group(group, modules, stats, keep) -> {target: (weight, mask)}`` replaces the
+    per-layer ``crit.solve_layer`` (the structured solvers, ``saliency.structured``).
     Returns the masks (not attached: ``saliency.prune`` attaches them)."""
     nm, _ = check_allocation(sparsity, "layer", granularity)
     overrides = dict(layer_sparsity or {})
@@ -155,6 +158,8 @@ def prune_layerwise(
                 for b in inputs:
                     run(module, b)
             combine(stats)
+            if solve_group is not None:
+                return solve_group(group, modules, stats, keep)
             return _solve_group(crit, group, modules, stats, pattern, current, keep)
 
         def restore(written):
@@ -260,9 +265,10 @@ def combine(stats: dict[str, capture.Stats]) -> None:
         return
     names = list(stats)
     sums = distributed.all_reduce_many([stats[n].sum for n in names])
+    totals = distributed.all_reduce_many([stats[n].total for n in names])
     counts = distributed.sum_counts(*[stats[n].n for n in names])
-    for n, s, c in zip(names, sums, counts, strict=True):
-        stats[n].sum, stats[n].n = s, c
+    for n, s, t, c in zip(names, sums, totals, counts, strict=True):
+        stats[n].sum, stats[n].total, stats[n].n = s, t, c
 
 
 def check_hparams(crit) -> None:

@@ -26,6 +26,7 @@ from saliency.criteria.base import LossFn, model_device
 from saliency.layerwise import check_settings, is_solver, prune_layerwise
 from saliency.masks import Masks
 from saliency.schedules import Schedule
+from saliency.structured import is_structured, prune_structured
 from saliency.targets import channel_layout, prunable_parameters
 
 ALLOCATE_KWARGS = (
@@ -263,6 +264,9 @@ def prune(
 def _prune(model, criterion, sparsity, data, loss_fn, scope, granularity, params, current, keep,
            optimizer, cost, kwargs) -> Masks:  # fmt: skip
     kwargs = dict(kwargs)
+    if is_structured(granularity):
+        return _prune_structured(model, criterion, sparsity, data, loss_fn, scope, granularity,
+                                 keep, optimizer, cost, kwargs)  # fmt: skip
     run = {k: kwargs.pop(k) for k in LAYERWISE_RUN if k in kwargs}
     alloc, hparams = _split_kwargs(kwargs)
     _check_before_scoring(sparsity, scope, granularity, alloc)
@@ -314,6 +318,35 @@ def _prune(model, criterion, sparsity, data, loss_fn, scope, granularity, params
         # biases and BatchNorm of pruned channel units stay zero too (`groups`)
         owned = owned_masks(model, masks, alloc.get("groups")) or {}
         attach(model, Masks({**(attached or {}), **masks, **owned}), optimizer=optimizer)
+    elif optimizer is not None:
+        clear_optimizer_state(optimizer, model, masks)
+    return masks
+
+
+def _prune_structured(model, criterion, sparsity, data, loss_fn, scope, granularity, keep,
+                      optimizer, cost, kwargs) -> Masks:  # fmt: skip
+    """Heads, neurons, blocks (``saliency.structured``): one scoring, allocation by units, the
+    criterion's update, masks over the units' weights and biases (attached with ``keep``)."""
+    structure = kwargs.pop("structure", None)
+    crit = get_criterion(criterion, **kwargs)
+    start = time.perf_counter()
+    spent = Cost()
+
+    def score_elements(weights):
+        s = _score(model, crit, data, loss_fn, weights, {})
+        spent.add(s.cost)
+        return s
+
+    masks, _ = prune_structured(model, crit, sparsity, data, scope=scope, granularity=granularity,
+                                score_elements=score_elements, structure=structure)  # fmt: skip
+    masks = Masks(masks)
+    masks.apply(model)
+    if cost is not None:
+        spent.seconds = time.perf_counter() - start
+        cost.add(spent)
+    if keep:
+        attached = attached_masks(model)
+        attach(model, Masks({**(attached or {}), **masks}), optimizer=optimizer)
     elif optimizer is not None:
         clear_optimizer_state(optimizer, model, masks)
     return masks

@@ -159,6 +159,9 @@ def check_criterion(
     unknown = set(models) - {"mlp", "cnn"}
     if unknown or not models:
         raise ValueError(f"models must be a non-empty subset of ('mlp', 'cnn'); got {models!r}")
+    if "element" not in getattr(crit, "granularities", ("element",)):
+        _check_refuses_elements(crit, name)
+        return
     for model_name, model0, data in _cases():
         if model_name not in models:
             continue
@@ -182,3 +185,19 @@ def check_criterion(
         raise CriterionContractError(
             f"criterion {name!r} breaks the contract:\n  " + "\n  ".join(problems)
         )
+
+
+def _check_refuses_elements(crit, name: str) -> None:
+    """A criterion that scores only whole structures (``granularities`` without "element", e.g.
+    Block Influence: blocks) must refuse element scores with a ValueError that names them."""
+    _, model, data = _cases()[0]
+    params = {n: p for n, p in model.named_parameters() if n.endswith("weight")}
+    try:
+        crit.score(model, params, data, nn.functional.cross_entropy)
+    except ValueError as e:
+        if not any(g in str(e) for g in crit.granularities):
+            raise CriterionContractError(f"{name}: its refusal must name its granularities "
+                                         f"{crit.granularities}; got {e}") from e  # fmt: skip
+        return
+    raise CriterionContractError(f"{name}: granularities {crit.granularities} exclude "
+                                 "'element', so score() must raise a ValueError naming them")  # fmt: skip
