@@ -37,6 +37,7 @@ from saliency import negligible
 from saliency.allocate import nm_keep
 
 Pattern = tuple[float | None, tuple[int, int] | None]  # (sparsity, (N, M) or None)
+_STEP = 32  # SparseGPT's rank-1 updates stay within sub-blocks of this many columns
 
 
 class SingularHessian(ValueError):
@@ -77,15 +78,30 @@ def damped(H: Tensor, damp: float) -> Tensor:
     return H
 
 
-def inverse(H: Tensor) -> Tensor:
-    """``H^-1`` through Cholesky; a clear error when ``H`` is not positive definite."""
+def _cholesky(H: Tensor) -> Tensor:
+    """Lower Cholesky factor of ``H``; a clear error when ``H`` is not positive definite."""
     L, info = torch.linalg.cholesky_ex(H)
     if int(info):
         raise SingularHessian(
             "H = 2 X X^T / n is not positive definite (fewer calibration rows than inputs, or "
             "collinear inputs): pass damp > 0 or more calibration samples (n_samples)"
         )
-    return torch.cholesky_inverse(L)
+    return L
+
+
+def inverse(H: Tensor) -> Tensor:
+    """``H^-1`` through Cholesky; a clear error when ``H`` is not positive definite."""
+    return torch.cholesky_inverse(_cholesky(H))
+
+
+def inverse_factor(H: Tensor) -> Tensor:
+    """``U``, the upper Cholesky factor of ``H^-1`` (``H^-1 = U^T U``), from one Cholesky of ``H``
+    in reversed order: with ``P`` the reversal and ``P H P = L L^T``, ``H^-1 = V^T V`` for
+    ``V = P L^-1 P``, upper triangular with a positive diagonal, hence ``U = V``: one
+    factorization and one triangular solve, where factoring ``H^-1`` took two and an inverse."""
+    L = _cholesky(H.flip(0, 1))
+    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    return torch.linalg.solve_triangular(L, eye, upper=False).flip(0, 1)
 
 
 def row_counts(rows: int, d: int, sparsity: float, floor: Tensor | None = None) -> Tensor:
@@ -156,35 +172,59 @@ def sparsegpt(
     rows, d = W.shape
     if nm is not None and block_size % nm[1]:
         raise ValueError(f"block_size {block_size} must be a multiple of M={nm[1]} for N:M")
-    U = torch.linalg.cholesky(inverse(damped(H, damp)), upper=True)
+    U = inverse_factor(damped(H, damp))
     live = ~dead_inputs(torch.diagonal(H))  # removing a dead input's weight costs 0
     W = W.detach().to(torch.float64).clone()
     dead = torch.zeros_like(W, dtype=torch.bool) if alive is None else ~alive.to(W.device)
     prune = torch.zeros_like(dead)
+    step = _STEP if nm is None else nm[1] * max(1, _STEP // nm[1])  # N:M groups stay whole
     for i1 in range(0, d, block_size):
         i2 = min(i1 + block_size, d)
-        W1, U1, err = W[:, i1:i2], U[i1:i2, i1:i2], torch.zeros(rows, i2 - i1, dtype=W.dtype)
-        u = torch.diagonal(U1)
         if nm is None:
             k = round(sparsity * (rows * i2)) - int(prune[:, :i1].sum())  # exact at i2 = d
-            score = _key(W1.square() / u.square() * live[i1:i2], ~dead[:, i1:i2]).reshape(-1)
-            order = torch.sort(score, stable=True).indices
-            flat = dead[:, i1:i2].reshape(-1).clone()
-            flat[order[: max(k, 0)]] = True
-            prune[:, i1:i2] = flat.view(rows, -1)
-        for j in range(i2 - i1):
+            u = torch.diagonal(U)[i1:i2]
+            score = _key(W[:, i1:i2].square() / u.square() * live[i1:i2], ~dead[:, i1:i2])
+            prune[:, i1:i2] = _lowest(score.reshape(-1), k).view(rows, -1) | dead[:, i1:i2]
+        # the block transposed: a column of W is a contiguous row of WT
+        WT, PT = W[:, i1:i2].T.contiguous(), prune[:, i1:i2].T.contiguous()
+        args = (nm, live[i1:i2], ~dead[:, i1:i2])
+        errT = _sweep(WT, PT, U[i1:i2, i1:i2], step, *args)
+        W[:, i1:i2], prune[:, i1:i2] = WT.T, PT.T
+        W[:, i2:].addmm_(errT.T, U[i1:i2, i2:], alpha=-1.0)
+    return W, ~prune
+
+
+def _lowest(score: Tensor, k: int) -> Tensor:
+    """True at the ``k`` lowest entries of the flat ``score``, ties by position (as a stable
+    sort), through one selection (``kthvalue``) instead of a sort: 4x faster."""
+    if k <= 0 or k >= score.numel():
+        return torch.full_like(score, k > 0, dtype=torch.bool)
+    v = torch.kthvalue(score, k).values
+    low = score < v
+    low[torch.nonzero(score == v).flatten()[: k - int(low.sum())]] = True
+    return low
+
+
+def _sweep(WT, PT, U1, step, nm, live, alive) -> Tensor:
+    """SparseGPT's sweep over one lazy block, in place on ``WT = W[:, block]^T`` and its prune
+    mask ``PT`` (N:M: chosen here, per group): column j is quantized to ``q_j`` and the later
+    columns absorb ``-(w_j - q_j) / U_jj * U[j, j:]``, as rank-1 updates within sub-blocks of
+    ``step`` columns and one matrix product across them. Returns the errors
+    ``(w_j - q_j) / U_jj`` as rows (``[block, rows]``)."""
+    u, errT = torch.diagonal(U1), torch.zeros_like(WT)
+    for j1 in range(0, WT.shape[0], step):
+        j2 = min(j1 + step, WT.shape[0])
+        for j in range(j1, j2):
             if nm is not None and j % nm[1] == 0:
                 g = slice(j, j + nm[1])
-                score = W1[:, g].square() / u[g].square() * live[i1:i2][g]
-                prune[:, i1 + j : i1 + j + nm[1]] = ~nm_keep(score, *nm, ~dead[:, i1:i2][:, g])
-            w = W1[:, j]
-            q = torch.where(prune[:, i1 + j], 0.0, w)
-            e = (w - q) / u[j]
-            W1[:, j:] -= e[:, None] * U1[j, j:][None, :]
-            W1[:, j] = q  # exactly zero where pruned
-            err[:, j] = e
-        W[:, i2:] -= err @ U[i1:i2, i2:]
-    return W, ~prune
+                score = WT[g].T.square() / u[g].square() * live[g]
+                PT[g] = ~nm_keep(score, *nm, alive[:, g]).T
+            e = torch.where(PT[j], WT[j], 0.0) / u[j]
+            WT[j:j2].addr_(U1[j, j:j2], e, alpha=-1.0)
+            WT[j].masked_fill_(PT[j], 0.0)  # exactly zero where pruned
+            errT[j] = e
+        WT[j2:].addmm_(U1[j1:j2, j2:].T, errT[j1:j2], alpha=-1.0)
+    return errT
 
 
 def _greedy(W, Hinv, steps, alive, nm, record, live=None):

@@ -73,6 +73,36 @@ def test_sparsegpt_matches_the_column_by_column_reference(pattern, block_size):
     torch.testing.assert_close(W2, R, rtol=1e-8, atol=1e-10)
 
 
+@pytest.mark.parametrize("pattern", [(0.5, None), (0.7, None), (None, (2, 4)), (None, (2, 16))])
+def test_sparsegpt_sub_blocks_and_ties_match_the_reference(pattern):
+    """Blocks wider than the rank-1 sub-blocks (64 > solvers._STEP), a partial last block, and
+    weights on a grid (equal scores within a column: ties go by position, as a stable sort)."""
+    W, X, H = _problem(rows=6, d=80, n=256)
+    W = (W * 2).round() / 2
+    W2, keep = solvers.sparsegpt(W, H, pattern, damp=0.0, block_size=64)
+    R, keep_ref = _sparsegpt_reference(W, H, pattern, 64)
+    assert torch.equal(keep, keep_ref)
+    torch.testing.assert_close(W2, R, rtol=1e-8, atol=1e-10)
+
+
+def test_inverse_factor_is_the_upper_cholesky_factor_of_the_inverse():
+    _, _, H = _problem(d=24, n=64)
+    U = solvers.inverse_factor(H)
+    torch.testing.assert_close(U, torch.linalg.cholesky(torch.linalg.inv(H), upper=True))
+    assert torch.equal(U, U.triu())
+
+
+def test_lowest_selects_like_a_stable_sort():
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        s = torch.randint(0, 5, (40,), generator=g).double()
+        s[torch.randint(0, 40, (3,), generator=g)] = -float("inf")
+        for k in (-1, 0, 1, 7, 20, 39, 40, 41):
+            ref = torch.zeros(40, dtype=torch.bool)
+            ref[torch.sort(s, stable=True).indices[: max(k, 0)]] = True
+            assert torch.equal(solvers._lowest(s, k), ref), (s, k)
+
+
 def test_wanda_prunes_the_lowest_product_in_each_row():
     W, X, H = _problem(rows=5, d=12)
     W2, keep = solvers.wanda(W, X.norm(dim=1), (0.5, None))
