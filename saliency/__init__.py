@@ -9,6 +9,7 @@ from saliency.channels import ChannelGroups, ChannelPad, channel_groups
 from saliency.checkpoint import load_checkpoint, save_checkpoint
 from saliency.collapse import LayerCollapseWarning, ZeroScoreWarning
 from saliency.compact import CompactError, compact
+from saliency.compact_transformer import compact_transformer, load_compacted
 from saliency.criteria import (
     Cost,
     Scores,
@@ -23,6 +24,7 @@ from saliency.masks import Masks
 from saliency.model_io import Batch, causal_lm_loss
 from saliency.prune import GradualPruner, prune, score
 from saliency.schedules import ConstantSparsity, Geometric, OneShot, PolynomialDecay
+from saliency.structures import find_structure
 from saliency.targets import prunable_parameters
 
 __version__ = "0.1.0"
@@ -51,10 +53,13 @@ __all__ = [
     "channel_groups",
     "check_criterion",
     "compact",
+    "compact_transformer",
     "describe_criteria",
+    "find_structure",
     "from_torch_prune",
     "get_criterion",
     "load_checkpoint",
+    "load_compacted",
     "load_masks",
     "load_pretrained",
     "prunable_parameters",

@@ -59,24 +59,37 @@ def load_masks(directory: str | os.PathLike, *, model: nn.Module | None = None) 
     return masks
 
 
+def model_class_of(config, directory: str | os.PathLike):
+    """The transformers class named first in ``config.architectures``."""
+    import transformers
+
+    names = config.architectures or []
+    if not names or not hasattr(transformers, names[0]):
+        raise ValueError(
+            f"the config in {directory} names no transformers class in `architectures` "
+            f"({names}); pass model_class, e.g. transformers.AutoModelForCausalLM"
+        )
+    return getattr(transformers, names[0])
+
+
 def load_pretrained(
     directory: str | os.PathLike, model_class=None, *, attach_masks: bool = True, **kwargs
 ) -> tuple[nn.Module, Masks | None]:
     """(model, masks) from a `save_pretrained` directory: `model_class.from_pretrained(directory,
     **kwargs)` (default: the class named first in its config's `architectures`), and its masks
-    (None if it has none), attached to the model unless `attach_masks=False`."""
+    (None if it has none), attached to the model unless `attach_masks=False`. A model that
+    `compact_transformer` left with per-layer widths loads through `load_compacted` (`kwargs`:
+    its `dtype` only)."""
     import transformers
 
+    from saliency.compact_transformer import has_layer_widths, load_compacted
+
     if model_class is None:
-        config = transformers.AutoConfig.from_pretrained(directory)
-        names = config.architectures or []
-        if not names or not hasattr(transformers, names[0]):
-            raise ValueError(
-                f"the config in {directory} names no transformers class in `architectures` "
-                f"({names}); pass model_class, e.g. transformers.AutoModelForCausalLM"
-            )
-        model_class = getattr(transformers, names[0])
-    model = model_class.from_pretrained(directory, **kwargs)
+        model_class = model_class_of(transformers.AutoConfig.from_pretrained(directory), directory)
+    if has_layer_widths(directory):  # compacted, widths differing per layer
+        model = load_compacted(directory, model_class, **kwargs)
+    else:
+        model = model_class.from_pretrained(directory, **kwargs)
     if not (Path(directory) / MASKS_FILE).is_file():
         return model, None
     masks = load_masks(directory, model=model)
