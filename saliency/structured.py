@@ -64,6 +64,14 @@ def _first_batch(data):
     return next(iter(iter_batches(data, 1)))
 
 
+_REDUCE = {
+    "sum": lambda s: s.sum(1),
+    "mean": lambda s: s.mean(1),
+    "max": lambda s: s.amax(1),
+    "l2": lambda s: s.square().sum(1).sqrt(),
+}
+
+
 def element_unit_scores(structure: Structure, scores: Mapping[str, Tensor], reduce: str, groups):
     """``{group index: [n]}``: each unit's element scores (over its weights) reduced."""
     out = {}
@@ -71,11 +79,10 @@ def element_unit_scores(structure: Structure, scores: Mapping[str, Tensor], redu
         g, parts = structure.groups[gi], []
         for p, (dim, ix) in g.slices.items():
             if p in scores:
-                s = scores[p].detach().double().movedim(dim, 0)[ix.reshape(-1).to(scores[p].device)]
-                parts.append(s.reshape(g.n, -1).cpu())
+                s = scores[p].detach().movedim(dim, 0)[ix.reshape(-1).to(scores[p].device)]
+                parts.append(s.reshape(g.n, -1).double().cpu())
         s = torch.cat(parts, 1)
-        out[gi] = {"sum": s.sum(1), "mean": s.mean(1), "l2": s.square().sum(1).sqrt(),
-                   "max": s.amax(1)}[reduce]  # fmt: skip
+        out[gi] = _REDUCE[reduce](s)
     return out
 
 
