@@ -386,7 +386,7 @@ def _saved_state(directory: Path) -> dict[str, Tensor]:
     return state
 
 
-def _reshape_to(model: nn.Module, widths: list[dict]) -> None:
+def reshape_to_widths(model: nn.Module, widths: list[dict]) -> None:
     """Slice each layer of a model built from its config to its recorded ``widths``."""
     probe = torch.zeros(1, 2, dtype=torch.long)
     structure = find_structure(model, probe)
@@ -431,7 +431,7 @@ def load_compacted(
         extra = {"dtype": dtype} if dtype is not None else {}
         return model_class.from_pretrained(directory, **extra)
     model = (getattr(model_class, "from_config", None) or model_class)(config)  # Auto* or a class
-    _reshape_to(model, widths)
+    reshape_to_widths(model, widths)
     state = _saved_state(directory)
     floating = [t.dtype for t in state.values() if t.is_floating_point()]
     if floating:
