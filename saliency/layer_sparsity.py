@@ -14,7 +14,10 @@ whole weights).
 - ``obs_budget_sparsity``: one global budget from the layer-wise OBS costs ``w^2 / (2 [H^-1]_jj)``
   (Frantar & Alistarh 2022), each divided by its layer's dense output energy
   ``tr(W H W^T) / 2`` so that layers of different output scales compare (a relative error):
-  the ``round(s N)`` cheapest weights over all layers give each layer its sparsity.
+  the cheapest weights over all layers give each layer its sparsity, bounded to
+  ``[s - lambda, s + lambda]`` (``lambda = 0.08``, OWL's spread): unbounded, the single-weight
+  costs ignore how errors compound within a layer and the budget empties layers (Wanda on
+  SmolLM2-135M: perplexity 5,402 at 60% and 153,540 at 70%, against 53.5 and 404 uniform).
 """
 
 from __future__ import annotations
@@ -92,10 +95,14 @@ def obs_budget_sparsity(
     sparsity: float,
     *,
     damp: float = 0.01,
+    lam: float | None = 0.08,
     n_samples: int | None = 128,
 ) -> dict[str, float]:
-    """Layer sparsities from one global budget over the normalized layer-wise OBS costs."""
+    """Layer sparsities from one global budget over the normalized layer-wise OBS costs, each
+    within ``[s - lam, s + lam]`` (``lam=None``: unbounded)."""
     _check(sparsity)
+    if lam is not None and not 0 <= lam < 0.5:
+        raise ValueError(f"lam must be in [0, 0.5) or None; got {lam!r}")
     stats = layerwise.dense_stats(model, params, data, n_samples=n_samples, diag_only=False)
     modules = capture.layer_modules(model, params)
     costs: dict[str, Tensor] = {}
@@ -103,13 +110,31 @@ def obs_budget_sparsity(
         W = capture.weight_matrix(modules[n]).detach().double().cpu()
         c = solvers.obs_costs(W, st.H, damp)
         energy = float(torch.einsum("ij,jk,ik->", W, st.H.double(), W)) / 2
-        costs[n] = c.reshape(-1) / max(energy, 1e-300)
-    flat = torch.cat(list(costs.values()))
-    k = round(sparsity * flat.numel())
-    order = torch.sort(flat, stable=True).indices[:k]
-    chosen = torch.zeros(flat.numel(), dtype=torch.long).index_fill_(0, order, 1)
-    out, start = {}, 0
-    for n, c in costs.items():
-        out[n] = float(chosen[start : start + c.numel()].sum()) / c.numel()
-        start += c.numel()
-    return out
+        costs[n] = c.reshape(-1).sort().values / max(energy, 1e-300)
+    lo, hi = (0.0, 1.0) if lam is None else (max(0.0, sparsity - lam), min(1.0, sparsity + lam))
+    return _bounded_budget(costs, sparsity, lo, hi)
+
+
+def _bounded_budget(costs: Mapping[str, Tensor], sparsity: float, lo: float, hi: float):
+    """``s_l = clip(share of layer l's costs below t, lo, hi)`` with the threshold ``t`` found by
+    bisection so that the size-weighted mean is ``sparsity``; the last rounding residual is
+    spread over the layers strictly inside the bounds. Without bounds (0, 1) this is the
+    ``round(s N)`` cheapest weights over all layers."""
+    sizes = {n: c.numel() for n, c in costs.items()}
+    total = sum(sizes.values())
+
+    def at(t: float) -> dict[str, float]:
+        return {n: min(hi, max(lo, int(torch.searchsorted(c, t, right=True)) / sizes[n]))
+                for n, c in costs.items()}  # fmt: skip
+
+    flat = torch.cat(list(costs.values())).sort().values
+    a, b = 0, flat.numel() - 1  # bisection over the sorted costs: the threshold is one of them
+    while a < b:
+        mid = (a + b) // 2
+        mean = sum(v * sizes[n] for n, v in at(float(flat[mid])).items()) / total
+        a, b = (mid + 1, b) if mean < sparsity else (a, mid)
+    out = at(float(flat[a]))
+    free = [n for n, v in out.items() if lo < v < hi] or list(out)
+    residual = sparsity * total - sum(v * sizes[n] for n, v in out.items())
+    share = residual / sum(sizes[n] for n in free)
+    return {n: v + share if n in free else v for n, v in out.items()}

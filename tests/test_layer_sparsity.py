@@ -74,6 +74,10 @@ def test_obs_budget_is_exact_and_prune_takes_the_allocation_option():
     total = sum(p.numel() for p in params.values())
     assert round(_weighted_mean(sp, params) * total) == round(0.5 * total)
     assert len(set(sp.values())) > 1  # not uniform
+    assert all(0.42 - 1e-9 <= v <= 0.58 + 1e-9 for v in sp.values())  # lam = 0.08
+    free = layer_sparsity.obs_budget_sparsity(model, params, data, 0.5, lam=None)
+    assert round(_weighted_mean(free, params) * total) == round(0.5 * total)
+    assert max(free.values()) - min(free.values()) >= max(sp.values()) - min(sp.values())
     for how in ("owl", "obs"):
         m = saliency.prune(model, "wanda", 0.5, data=data, scope="layer", allocation=how,
                            keep=False)  # fmt: skip
