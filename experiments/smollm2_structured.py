@@ -26,9 +26,8 @@ from pathlib import Path
 
 RATIOS = ("0.3", "0.5", "0.2", "0.1")  # the goals are at 30%: first
 CRITERIA = ("magnitude", "taylor_weight", "flap", "structured_obs", "torch_pruning")
-CONFIGS = [(c, r) for r in RATIOS for c in CRITERIA] + [
-    ("block_influence", r) for r in ("0.1", "0.2", "0.3")
-]
+CONFIGS = [(c, "0.3") for c in CRITERIA] + [("block_influence", r) for r in ("0.1", "0.2", "0.3")]
+CONFIGS += [(c, r) for r in RATIOS[1:] for c in CRITERIA]
 CACHE = Path("results/smollm2-dense")  # the dequantized model, saved once (loads in seconds)
 
 
