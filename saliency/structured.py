@@ -18,13 +18,14 @@ may score units itself (``unit_scores``: FLAP, structured OBS) and blocks (``blo
 Block Influence), remove units with its own solver (``solve_units``: structured OBS with its
 joint update) and compensate removed units (``compensate``: FLAP's bias).
 
-Allocation. ``scope="layer"``: the same fraction in every block (heads and neurons of a block
-share its budget under "width"); ``scope="global"``: one budget over the model. Within a budget
-units go cheapest first by cost per parameter (an element criterion's ``l2`` score is squared
-first: mean square per parameter), or by the criterion's own comparable score when it says so
-(``per_parameter = False``: FLAP's standardized scores); each branch keeps at least one unit,
-so no layer is emptied (``"depth"`` is how to remove a whole block). Uniform widths load in
-plain ``transformers``; per-block widths (global budget) need ``saliency.load_compacted``.
+Allocation. ``scope="layer"``: the same widths in every block (``round(s n)`` of the heads,
+then the MLP neurons that bring each block to ``s`` of its parameters under "width"), the
+cheapest units of each branch going: the compacted model has one width per kind and loads in
+plain ``transformers``. ``scope="global"``: one budget over the model, units cheapest first by
+cost per parameter (an element criterion's ``l2`` score is squared first: mean square per
+parameter), or by the criterion's own comparable score when it says so (``per_parameter =
+False``: FLAP's standardized scores); per-block widths need ``saliency.load_compacted``. Each
+branch keeps at least one unit, so no layer is emptied (``"depth"`` removes whole blocks).
 """
 
 from __future__ import annotations
@@ -96,29 +97,45 @@ def _costs(structure, scores: Mapping[int, Tensor], per_parameter: bool, squared
 
 def allocate_units(structure: Structure, costs: Mapping[int, Tensor], sparsity: float,
                    scope: str) -> dict[int, Tensor]:  # fmt: skip
-    """``{group: unit ids to remove}``: per budget (a block under ``scope="layer"``, the model
-    under "global"), the cheapest units until ``sparsity`` of the budget's parameters are
-    removed (to the nearest unit), each group keeping one unit; ties in group order."""
-    groups = sorted(costs)
-    pools = ([[gi for gi in groups if structure.groups[gi].block == b]
-              for b in sorted({structure.groups[gi].block for gi in groups})]
-             if scope == "layer" else [groups])  # fmt: skip
-    removed = {gi: [] for gi in groups}
-    for pool in pools:
-        size = {gi: structure.params_per_unit(structure.groups[gi]) for gi in pool}
-        budget = sparsity * sum(size[gi] * structure.groups[gi].n for gi in pool)
-        cand = [(float(c), gi, u) for gi in pool for u, c in enumerate(costs[gi].tolist())]
-        cand.sort(key=lambda t: t[0])
-        left = {gi: structure.groups[gi].n for gi in pool}
-        done = 0.0
-        for _, gi, u in cand:
-            if done + size[gi] / 2 > budget:
-                continue
-            if left[gi] > 1:
-                removed[gi].append(u)
-                left[gi] -= 1
-                done += size[gi]
+    """``{group: unit ids to remove}``, the cheapest of each group (ties in unit order), each
+    group keeping one unit. ``scope="layer"``: the same counts in every block
+    (``layer_counts``); ``"global"``: the cheapest units over the model until ``sparsity`` of
+    its units' parameters are removed (to the nearest unit)."""
+    if scope == "layer":
+        counts = layer_counts(structure, sorted(costs), sparsity)
+        return {gi: torch.sort(costs[gi], stable=True).indices[: counts[gi]].sort().values
+                for gi in costs}  # fmt: skip
+    size = {gi: structure.params_per_unit(structure.groups[gi]) for gi in costs}
+    budget = sparsity * sum(size[gi] * structure.groups[gi].n for gi in costs)
+    cand = sorted((float(c), gi, u) for gi in costs for u, c in enumerate(costs[gi].tolist()))
+    left = {gi: structure.groups[gi].n for gi in costs}
+    removed, done = {gi: [] for gi in costs}, 0.0
+    for _, gi, u in cand:
+        if done + size[gi] / 2 <= budget and left[gi] > 1:
+            removed[gi].append(u)
+            left[gi] -= 1
+            done += size[gi]
     return {gi: torch.tensor(sorted(r), dtype=torch.long) for gi, r in removed.items()}
+
+
+def layer_counts(structure: Structure, groups, sparsity: float) -> dict[int, int]:
+    """Units to remove per group so that every block loses ``sparsity`` of its units'
+    parameters with the same widths everywhere (a uniform model: plain transformers loads it):
+    ``round(s n)`` of the heads, then as many neurons as bring the block's removed parameters
+    nearest to ``s`` of them; each group keeps one unit."""
+    out = {}
+    for b in sorted({structure.groups[gi].block for gi in groups}):
+        mine = [gi for gi in groups if structure.groups[gi].block == b]
+        total = sum(structure.params_per_unit(structure.groups[gi]) * structure.groups[gi].n
+                    for gi in mine)  # fmt: skip
+        done = 0
+        for gi in sorted(mine, key=lambda gi: structure.groups[gi].kind != "head"):  # heads first
+            g, size = structure.groups[gi], structure.params_per_unit(structure.groups[gi])
+            last = gi == max(mine, key=lambda gi: structure.groups[gi].kind != "head")
+            want = (sparsity * total - done) / size if last else sparsity * g.n
+            out[gi] = min(max(round(want), 0), g.n - 1)
+            done += out[gi] * size
+    return out
 
 
 def block_influence(model: nn.Module, structure: Structure, data, n_samples) -> Tensor:

@@ -111,68 +111,84 @@ def test_budget_in_parameters(crit, gran, scope):
 
 def test_allocate_units_keeps_one_and_goes_cheapest_first():
     s = find_structure(llama(), IDS)
-    costs = {gi: torch.arange(g.n, dtype=torch.float64) for gi, g in enumerate(s.groups)
+    costs = {gi: torch.arange(g.n, dtype=torch.float64).flip(0) for gi, g in enumerate(s.groups)
              if g.kind == "neuron"}  # fmt: skip
     got = allocate_units(s, costs, 0.5, "layer")
-    assert all(got[gi].tolist() == list(range(12)) for gi in costs)
+    assert all(got[gi].tolist() == list(range(12, 24)) for gi in costs)
     got = allocate_units(s, costs, 0.999, "global")
     assert all(len(got[gi]) == s.groups[gi].n - 1 for gi in costs)
 
 
+@pytest.mark.parametrize("crit", ["magnitude", "flap"])
+def test_layer_scope_gives_one_width_per_kind(crit, tmp_path):
+    """scope="layer": every block keeps the same heads and neurons count, so the compacted model
+    is described by its config and plain from_pretrained reloads it."""
+    model = llama(kv=4)
+    saliency.prune(model, crit, 0.4, data=DATA, granularity="width", scope="layer")
+    small = saliency.compact_transformer(model, IDS)
+    layers = small.model.layers
+    assert len({b.self_attn.q_proj.out_features for b in layers}) == 1
+    assert len({b.mlp.up_proj.out_features for b in layers}) == 1
+    assert layers[0].self_attn.q_proj.out_features < 16 and layers[0].mlp.up_proj.out_features < 24
+    small.save_pretrained(tmp_path)
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float64).eval()
+    torch.testing.assert_close(_logits(again), _logits(small), rtol=1e-10, atol=1e-12)
+
+
 def test_structured_obs_is_the_least_squares_refit():
     """Block 0's out projections after structured OBS: the kept columns are the least-squares
-    refit ``W H_K (H_KK)^-1`` on the damped H of their dense inputs (block 0's inputs do not
-    depend on the pruning), the removed ones zero."""
+    refit ``W H_K (H_KK)^-1`` on the damped H of the inputs the solver saw: o_proj's are the
+    dense ones (block 0's attention does not depend on the pruning); down_proj's come after
+    o_proj was solved (a dense copy given the solved o_proj), the removed columns zero."""
+    import copy
+
     model = llama()
+    dense = copy.deepcopy(model)
     s = find_structure(model, IDS)
-    outs = {f"{g.output}.weight": gi for gi, g in enumerate(s.groups) if g.block == 0}
-    params = dict(model.named_parameters())
-    stats = saliency.layerwise.dense_stats(model, {n: params[n] for n in outs}, DATA,
-                                           n_samples=None, diag_only=False)  # fmt: skip
-    before = {n: params[n].detach().clone() for n in outs}
+    attn, mlp = (f"{g.output}.weight" for g in s.groups if g.block == 0)
     saliency.prune(model, "structured_obs", 0.4, data=DATA, granularity="width", scope="layer")
     gone = removed_units(model, s)
-    for n, gi in outs.items():
+    params, dparams = dict(model.named_parameters()), dict(dense.named_parameters())
+    assert all(len(gone[gi]) for gi in (0, 1))  # a head group and neurons went in block 0
+    for gi, n in ((0, attn), (1, mlp)):
+        stats = saliency.layerwise.dense_stats(dense, {n: dparams[n]}, DATA, n_samples=None,
+                                               diag_only=False)  # fmt: skip
         H = stats[n].H
         H = H + 0.01 * H.diagonal().mean() * torch.eye(len(H), dtype=H.dtype)
-        R = s.groups[gi].columns[gone[gi]].reshape(-1)
-        K = torch.tensor([j for j in range(len(H)) if j not in set(R.tolist())])
-        W = before[n]
+        R = set(s.groups[gi].columns[gone[gi]].reshape(-1).tolist())
+        K = torch.tensor([j for j in range(len(H)) if j not in R])
+        W = dparams[n].detach()
         ref = torch.zeros_like(W)
         ref[:, K] = torch.linalg.solve(H[K][:, K], (W @ H[:, K]).T).T
         torch.testing.assert_close(params[n].detach(), ref, rtol=1e-8, atol=1e-10)
+        with torch.no_grad():
+            dparams[n].copy_(params[n])  # what down_proj's inputs saw: the solved o_proj
 
 
 def test_flap_keeps_the_mean_output():
-    """FLAP's compensation: each out projection's mean output over the calibration tokens is
-    what it was (block 0, whose inputs pruning does not change), with the removed columns 0."""
+    """FLAP's compensation: each out projection of block 0, applied to its dense calibration
+    inputs (FLAP's statistics are the dense model's), has the mean output it had."""
     model = llama()
     s = find_structure(model, IDS)
     mods = dict(model.named_modules())
     outs = [g.output for g in s.groups if g.block == 0]
-    seen = {}
-
-    def grab(name):
-        return lambda _m, a, o: seen.setdefault(name, []).append(
-            o.detach().reshape(-1, o.shape[-1])
-        )
-
-    def means():
-        seen.clear()
-        hs = [mods[n].register_forward_hook(grab(n)) for n in outs]
-        _logits(model)
-        for h in hs:
-            h.remove()
-        return {n: torch.cat(v).mean(0) for n, v in seen.items()}
-
-    dense = means()
+    xs = {n: [] for n in outs}
+    hs = [mods[n].register_forward_pre_hook(lambda _m, a, n=n: xs[n].append(a[0].detach()))
+          for n in outs]  # fmt: skip
+    _logits(model)
+    for h in hs:
+        h.remove()
+    dense = {n: mods[n](torch.cat(xs[n])).detach().reshape(-1, 16).mean(0) for n in outs}
     saliency.prune(model, "flap", 0.4, data=DATA, granularity="width", scope="layer")
-    assert any(len(r) for gi, r in removed_units(model, s).items() if s.groups[gi].block == 0)
-    kinds = {s.groups[gi].kind for gi, r in removed_units(model, s).items() if len(r)}
+    gone = removed_units(model, s)
+    assert all(len(gone[gi]) for gi in (0, 1))
+    kinds = {s.groups[gi].kind for gi, r in gone.items() if len(r)}
     assert model.config.mlp_bias == ("neuron" in kinds)  # saves and reloads as it is
     assert model.config.attention_bias == ("head" in kinds)
-    for n, m in means().items():
-        torch.testing.assert_close(m, dense[n], rtol=1e-9, atol=1e-12)
+    mods = dict(model.named_modules())
+    for n in outs:
+        got = mods[n](torch.cat(xs[n])).detach().reshape(-1, 16).mean(0)
+        torch.testing.assert_close(got, dense[n], rtol=1e-9, atol=1e-12)
 
 
 def test_flap_scores_against_explicit_inputs():
