@@ -4,7 +4,7 @@ saliency demo [--out DIR] [--workers N]
 saliency run CONFIG [--workers N] [--set key=value ...] [--out DIR] [--executor submitit]
 saliency criteria | models | datasets
 saliency report RESULTS... [--metric accuracy]
-saliency figs RESULTS... --out DIR [--x sparsity|compression|macs|latency]
+saliency figs RESULTS... --out DIR [--x sparsity|compression|macs|latency|params|prefill]
 
 Exit status: 0 done, 1 a failure (one line on stderr saying why; --debug shows the traceback),
 2 a bad config or argument, 130 interrupted (Ctrl-C; what was recorded is kept).
@@ -101,10 +101,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     figs.add_argument(
         "--x",
-        choices=("sparsity", "compression", "macs", "latency"),
+        choices=("sparsity", "compression", "macs", "latency", "params", "prefill"),
         default=None,
-        help="build the accuracy figure against this x-axis (with --only: in addition); macs "
-        "and latency are the compacted model's, relative to dense (channel sweeps run with "
+        help="build the accuracy figure against this x-axis (with --only: in addition); macs, "
+        "latency (channel sweeps) and prefill (transformer sweeps) are the compacted model's, "
+        "relative to dense, params the fraction of the parameters it lost (sweeps run with "
         "[compact] measure = true)",
     )
     return p
@@ -370,6 +371,7 @@ def cmd_report(args) -> int:
 
 def cmd_figs(args) -> int:
     from saliency.plotting import FigureError, build_all
+    from saliency.plotting.curves import MEASURED, NEEDS
 
     only = args.only
     if args.x is not None:
@@ -386,10 +388,10 @@ def cmd_figs(args) -> int:
     for p in paths:
         _print(p)
     _print(f"{len(paths)} file(s) written to {args.out}")
-    if args.x in ("macs", "latency") and not any(f"_vs_{args.x}" in p.name for p in paths):
+    if args.x in MEASURED and not any(f"_vs_{args.x}" in p.name for p in paths):
         print(
-            f"saliency figs: error: no record carries the compacted model's {args.x}: run the "
-            "sweep at granularity 'channel' with [compact] measure = true",
+            f"saliency figs: error: no record carries the compacted model's {args.x}: "
+            f"{NEEDS[args.x]}",
             file=sys.stderr,
         )
         return 2

@@ -24,8 +24,10 @@ def clean_zoo():
     yield
     from saliency.zoo import datasets, models
 
-    datasets._DATASETS.pop("tiny_blobs", None)
-    models._MODELS.pop("tiny_mlp", None)
+    for name in ("tiny_blobs", "tiny_text"):
+        datasets._DATASETS.pop(name, None)
+    for name in ("tiny_mlp", "tiny_llama"):
+        models._MODELS.pop(name, None)
     sys.modules.pop("sweep_plugin", None)
 
 

@@ -217,8 +217,10 @@ def test_build_all_writes_every_figure(results, tmp_path):
 
     paths = build_all([results], tmp_path / "figs")
     stems = {p.stem for p in paths}
-    # (the MACs / latency figures need a sweep that compacts: tests/test_compact_sweep.py)
-    measured = {"accuracy_vs_macs", "accuracy_vs_latency"}
+    # (the MACs / latency / params / prefill figures need a sweep that compacts:
+    # tests/test_compact_sweep.py, tests/test_struct_sweep.py)
+    measured = {"accuracy_vs_macs", "accuracy_vs_latency", "accuracy_vs_params",
+                "accuracy_vs_prefill"}  # fmt: skip
     assert stems == (set(FIGURES) - {"table"} - measured) | {"table_accuracy"}
     assert {"accuracy_vs_sparsity", "accuracy_vs_compression", "loss_prediction"} <= stems
     assert all(p.exists() for p in paths)

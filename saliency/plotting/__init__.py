@@ -174,6 +174,8 @@ FIGURES = (
     "accuracy_vs_compression",
     "accuracy_vs_macs",
     "accuracy_vs_latency",
+    "accuracy_vs_params",
+    "accuracy_vs_prefill",
     "layer_sparsity",
     "agreement",
     "loss_prediction",
@@ -218,6 +220,8 @@ def _steps(records, dirs, out, *, sparsity, band, usetex, table_sparsities):
         ),
         "accuracy_vs_macs": lambda: measured_curve("macs"),
         "accuracy_vs_latency": lambda: measured_curve("latency"),
+        "accuracy_vs_params": lambda: measured_curve("params"),
+        "accuracy_vs_prefill": lambda: measured_curve("prefill"),
         "layer_sparsity": lambda: layer_sparsity(
             records, out, sparsity=s, layer_sizes=sizes(), **kw
         ),

@@ -1,12 +1,15 @@
 """Figure 1: metric vs sparsity per criterion (mean over seeds with a band), dense baseline,
-one panel per mode; against sparsity, the compression ratio 1/(1-s), or (channel sweeps with
-`[compact] measure = true`) the MACs or CPU latency of the compacted model relative to dense."""
+one panel per mode; against sparsity, the compression ratio 1/(1-s), or (sweeps with
+`[compact] measure = true`) what was measured on the compacted model: its MACs, its CPU latency
+(channel sweeps) or prefill latency (transformer sweeps) relative to dense, or the fraction of
+the parameters removed."""
 
 from __future__ import annotations
 
 import logging
 import math
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -23,21 +26,76 @@ from saliency.plotting.style import (
 )
 
 log = logging.getLogger(__name__)
-XAXES = ("sparsity", "compression", "macs", "latency")
+XAXES = ("sparsity", "compression", "macs", "latency", "params", "prefill")
 # x-axes measured on the compacted model (records of sweeps with `[compact] measure = true`)
 MEASURED = {
     "macs": "MACs after compaction (fraction of dense)",
     "latency": "CPU latency after compaction (fraction of dense)",
+    "params": "Parameters removed (fraction of the dense model's)",
+    "prefill": "CPU prefill latency after compaction (fraction of dense)",
 }
+TRANSFORMER_GRANULARITIES = ("head", "neuron", "width", "depth")
+
+
+def prefill_threads(r: dict) -> int | None:
+    """The fewest torch threads a record's prefill latency was measured with (the least noisy
+    on shared cores), or None."""
+    found = [int(m.group(1)) for k in r if (m := re.fullmatch(r"latency_prefill_ratio_t(\d+)", k))]
+    return min(found) if found else None
+
+
+def _fraction(r: dict, num: str, den: str) -> float | None:
+    if D.finite(r.get(num)) and D.finite(r.get(den)) and r[den]:
+        return r[num] / r[den]
+    return None
 
 
 def measured(r: dict, xaxis: str) -> float | None:
-    """A record's MACs or latency as a fraction of the dense model's, or None if not recorded."""
-    if xaxis == "macs" and D.finite(r.get("macs")) and D.finite(r.get("macs_dense")):
-        return r["macs"] / r["macs_dense"]
+    """A record's MACs (per sample, or per token for a transformer), latency or prefill latency
+    as a fraction of the dense model's, or the fraction of its parameters removed; None if not
+    recorded."""
+    if xaxis == "macs":
+        f = _fraction(r, "macs", "macs_dense")
+        return f if f is not None else _fraction(r, "macs_per_token", "macs_per_token_dense")
     if xaxis == "latency" and D.finite(r.get("latency_ratio")):
         return r["latency_ratio"]
+    if xaxis == "params":
+        f = _fraction(r, "params", "params_dense")
+        return None if f is None else 1.0 - f
+    if xaxis == "prefill" and (t := prefill_threads(r)) is not None:
+        v = r[f"latency_prefill_ratio_t{t}"]
+        return v if D.finite(v) else None
     return None
+
+
+def check_one_setting(records: Sequence[dict]) -> None:
+    """Refuse records of several settings (dataset, model, scope, granularity): one figure
+    never mixes them (`accuracy_vs_sparsity` draws one per setting)."""
+    keys = sorted({D.setting_key(r) for r in records}, key=str)
+    if len(keys) > 1:
+        raise ValueError(
+            f"the records mix {len(keys)} settings (dataset, model, scope, granularity): "
+            f"{keys}; draw one figure per setting (accuracy_vs_sparsity does)"
+        )
+
+
+def setting_text(records: Sequence[dict]) -> str:
+    """'granularity width, scope layer' of the records' one setting ('' if unrecorded)."""
+    r = next((r for r in records if r.get("criterion") != "dense"), {})
+    parts = [f"{k} {r[k]}" for k in ("granularity", "scope") if r.get(k) is not None]
+    return ", ".join(parts)
+
+
+NEEDS = {
+    "macs": "run the sweep at granularity 'channel' or a transformer granularity (head, neuron, "
+    "width, depth) with [compact] measure = true",
+    "latency": "run the sweep at granularity 'channel' with [compact] measure = true (transformer "
+    "sweeps: --x prefill)",
+    "params": "run the sweep at granularity 'channel' or a transformer granularity (head, neuron, "
+    "width, depth) with [compact] measure = true",
+    "prefill": "run the sweep of a causal LM at a transformer granularity (head, neuron, width, "
+    "depth) with [compact] measure = true",
+}
 
 
 def _x(s: np.ndarray, xaxis: str, records: Sequence[dict] = ()) -> np.ndarray:
@@ -87,14 +145,15 @@ def plot_accuracy_vs_sparsity(
     if dense is None:
         dense = [r for r in records if r.get("criterion") == "dense"]
     recs = [r for r in records if r.get("criterion") != "dense" and r.get("metric") == metric]
+    check_one_setting(recs)
     modes = D.modes(recs)
     if not modes:
         log.info("accuracy_vs_sparsity: no pruned %r records; skipped", metric)
         return None
     if xaxis in MEASURED and not any(measured(r, xaxis) is not None for r in recs):
         raise ValueError(
-            f"xaxis {xaxis!r} needs records that carry the compacted model's measurements: run "
-            "the sweep at granularity 'channel' with [compact] measure = true"
+            f"xaxis {xaxis!r} needs records that carry the compacted model's measurements: "
+            + NEEDS[xaxis]
         )
     ncols = 2 if len(modes) == 4 else min(len(modes), 3)
     nrows = math.ceil(len(modes) / ncols)
@@ -161,6 +220,7 @@ def plot_accuracy_vs_sparsity(
         list(handles),
         loc="outside lower center",
         ncol=min(len(handles), 5 if width != "single" else 3),
+        title=setting_text(recs) or None,  # what "sparsity" counts differs between them
     )
     return fig
 
@@ -222,24 +282,49 @@ def caption(
         if band == "std"
         else "95% Student-t confidence interval"
     )
+    units = any(r.get("granularity") in TRANSFORMER_GRANULARITIES for r in records)
+    zeroed = (
+        "fraction of the pruned units' parameters removed: heads, MLP neurons, or of the blocks "
+        "at depth"
+        if units
+        else "fraction of prunable weights set to zero"
+    )
     x = (
-        f"Test {metric} vs compression ratio 1/(1 - s) on a log axis (s: fraction of "
-        "prunable weights set to zero). "
+        f"Test {metric} vs compression ratio 1/(1 - s) on a log axis (s: {zeroed}). "
         if xaxis == "compression"
-        else f"Test {metric} vs sparsity (fraction of prunable weights set to zero). "
+        else f"Test {metric} vs sparsity ({zeroed}). "
     )
     if xaxis in MEASURED:
         r0 = next((r for r in records if D.finite(r.get("latency_batch"))), {})
-        x = (
-            f"Test {metric} vs {MEASURED[xaxis]}, mean over seeds at each target sparsity; the "
-            "pruned channels are removed (saliency.compact)"
-            + (
-                f"; latency: median of repeated forwards of {r0.get('latency_batch')} samples on "
-                f"{r0.get('latency_threads')} CPU thread(s), dense timed in the same run. "
-                if xaxis == "latency"
-                else ". "
-            )
+        how = (
+            "the removed heads, neurons and blocks are cut out (saliency.compact_transformer)"
+            if units
+            else "the pruned channels are removed (saliency.compact)"
         )
+        if xaxis == "latency":
+            how += (
+                f"; latency: median of repeated forwards of {r0.get('latency_batch')} samples on "
+                f"{r0.get('latency_threads')} CPU thread(s), dense timed in the same run"
+            )
+        elif xaxis == "prefill":
+            t = next((t for r in records if (t := prefill_threads(r)) is not None), None)
+            how += (
+                f"; prefill: time from the call of generate to the first token after a "
+                f"{r0.get('prefill_tokens')}-token prompt (one sequence, KV cache), median over "
+                f"{r0.get('latency_repeats')} rounds on {t} CPU thread(s), dense timed in the "
+                "same run, in turn"
+            )
+        elif xaxis == "params":
+            how += "; parameters: all of the model's, embeddings and LM head included"
+        elif xaxis == "macs" and units:
+            how += (
+                f"; MACs per token at {r0.get('macs_seq_len')} tokens: Linear layers plus "
+                "attention's score and value products"
+            )
+        x = f"Test {metric} vs {MEASURED[xaxis]}, mean over seeds at each target sparsity; {how}. "
+    setting = setting_text(records)
+    if setting:
+        x += f"Setting: {setting}. "
     if len(seeds) > 1:
         lines = (
             f"Lines: mean over {len(seeds)} seeds; shaded: {what}; dashed black: dense "

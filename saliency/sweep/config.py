@@ -45,6 +45,7 @@ SECTIONS: dict[str, dict[str, Any]] = {
         "optimizer": None,
         "momentum": None,
         "weight_decay": None,
+        "steps": None,  # at most this many optimizer steps per fine-tuning (None: every epoch)
     },
     "gradual": {
         "start": "dense",  # "dense": from the trained dense model; "init": train from scratch
@@ -58,12 +59,28 @@ SECTIONS: dict[str, dict[str, Any]] = {
     "iterative": {"rounds": 3, "epochs_per_round": 1},
     "init": {"epochs": None},
     "scoring": {"n_samples": 1024, "batch_size": 256},
+    "evaluate": {"n_samples": None},  # the first n test samples (None: all of them)
     "allocate": {"reduce": None, "block": None, "pooling": "avg", "max_layer_sparsity": None},
     "targets": {"include": None, "exclude": None, "keep_output_dense": False},
     # channel sweeps: allocate by dependency groups, compact each pruned model and record its
     # MACs, parameters and CPU latency against the dense model's (median of `repeats` forwards
-    # of `batch_size` samples, both measured in the same process)
-    "compact": {"measure": False, "batch_size": 64, "repeats": 30},
+    # of `batch_size` samples, both measured in the same process). Transformer granularities
+    # (head, neuron, width, depth; a causal LM): compact_transformer, MACs per token, prefill
+    # latency of `prefill_tokens` tokens and greedy decode speed over `decode_tokens` new ones,
+    # one sequence, with each torch thread count of `threads` (units.compact_transformer_metrics)
+    "compact": {
+        "measure": False,
+        "batch_size": 64,
+        "repeats": 30,
+        "prefill_tokens": 256,
+        "decode_tokens": 32,
+        "threads": [1, 2],
+    },
+}
+# which [compact] keys apply to which granularities (the others must stay unset)
+COMPACT_KEYS = {
+    "channel": ("measure", "batch_size", "repeats"),
+    "transformer": ("measure", "repeats", "prefill_tokens", "decode_tokens", "threads"),
 }
 TOP: dict[str, Any] = {
     "name": None,
@@ -123,6 +140,7 @@ class SweepConfig:
     iterative: dict[str, Any] = field(default_factory=dict)
     init: dict[str, Any] = field(default_factory=dict)
     scoring: dict[str, Any] = field(default_factory=dict)
+    evaluate: dict[str, Any] = field(default_factory=lambda: dict(SECTIONS["evaluate"]))
     allocate: dict[str, Any] = field(default_factory=dict)
     targets: dict[str, Any] = field(default_factory=dict)
     compact: dict[str, Any] = field(default_factory=lambda: dict(SECTIONS["compact"]))
@@ -133,9 +151,32 @@ class SweepConfig:
     @property
     def config_hash(self) -> str:
         d = self.as_dict()
-        if not self.compact.get("measure"):  # hashes of configs written before [compact] hold
+        d["finetune"] = finetune_settings(self)
+        if self.evaluate.get("n_samples") is None:  # (hashes of configs without it hold)
+            d.pop("evaluate")
+        if self.compact.get("measure"):
+            d["compact"] = compact_settings(self)
+        else:  # hashes of configs written before [compact] hold
             d.pop("compact")
         return digest(d)
+
+
+def is_transformer_granularity(granularity: str) -> bool:
+    from saliency.structured import is_structured
+
+    return is_structured(granularity)
+
+
+def compact_settings(cfg: SweepConfig) -> dict[str, Any]:
+    """The [compact] keys that apply to the sweep's granularity (`COMPACT_KEYS`): what its run
+    ids hash, so that the keys added for transformers leave channel sweeps' run ids as they were."""
+    kind = "transformer" if is_transformer_granularity(cfg.granularity) else "channel"
+    return {k: v for k, v in cfg.compact.items() if k in COMPACT_KEYS[kind]}
+
+
+def finetune_settings(cfg: SweepConfig) -> dict[str, Any]:
+    """`cfg.finetune` less an unset `steps` (run ids of sweeps that do not set it are unchanged)."""
+    return {k: v for k, v in cfg.finetune.items() if not (k == "steps" and v is None)}
 
 
 def canonical_json(obj: Any) -> str:
@@ -262,6 +303,7 @@ for _sec in ("train", "finetune"):
         (_sec, "momentum"): (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
         (_sec, "weight_decay"): (lambda v: _is_number(v) and v >= 0, "a non-negative number"),
     })  # fmt: skip
+_RULES[("finetune", "steps")] = (lambda v: _is_int(v) and v >= 1, "a positive int")
 _RULES.update({
     ("gradual", "start"): (lambda v: v in ("dense", "init"), "'dense' or 'init'"),
     ("gradual", "epochs"): (lambda v: _is_int(v) and v >= 1, "a positive int"),
@@ -275,9 +317,15 @@ _RULES.update({
     ("init", "epochs"): (lambda v: _is_int(v) and v >= 0, "a non-negative int"),
     ("scoring", "n_samples"): (lambda v: _is_int(v) and v >= 1, "a positive int"),
     ("scoring", "batch_size"): (lambda v: _is_int(v) and v >= 1, "a positive int"),
+    ("evaluate", "n_samples"): (lambda v: _is_int(v) and v >= 1, "a positive int"),
     ("compact", "measure"): (lambda v: isinstance(v, bool), "true or false"),
     ("compact", "batch_size"): (lambda v: _is_int(v) and v >= 1, "a positive int"),
     ("compact", "repeats"): (lambda v: _is_int(v) and v >= 1, "a positive int"),
+    ("compact", "prefill_tokens"): (lambda v: _is_int(v) and v >= 1, "a positive int"),
+    ("compact", "decode_tokens"): (lambda v: _is_int(v) and v >= 2, "an int >= 2"),
+    ("compact", "threads"): (
+        lambda v: isinstance(v, list) and v and all(_is_int(t) and t >= 1 for t in v)
+        and len(set(v)) == len(v), "a non-empty list of distinct positive ints"),
 })  # fmt: skip
 
 
@@ -292,6 +340,81 @@ def _check_sections(sections: dict[str, dict[str, Any]]) -> None:
         _fail(
             f"gradual.end_step ({g['end_step']}) must be after gradual.begin_step ({g['begin_step']})"
         )
+
+
+def _check_compact(given: dict[str, Any], compact: dict[str, Any], granularity: str) -> None:
+    """[compact] measure needs a granularity whose units compaction removes; keys that do not
+    apply to the granularity are refused rather than ignored."""
+    if is_transformer_granularity(granularity):
+        kind, what = "transformer", f"granularity {granularity!r} (compact_transformer)"
+    elif granularity == "channel":
+        kind, what = "channel", 'granularity "channel" (saliency.compact)'
+    else:
+        if compact["measure"]:
+            _fail(
+                'compact.measure removes pruned units: it needs granularity = "channel" or a '
+                f"transformer granularity (head, neuron, width, depth); got {granularity!r}"
+            )
+        return
+    bad = sorted(set(given) - set(COMPACT_KEYS[kind]))
+    if bad:
+        _fail(
+            f"compact.{bad[0]} does not apply to {what}; its [compact] keys: "
+            f"{', '.join(COMPACT_KEYS[kind])}"
+        )
+
+
+def _check_transformer(raw: dict[str, Any], sections: dict[str, dict[str, Any]]) -> None:
+    """Heads, neurons, width, depth (`saliency.structured`): the scope and sparsities it takes,
+    the modes the sweep runs it in, and no allocate or targets options (units are found from
+    the model's data flow, not from the targets)."""
+    from saliency.structured import check_structured
+
+    g = raw["granularity"]
+    for s in raw["sparsities"]:
+        try:
+            check_structured(s, raw["scope"], g)
+        except ValueError as err:
+            _fail(f"granularity {g!r}: {err}")
+    other = [m for m in raw["modes"] if m not in ("oneshot", "finetune")]
+    if other:
+        _fail(f"granularity {g!r} runs modes oneshot and finetune; got {other}")
+    for sec in ("allocate", "targets"):
+        given = sorted(k for k, v in sections[sec].items() if v != SECTIONS[sec][k])
+        if given:
+            _fail(
+                f"{sec}.{given[0]} does not apply to granularity {g!r}: its units (heads, "
+                "neurons, blocks) are found from the model (saliency.structures); remove it"
+            )
+
+
+def _check_criterion_granularity(specs, granularity: str, sparsities) -> None:
+    """Criteria that cannot score the sweep's transformer units are refused before any work:
+    layer-wise solvers (they prune weights, not units), criteria with several scoring rounds,
+    and criteria limited to other granularities (block_influence: depth only)."""
+    if not is_transformer_granularity(granularity):
+        return
+    from saliency.criteria import get_criterion
+    from saliency.layerwise import is_solver
+
+    for spec in specs:
+        crit = get_criterion(spec.name, **spec.hparams)
+        allowed = getattr(crit, "granularities", None)
+        why = None
+        if is_solver(crit):
+            why = "it is a layer-wise solver of weights"
+        elif allowed is not None and granularity not in allowed:
+            why = f"it scores only {', '.join(allowed)}"
+        elif callable(getattr(crit, "schedule", None)) and any(
+            list(crit.schedule(s)) != [s] for s in sparsities
+        ):
+            why = "it re-scores in rounds, which structured pruning does not do"
+        if why:
+            _fail(
+                f"criterion {spec.label!r} cannot prune at granularity {granularity!r}: {why}; "
+                "use an element criterion (magnitude, taylor_weight...) or a unit criterion "
+                "(flap, structured_obs; block_influence for depth)"
+            )
 
 
 def parse_config(
@@ -341,14 +464,19 @@ def parse_config(
     if raw["scope"] not in ("global", "layer"):
         _fail(f"unknown scope {raw['scope']!r}; accepted: global, layer")
     _check_sections(sections)
-    if sections["compact"]["measure"] and raw["granularity"] != "channel":
+    _check_compact(raw["compact"], sections["compact"], str(raw["granularity"]))
+    if is_transformer_granularity(raw["granularity"]):
+        _check_transformer(raw, sections)
+    if sections["finetune"]["steps"] is not None and "gradual" in modes:
         _fail(
-            f'compact.measure removes pruned channels: it needs granularity = "channel"; '
-            f"got {raw['granularity']!r}"
+            "finetune.steps would cut gradual pruning's schedule short (it spans gradual.epochs); "
+            "leave finetune.steps unset in a sweep with mode gradual"
         )
     block = sections["allocate"]["block"]
     if block is not None:
         sections["allocate"]["block"] = tuple(block)
+    criteria = _criteria(raw)
+    _check_criterion_granularity(criteria, str(raw["granularity"]), [float(s) for s in sp])
     return SweepConfig(
         name=str(raw["name"] or name),
         model=raw["model"],
@@ -361,7 +489,7 @@ def parse_config(
         modes=tuple(dict.fromkeys(modes)),
         scope=raw["scope"],
         granularity=str(raw["granularity"]),
-        criteria=_criteria(raw),
+        criteria=criteria,
         save_scores=bool(raw["save_scores"]),
         tensorboard=bool(raw["tensorboard"]),
         imports=tuple(raw["imports"]),

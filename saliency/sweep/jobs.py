@@ -29,6 +29,7 @@ from saliency.sweep.units import (  # noqa: F401  (re-exported: the runner and t
     allocate_kwargs,
     build_criterion,
     cache_path,
+    calibration_example,
     dataset,
     dense_budget,
     dense_model,
@@ -39,9 +40,11 @@ from saliency.sweep.units import (  # noqa: F401  (re-exported: the runner and t
     loss_fn_for,
     loss_gradient,
     make_records,
+    needs_element_scores,
     new_model,
     prune_with_cost,
     scoring_data,
+    structured,
     targets,
     train_model,
     unit_run_id,
@@ -126,7 +129,9 @@ def run_job(
 
 
 def _job_oneshot(cfg, out, job, todo, tb, notify) -> None:
-    """One scoring pass of the dense model, reused for every sparsity (oneshot and finetune)."""
+    """One scoring pass of the dense model, reused for every sparsity (oneshot and finetune).
+    Transformer units: the units are found once, and element scores computed once where the
+    criterion reads them (`needs_element_scores`); FLAP and structured OBS score per sparsity."""
     from saliency.sweep.records import save_scores
 
     dense = dense_model(cfg, out, job.seed, notify)
@@ -139,8 +144,11 @@ def _job_oneshot(cfg, out, job, todo, tb, notify) -> None:
         if callable(getattr(crit, "schedule", None))
         else False
     )
-    scores = None
-    if (not multi and not is_solver(crit)) or cfg.save_scores:  # solvers ignore scores
+    scores, structure = None, None
+    if structured(cfg):
+        structure = saliency.find_structure(dense, calibration_example(cfg, job.seed))
+    wanted = not structured(cfg) or needs_element_scores(crit, cfg.granularity)
+    if (not multi and not is_solver(crit) and wanted) or cfg.save_scores:  # solvers: no scores
         scores = score(dense, crit, data, loss_fn, params=targets(cfg, dense))
         if cfg.save_scores:
             mode = "oneshot" if "oneshot" in cfg.modes else "finetune"
@@ -150,8 +158,9 @@ def _job_oneshot(cfg, out, job, todo, tb, notify) -> None:
         _status(notify, job, "prune", s)
         model = copy.deepcopy(dense)
         masks, cost, predicted = prune_with_cost(
-            cfg, model, crit, s, data, loss_fn, scores=None if multi else scores
-        )
+            cfg, model, crit, s, data, loss_fn, scores=None if multi else scores,
+            structure=structure,
+        )  # fmt: skip
         pruned = evaluate_model(cfg, model, scoring=data)
         first_order = None
         if predicted is not None:  # loss-unit criteria: also the term their model leaves out

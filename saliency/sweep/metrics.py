@@ -170,3 +170,134 @@ def perplexity(model: nn.Module, windows, *, batch_size: int = 4) -> float:
     `windows`: a tensor `[N, T]` or a Dataset of `(input_ids, labels)` samples (`token_nll`)."""
     total, count = token_nll(model, windows, batch_size=batch_size)
     return math.exp(total / count)
+
+
+# ----------------------------------------------------------------------------- transformers
+
+
+def _in_features(m: nn.Module) -> int | None:
+    """Input width of a Linear (weight ``[out, in]``) or a Conv1D (``[in, out]``); else None."""
+    from saliency.targets import is_transposed_linear
+
+    if is_transposed_linear(m):
+        return m.weight.shape[0]
+    return m.weight.shape[1] if isinstance(m, nn.Linear) else None
+
+
+@torch.no_grad()
+def transformer_macs(model: nn.Module, structure, seq_len: int, *, causal: bool = True) -> float:
+    """Multiply-adds per token of a transformer (Hugging Face LM) reading `seq_len` tokens.
+
+    Counted: (1) every Linear / Conv1D weight, ``in * out`` per row it is applied to, found by
+    hooks on one forward of ``[1, seq_len]`` token ids (q/k/v/o, the MLP, the LM head on every
+    position), divided by ``seq_len``; (2) attention's two products, ``q k^T`` and the
+    weighted sum of ``v``: ``h * d`` multiply-adds per key for each of them, ``h * d`` being
+    the input width of the block's attention out projection (query heads times head width, from
+    `structure`), with ``(seq_len + 1) / 2`` keys per query on average under a causal mask
+    (query ``t`` reads ``t + 1`` keys), ``seq_len`` otherwise. Not counted: embeddings (lookups),
+    norms, activations, rotary embeddings, softmax, residual additions, biases."""
+    total = 0.0
+
+    def hook(m, args, out) -> None:
+        nonlocal total
+        total += args[0].numel() // _in_features(m) * m.weight.numel()
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if _in_features(m)]
+    was = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        ids = torch.zeros(1, seq_len, dtype=torch.long, device=model_device(model))
+        model(input_ids=ids)
+    finally:
+        for h in handles:
+            h.remove()
+        for m, t in was.items():
+            m.training = t
+    mods = dict(model.named_modules())
+    keys = (seq_len + 1) / 2 if causal else seq_len
+    attention = 0.0
+    for g in structure.groups:
+        if g.kind == "head":
+            attention += 2 * _in_features(mods[g.output]) * keys
+    return total / seq_len + attention
+
+
+def block_parameters(model: nn.Module, structure) -> int:
+    """Parameters of the transformer blocks `structure.blocks` (each tensor once)."""
+    seen: dict[int, int] = {}
+    for b in structure.blocks:
+        for p in model.get_submodule(b).parameters():
+            seen[id(p)] = p.numel()
+    return sum(seen.values())
+
+
+def _generate_timed(model: nn.Module, ids: Tensor, new_tokens: int) -> tuple[float, float]:
+    """(prefill ms, decode tokens per second) of one greedy generation with the KV cache of
+    `new_tokens` tokens after the prompt `ids`. Prefill: from the call of ``generate`` to the
+    first token's logits (the prompt's forward, building the cache, with generate's own set-up:
+    the time to the first token); decode: ``new_tokens - 1`` over the time from the first
+    token's logits to the last's (that many cached one-token forwards, with generate's work
+    between them). A logits processor that changes nothing takes the time stamps."""
+    from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
+
+    stamps: list[float] = []
+
+    class Clock(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            stamps.append(time.perf_counter())
+            return scores
+
+    config = GenerationConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                              do_sample=False, use_cache=True, eos_token_id=None,
+                              pad_token_id=0)  # fmt: skip
+    start = time.perf_counter()
+    model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=config,
+                   logits_processor=LogitsProcessorList([Clock()]))  # fmt: skip
+    if len(stamps) != new_tokens:
+        raise RuntimeError(f"generate produced {len(stamps)} tokens; {new_tokens} were asked for")
+    return 1e3 * (stamps[0] - start), (new_tokens - 1) / (stamps[-1] - stamps[0])
+
+
+@torch.no_grad()
+def lm_latency(
+    models: Mapping[str, nn.Module],
+    ids: Tensor,
+    *,
+    decode_tokens: int,
+    threads: Sequence[int] = (1,),
+    repeats: int = 3,
+    warmup: int = 1,
+) -> dict[str, dict[str, float]]:
+    """CPU speed of causal LMs greedily continuing one prompt `ids` ``[1, P]`` with the KV cache
+    (`_generate_timed`), per model: ``{"prefill_ms_t<n>": median ms from the call to the first
+    token (the prompt's forward), "decode_tok_s_t<n>": median tokens per second over the
+    `decode_tokens` generated}`` for each torch thread count ``n`` in `threads`. Eval-mode
+    copies; every round runs each model once in turn, so that a change of machine load hits
+    all of them alike; `warmup` rounds (two new tokens each) are not timed. The thread count is
+    set for the measurement and restored afterwards."""
+    if not isinstance(decode_tokens, int) or decode_tokens < 2:
+        raise ValueError(f"decode_tokens must be an int >= 2; got {decode_tokens!r}")
+    if ids.dim() != 2 or len(ids) != 1:
+        raise ValueError(f"ids must be one prompt [1, P]; got shape {tuple(ids.shape)}")
+    copies = {k: copy.deepcopy(m).eval() for k, m in models.items()}
+    out: dict[str, dict[str, float]] = {k: {} for k in copies}
+    before = torch.get_num_threads()
+    try:
+        for t in threads:
+            torch.set_num_threads(t)
+            for _ in range(warmup):
+                for m in copies.values():
+                    _generate_timed(m, ids, 2)
+            prefill = {k: [] for k in copies}
+            decode = {k: [] for k in copies}
+            for _ in range(repeats):
+                for k, m in copies.items():
+                    p, d = _generate_timed(m, ids, decode_tokens)
+                    prefill[k].append(p)
+                    decode[k].append(d)
+            for k in copies:
+                out[k][f"prefill_ms_t{t}"] = statistics.median(prefill[k])
+                out[k][f"decode_tok_s_t{t}"] = statistics.median(decode[k])
+    finally:
+        torch.set_num_threads(before)
+    return out

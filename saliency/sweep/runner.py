@@ -379,7 +379,7 @@ def _preflight(cfg: SweepConfig) -> None:
 
     from saliency.allocate import allocate
     from saliency.sweep.config import ConfigError
-    from saliency.sweep.jobs import allocate_kwargs, dataset, new_model, targets
+    from saliency.sweep.jobs import allocate_kwargs, dataset, new_model, structured, targets
     from saliency.sweep.train import resolve_device
 
     try:
@@ -387,6 +387,9 @@ def _preflight(cfg: SweepConfig) -> None:
         resolve_device(cfg.device)
         model = new_model(cfg, cfg.seeds[0])
         params = targets(cfg, model)
+        if structured(cfg):  # transformer units: found on the model, measurable
+            _preflight_units(cfg, model)
+            return
         allocate_kwargs(cfg, model)  # [compact] measure: the channel groups trace and resolve
         scores = {
             n: torch.rand(p.shape, generator=torch.Generator().manual_seed(0))
@@ -396,6 +399,34 @@ def _preflight(cfg: SweepConfig) -> None:
             allocate(scores, s, scope=cfg.scope, granularity=cfg.granularity, **cfg.allocate)
     except (TypeError, ValueError, ImportError) as err:
         raise ConfigError(f"sweep {cfg.name!r}: {err}") from err
+
+
+def _preflight_units(cfg: SweepConfig, model) -> None:
+    """The model's heads, neurons and blocks are found on a calibration batch; with [compact]
+    measure the model is a causal LM of a task "lm" dataset whose context holds the prompt and
+    the generated tokens, and the data holds the prompt. Raises ValueError naming what fails."""
+    import saliency
+    from saliency.model_io import is_causal_lm
+    from saliency.sweep.jobs import calibration_example, dataset
+    from saliency.sweep.units import prompt_tokens
+
+    structure = saliency.find_structure(model, calibration_example(cfg, cfg.seeds[0]))
+    if not structure.groups:
+        raise ValueError(f"granularity {cfg.granularity!r}: no heads or MLP neurons found in "
+                         f"{cfg.model!r}")  # fmt: skip
+    c = cfg.compact
+    if not c["measure"]:
+        return
+    if not is_causal_lm(model) or dataset(cfg).task != "lm":
+        raise ValueError(f"[compact] measure at granularity {cfg.granularity!r} times prefill and "
+                         f"decoding: it needs a causal LM and a task 'lm' dataset; got "
+                         f"{type(model).__name__} on task {dataset(cfg).task!r}")  # fmt: skip
+    context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if context is not None and c["prefill_tokens"] + c["decode_tokens"] > context:
+        raise ValueError(f"compact.prefill_tokens + compact.decode_tokens = "
+                         f"{c['prefill_tokens'] + c['decode_tokens']} exceeds the context of "
+                         f"{cfg.model!r} ({context} positions)")  # fmt: skip
+    prompt_tokens(cfg, c["prefill_tokens"])
 
 
 def _config_json(cfg: SweepConfig) -> str:

@@ -98,6 +98,7 @@ def train(
     on_step: Callable[[int], object] | None = None,
     loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
     on_epoch: Callable[[int, float], bool | None] | None = None,
+    max_steps: int | None = None,
 ) -> dict[str, list[float] | int]:
     """Train `model` in place for `epochs` passes over `train_ds`; returns
     {"epoch_loss": [mean training loss of each epoch], "steps": optimizer steps}.
@@ -107,9 +108,13 @@ def train(
     sweeps call `GradualPruner.step()` there); when it returns new `Masks` (as
     `GradualPruner.step()` does), the optimizer state at their pruned entries is cleared. `on_epoch(epoch, mean_loss)` runs after every
     epoch; returning True stops training (early stopping). `loss_fn` defaults to the task's loss.
+    `max_steps`: stop after this many optimizer steps, within an epoch if need be (a short
+    recovery fine-tuning of a large model); the last, partial epoch's mean loss is recorded.
     """
     if not isinstance(epochs, int) or epochs < 0:
         raise ValueError(f"epochs must be a non-negative int; got {epochs!r}")
+    if max_steps is not None and (not isinstance(max_steps, int) or max_steps < 1):
+        raise ValueError(f"max_steps must be a positive int or None; got {max_steps!r}")
     dev = resolve_device(device)
     loss_fn = loss_fn or task_loss(task)
     model.to(dev)
@@ -121,8 +126,12 @@ def train(
     model.train()
     try:
         for _ in range(epochs):
+            if max_steps is not None and step >= max_steps:
+                break
             total, n = 0.0, 0
             for raw in loader:
+                if max_steps is not None and step >= max_steps:
+                    break
                 batch = Batch.of(raw).to(dev)
                 loss = loss_fn(forward(model, batch), batch.targets)
                 opt.zero_grad(set_to_none=True)

@@ -25,7 +25,14 @@ from saliency.layerwise import is_solver
 from saliency.masks import Masks
 from saliency.model_io import Batch, forward
 from saliency.prune import prune_step, score
-from saliency.sweep.config import CriterionSpec, SweepConfig, digest
+from saliency.sweep.config import (
+    CriterionSpec,
+    SweepConfig,
+    compact_settings,
+    digest,
+    finetune_settings,
+    is_transformer_granularity,
+)
 
 _DATA: dict[tuple, Any] = {}  # per-process cache of loaded datasets
 
@@ -102,11 +109,13 @@ def unit_config(
             scoring=cfg.scoring,
         )
     if mode in ("finetune", "iterative") or (mode == "gradual" and spec is None):
-        unit["finetune"] = cfg.finetune  # (a gradual unit's run id predates this key)
+        unit["finetune"] = finetune_settings(cfg)  # (a gradual unit's run id predates this key)
     if mode in ("gradual", "iterative", "init"):
         unit[mode] = getattr(cfg, mode)
     if cfg.compact["measure"]:  # (run ids of sweeps that do not measure are unchanged)
-        unit["compact"] = cfg.compact
+        unit["compact"] = compact_settings(cfg)
+    if cfg.evaluate["n_samples"] is not None:  # (nor are those of sweeps that test on all)
+        unit["evaluate"] = cfg.evaluate
     return unit
 
 
@@ -120,7 +129,7 @@ def unit_run_id(
 def settings_of(cfg: SweepConfig, job: Job, unit: Unit) -> dict[str, Any]:
     full = unit_config(cfg, job.seed, unit.mode, job.criterion, unit.sparsity)
     if unit.mode == "gradual":  # trains with the finetune settings, though its run id omits them
-        full.setdefault("finetune", cfg.finetune)
+        full.setdefault("finetune", finetune_settings(cfg))
     return json.loads(json.dumps({k: v for k, v in full.items() if k not in AXES}, default=str))
 
 
@@ -142,7 +151,8 @@ def device(cfg: SweepConfig) -> torch.device:
 
 
 def train_model(cfg, model, seed, settings, *, on_step=None, notify=None) -> None:
-    """Train with one section's settings; `notify(("loss", mean loss))` after every epoch."""
+    """Train with one section's settings (a fine-tuning's `steps`, if set, caps its optimizer
+    steps); `notify(("loss", mean loss))` after every epoch."""
     from saliency.sweep.train import train
 
     ds = dataset(cfg)
@@ -157,6 +167,7 @@ def train_model(cfg, model, seed, settings, *, on_step=None, notify=None) -> Non
         task=ds.task,
         on_step=on_step,
         on_epoch=on_epoch,
+        max_steps=settings.get("steps"),
     )
 
 
@@ -223,9 +234,26 @@ def example_inputs(cfg: SweepConfig, n: int = 8) -> torch.Tensor:
     return dataset(cfg).test.tensors[0][:n].to(device(cfg))
 
 
+def calibration_example(cfg: SweepConfig, seed: int, n: int = 2) -> torch.Tensor:
+    """The inputs of the first `n` scoring samples (token windows `[n, T]` of an LM): what a
+    transformer's units are found on (`saliency.find_structure`) and compaction is checked on."""
+    x = dataset(cfg).train.tensors[0]
+    g = torch.Generator().manual_seed(seed)  # scoring_data's permutation: its first samples
+    idx = torch.randperm(len(x), generator=g)[:n]
+    return x[idx].to(device(cfg))
+
+
+def structured(cfg: SweepConfig) -> bool:
+    """Does the sweep prune transformer units (head, neuron, width, depth)?"""
+    return is_transformer_granularity(cfg.granularity)
+
+
 def allocate_kwargs(cfg: SweepConfig, model) -> dict[str, Any]:
     """`cfg.allocate`, plus the model's channel groups where the sweep compacts (`[compact]
-    measure`): tied channels pruned together, their biases and BatchNorm zeroed with them."""
+    measure`): tied channels pruned together, their biases and BatchNorm zeroed with them.
+    Transformer units allocate by `saliency.structured` (no allocate options): empty."""
+    if structured(cfg):
+        return {}
     if not cfg.compact["measure"]:
         return dict(cfg.allocate)
     groups = saliency.channel_groups(model, example_inputs(cfg), params=targets(cfg, model))
@@ -237,6 +265,8 @@ def kept_masks(cfg: SweepConfig, model, masks: Masks) -> Masks:
     the biases and BatchNorm of the pruned channels, so that they stay zero (removable)."""
     from saliency.prune import owned_masks
 
+    if structured(cfg):  # the units' masks hold their in rows, biases and out columns already
+        return masks
     owned = owned_masks(model, masks, allocate_kwargs(cfg, model).get("groups"))
     return Masks({**masks, **owned}) if owned is not None else masks
 
@@ -263,7 +293,9 @@ def hparams_of(crit) -> dict[str, Any]:
     return json.loads(json.dumps(raw, default=str))
 
 
-def prune_with_cost(cfg, model, crit, sparsity, data, loss_fn, *, current=None, scores=None):
+def prune_with_cost(
+    cfg, model, crit, sparsity, data, loss_fn, *, current=None, scores=None, structure=None
+):
     """Score -> allocate -> update -> apply over the criterion's rounds (or with given `scores`).
 
     Returns (masks, cost summed over rounds, predictions or None). For `loss_units` criteria the
@@ -271,6 +303,12 @@ def prune_with_cost(cfg, model, crit, sparsity, data, loss_fn, *, current=None, 
     plus what the criterion's own `loss_predictions(weights, masks, scores)` gives (OBS: the
     "joint" quadratic 1/2 w_Q^T (Hinv_QQ)^-1 w_Q and the "single" one-weight sum), also per round.
     """
+    if structured(cfg):
+        if current is not None:
+            raise ValueError("transformer units are pruned once (modes oneshot and finetune)")
+        return prune_units(
+            cfg, model, crit, sparsity, data, loss_fn, scores=scores, structure=structure
+        )
     params = targets(cfg, model)
     alloc = allocate_kwargs(cfg, model)
     if is_solver(crit):  # OBC, SparseGPT, Wanda: masks and updates solved on `data`, no scores
@@ -313,17 +351,58 @@ def prune_with_cost(cfg, model, crit, sparsity, data, loss_fn, *, current=None, 
     return masks, total, predicted if getattr(crit, "loss_units", False) else None
 
 
+def needs_element_scores(crit, granularity: str) -> bool:
+    """Does pruning transformer units with `crit` read its element scores? Not where it scores
+    units itself (`unit_scores`: FLAP, structured OBS) or, at depth, blocks (`block_scores`)."""
+    if granularity == "depth" and callable(getattr(crit, "block_scores", None)):
+        return False
+    return not callable(getattr(crit, "unit_scores", None))
+
+
+def prune_units(cfg, model, crit, sparsity, data, loss_fn, *, scores=None, structure=None):
+    """Heads, neurons or blocks of a transformer (`saliency.structured.prune_structured`, the
+    sweep's scope and granularity), masks applied (not attached); returns (masks, cost, None).
+
+    `scores`: element scores of the dense model, shared by every sparsity (its cost is the
+    unit's); a criterion that scores units itself (FLAP, structured OBS) scores, allocates and
+    updates here, and its cost is the wall time of that. `structure`: `find_structure`'s units
+    (found on `data`'s first batch when None)."""
+    from saliency.structured import prune_structured
+
+    spent = Cost(backward_passes=0)
+
+    def score_elements(weights):
+        if scores is not None and all(n in scores for n in weights):
+            return {n: scores[n] for n in weights}
+        sc = score(model, crit, data, loss_fn, params=weights)
+        spent.add(sc.cost)
+        return sc
+
+    start = time.perf_counter()
+    masks, _ = prune_structured(model, crit, sparsity, data, scope=cfg.scope,
+                                granularity=cfg.granularity, score_elements=score_elements,
+                                structure=structure)  # fmt: skip
+    masks = Masks(masks)
+    masks.apply(model)
+    if scores is not None and needs_element_scores(crit, cfg.granularity):
+        return masks, scores.cost, None
+    spent.seconds = time.perf_counter() - start
+    return masks, spent, None
+
+
 def evaluate_model(
     cfg: SweepConfig, model, *, scoring: DataLoader | None = None
 ) -> dict[str, float]:
-    """Test metrics; with `scoring` (a `scoring_data` loader), also "scoring_loss": the training
-    loss on the samples the criteria score with, where OBD/OBS predict their loss increase."""
+    """Test metrics (on the first `[evaluate] n_samples` test samples, if set); with `scoring`
+    (a `scoring_data` loader), also "scoring_loss": the training loss on the samples the
+    criteria score with, where OBD/OBS predict their loss increase."""
     from saliency.sweep.train import evaluate
 
     ds = dataset(cfg)
-    out = {
-        k: float(v) for k, v in evaluate(model, ds.test, task=ds.task, device=device(cfg)).items()
-    }
+    test, n = ds.test, cfg.evaluate["n_samples"]
+    if n is not None:
+        test = TensorDataset(*(t[:n] for t in test.tensors))
+    out = {k: float(v) for k, v in evaluate(model, test, task=ds.task, device=device(cfg)).items()}
     if scoring is not None:
         seen = evaluate(model, scoring.dataset, task=ds.task, device=device(cfg))
         loss = float(seen["loss"] if "loss" in seen else seen["mse"])
@@ -435,9 +514,12 @@ def make_records(
 
 def compact_metrics(cfg: SweepConfig, seed: int, model) -> dict[str, Any]:
     """MACs and parameters of `model` compacted (`saliency.compact`), and its CPU latency as a
-    ratio to the dense architecture's, both timed here, interleaved (`metrics.median_latency`)."""
+    ratio to the dense architecture's, both timed here, interleaved (`metrics.median_latency`).
+    Transformer granularities: `compact_transformer_metrics`."""
     from saliency.sweep.metrics import count_flops, median_latency
 
+    if structured(cfg):
+        return compact_transformer_metrics(cfg, seed, model)
     ds, c = dataset(cfg), cfg.compact
     small = saliency.compact(model, example_inputs(cfg)).cpu()
     dense = new_model(cfg, seed)
@@ -454,3 +536,78 @@ def compact_metrics(cfg: SweepConfig, seed: int, model) -> dict[str, Any]:
         "latency_batch": len(x),
         "latency_threads": torch.get_num_threads(),
     }
+
+
+def prompt_tokens(cfg: SweepConfig, n: int) -> torch.Tensor:
+    """``[1, n]``: the first `n` tokens of the test windows read as one text (then the
+    calibration windows, if the test split is shorter): the prompt latency is measured on."""
+    ds = dataset(cfg)
+    ids = torch.cat([ds.test.tensors[0].flatten(), ds.train.tensors[0].flatten()])
+    if len(ids) < n:
+        raise ValueError(
+            f"compact.prefill_tokens = {n}, but {cfg.dataset!r} holds {len(ids)} tokens"
+        )
+    return ids[:n][None].cpu()
+
+
+def compact_transformer_metrics(cfg: SweepConfig, seed: int, model) -> dict[str, Any]:
+    """The pruned causal LM `model` compacted (`saliency.compact_transformer`, its units found on
+    `calibration_example`), against the dense architecture (`new_model`), both measured here on
+    CPU, in this process, one sequence:
+
+    - ``params`` / ``params_dense``: every parameter (tied ones once); ``params_blocks`` /
+      ``params_blocks_dense``: those of the transformer blocks (embeddings, final norm and LM
+      head excluded);
+    - ``macs_per_token`` / ``macs_per_token_dense`` at ``macs_seq_len`` = ``prefill_tokens``
+      (`metrics.transformer_macs`: Linear weights plus attention's score and value products);
+    - for each thread count ``n`` of ``[compact] threads`` (`metrics.lm_latency`: greedy
+      generation with the KV cache of ``decode_tokens`` tokens after a prompt of
+      ``prefill_tokens`` tokens (`prompt_tokens`), the models in turn, medians of ``[compact]
+      repeats`` rounds): ``latency_prefill_ms_tn`` / ``latency_prefill_dense_ms_tn`` (from the
+      call to the first token) and their ratio ``latency_prefill_ratio_tn`` (below 1: the
+      compacted model is faster); ``decode_tok_s_tn`` / ``decode_tok_s_dense_tn`` and
+      ``decode_tok_s_ratio_tn`` (above 1: faster);
+    - ``compact_loads_plain``: the compacted config states its widths (plain
+      ``from_pretrained`` reloads it; else `saliency.load_compacted`)."""
+    from saliency.compact_transformer import WIDTHS_KEY
+    from saliency.model_io import is_causal_lm
+    from saliency.sweep.metrics import block_parameters, lm_latency, transformer_macs
+
+    c = cfg.compact
+    example = calibration_example(cfg, seed)
+    small = saliency.compact_transformer(model, example).cpu().eval()
+    dense = new_model(cfg, seed).cpu().eval()
+    models = {"compact": small, "dense": dense}
+    if not all(is_causal_lm(m) for m in models.values()):
+        raise ValueError(f"[compact] measure on {cfg.model!r}: decode speed needs a causal LM")
+    example = example.cpu()
+    found = {k: saliency.find_structure(m, example) for k, m in models.items()}
+    ids = prompt_tokens(cfg, c["prefill_tokens"])
+    speed = lm_latency(models, ids, decode_tokens=c["decode_tokens"], threads=c["threads"],
+                       repeats=c["repeats"])  # fmt: skip
+    out: dict[str, Any] = {}
+    for k, m in models.items():
+        tail = "" if k == "compact" else "_dense"
+        out[f"params{tail}"] = sum(p.numel() for p in m.parameters())
+        out[f"params_blocks{tail}"] = block_parameters(m, found[k])
+        out[f"macs_per_token{tail}"] = transformer_macs(m, found[k], c["prefill_tokens"])
+    for t in c["threads"]:
+        pre = {k: speed[k][f"prefill_ms_t{t}"] for k in models}
+        dec = {k: speed[k][f"decode_tok_s_t{t}"] for k in models}
+        out.update({
+            f"latency_prefill_ms_t{t}": pre["compact"],
+            f"latency_prefill_dense_ms_t{t}": pre["dense"],
+            f"latency_prefill_ratio_t{t}": pre["compact"] / pre["dense"],
+            f"decode_tok_s_t{t}": dec["compact"],
+            f"decode_tok_s_dense_t{t}": dec["dense"],
+            f"decode_tok_s_ratio_t{t}": dec["compact"] / dec["dense"],
+        })  # fmt: skip
+    out.update(
+        macs_seq_len=c["prefill_tokens"],
+        prefill_tokens=c["prefill_tokens"],
+        decode_tokens=c["decode_tokens"],
+        latency_batch=1,
+        latency_repeats=c["repeats"],
+        compact_loads_plain=not getattr(small.config, WIDTHS_KEY, None),
+    )
+    return out
