@@ -405,8 +405,6 @@ for _arch in ("encoder_seq_first", "encoder_batch_first", "vit_block", "cross_at
     REFUSED["taylor", _arch] = _ATTENTION
 for _arch in ("linear_transposed", "linear_reshaped", "learned_queries"):
     REFUSED["taylor", _arch] = "carry the samples on dim 0"
-for _arch in ("mobile_se", "mobile_se_zero_init"):  # squeeze-excitation convs on [B, C, 1, 1]
-    REFUSED["taylor", _arch] = "to carry the samples on dim 0"
 for _arch in ("shared_twice", "seq_registered_twice"):
     REFUSED["taylor", _arch] = "run once per forward"
 for _arch in ("conv_transpose", "conv_transpose_grouped"):
@@ -502,7 +500,7 @@ def _taylor_ref(model, params, x, y, loss):
     out = {}
     for n, p in params.items():
         s = total[n] / len(x)
-        s = s / s.norm()
+        s = s / s.norm() if s.norm() > 0 else s  # all zero: a dead branch (mobile_se's SE)
         out[n] = s.view(-1, *[1] * (p.dim() - 1)).expand(p.shape)
     return out
 
