@@ -11,6 +11,10 @@ optimizations of it and must prove they apply on the actual call, or step aside:
   and output is the sample axis (row 1 unchanged, row 0 changed, leading size 2). It raises
   when the model output of sample 1 moves with sample 0 (the model mixes samples, or is
   random: dropout in train mode).
+- ``rows_reach_own_losses(losses, acts, grads)``: the proof by gradients for layers whose
+  values prove nothing (a layer behind a ReLU that is off for every sample outputs its bias,
+  the same row for every sample): on the batch itself, row n of the activation reaches sample
+  n's loss alone.
 - ``closed_form_reason(module, attr)`` and ``backpack_reason(model, loss_fn, batches)``: why a
   layer's closed form or BackPACK cannot be used (None: it can).
 
@@ -163,6 +167,39 @@ def require_sample_axis(
     for m, name in layers.items():
         if m not in proven:
             raise ValueError(message.format(name=repr(name)))
+
+
+def rows_reach_own_losses(
+    losses: Tensor, acts: list[Tensor], grads: list[Tensor | None], seed: int = 0
+) -> list[bool]:
+    """Per activation ``a`` (leading size B, in the graph of the per-sample losses ``[B]``):
+    whether ``dl_j/da_n = 0`` for every ``j != n`` on this batch, so that row n of the gradient
+    of ``sum_n l_n`` (``grads``, already taken with the graph retained) is sample n's own
+    ``dl_n/da_n``. One more backward: with random weights ``r_n`` in [1, 2), the gradient of
+    ``sum_n r_n l_n`` must equal ``r_n`` times row n of ``grads`` (a cross term would add
+    ``(r_j - r_n) dl_j/da_n``), up to rounding. This proves what ``probe`` cannot where a
+    layer's rows do not move with the samples (a constant row: a bias behind a dead ReLU);
+    an activation without leading size B is not proven."""
+    B = len(losses)
+    ok = [a.dim() > 0 and len(a) == B for a in acts]
+    live = [i for i, a in enumerate(acts) if ok[i] and a.requires_grad]
+    if B < 2 or not live:
+        return ok
+    gen = torch.Generator().manual_seed(seed)
+    r = (1 + torch.rand(B, generator=gen, dtype=torch.float64)).to(losses)
+    weighted = torch.autograd.grad(
+        (losses * r).sum(), [acts[i] for i in live], allow_unused=True, retain_graph=True
+    )
+    for i, gr in zip(live, weighted, strict=True):
+        g1 = grads[i]
+        if g1 is None and gr is None:
+            continue
+        g1 = torch.zeros_like(acts[i]) if g1 is None else g1.detach()
+        gr = torch.zeros_like(acts[i]) if gr is None else gr.detach()
+        want = g1 * r.view(-1, *[1] * (g1.dim() - 1))
+        scale = float(want.abs().max()) + float(gr.abs().max()) + 1e-300
+        ok[i] = float((gr - want).abs().max()) <= 1e3 * torch.finfo(g1.dtype).eps * scale
+    return ok
 
 
 def _per_sample(u: Tensor, v: Tensor, *, must_move: bool) -> bool:

@@ -59,6 +59,8 @@ SCHEMA = {
     "predicted_first_order",
     "predicted_joint",
     "predicted_single",
+    "emptied_layers",
+    "input_connected",
     "time",
     "saliency_version",
     "label",
@@ -113,6 +115,18 @@ class Broken:
         raise RuntimeError("boom")
 
 
+@dataclass(frozen=True)
+class FirstLayerLast:
+    """Test criterion that scores the first layer below everything else: at 90% it empties it."""
+
+    name: ClassVar[str] = "t_first_last"
+
+    def score(self, model, params, data, loss_fn):
+        return Scores(
+            {n: torch.full_like(p, float(i + 1)) for i, (n, p) in enumerate(params.items())}
+        )
+
+
 @pytest.fixture(autouse=True)
 def one_thread():
     """Tiny models on a shared 2-core machine: one intra-op thread is ~10x faster."""
@@ -124,7 +138,7 @@ def one_thread():
 
 @pytest.fixture
 def test_criteria():
-    classes = [HalfSquare, Rounds, Broken]
+    classes = [HalfSquare, Rounds, Broken, FirstLayerLast]
     for c in classes:
         register_criterion(c, overwrite=True)
     CALLS.clear()
@@ -251,6 +265,31 @@ def test_one_scoring_pass_per_curve_update_on_copies_and_predicted_loss(tmp_path
     assert all(loss[("t_halfsq", s)] != pytest.approx(loss2[s]) for s in (0.3, 0.6, 0.9))
     after = saliency.sweep.jobs.dense_model(cfg, tmp_path / "tiny", 0).state_dict()
     assert all(torch.equal(after[k], v) for k, v in dense_model.state_dict().items())
+
+
+def test_records_say_which_layers_were_emptied_and_whether_the_input_still_counts(
+    tmp_path, test_criteria, caplog
+):
+    cfg = cfg_of(criteria=["t_first_last", "magnitude"], seeds=[0], modes=["oneshot", "finetune"])
+    records = read_records(run_sweep(cfg, tmp_path).out)
+    facts = {
+        (r["criterion"], r["mode"], r["sparsity_target"]): (
+            r["emptied_layers"],
+            r["input_connected"],
+        )
+        for r in records
+    }
+    assert facts[("dense", "dense", 0.0)] == ([], True)
+    assert facts[("magnitude", "oneshot", 0.9)] == ([], True)
+    # 72 + 36 weights: 50% prunes 54 of the first layer's 72, 90% all of them and 25 more
+    assert facts[("t_first_last", "oneshot", 0.5)] == ([], True)
+    for mode in ("oneshot", "finetune"):  # fine-tuning with the masks attached cannot reconnect
+        assert facts[("t_first_last", mode, 0.9)] == (["1.weight"], False)
+    assert "layer collapse at sparsity 0.9" in caplog.text and "'1.weight'" in caplog.text
+    # records written before these fields existed still read, and report
+    old = [{k: v for k, v in r.items() if k not in ("emptied_layers", "input_connected")}
+           for r in records]  # fmt: skip
+    assert markdown(old) == markdown(records)
 
 
 def test_failing_criterion_is_skipped_or_raised(tmp_path, test_criteria):

@@ -134,6 +134,41 @@ def test_taylor_refuses_shared_layers_and_non_layer_params(tiny_data):
         saliency.score(model, "taylor", data=tiny_data, params={"out.bias": model.out.bias})
 
 
+class DeadBranch(nn.Module):
+    """A layer behind a ReLU that is off for every sample outputs its bias, the same row for
+    every sample, so its values cannot prove its sample axis (mobile_se's SE conv); `mix` adds
+    the mean of that layer's output over the batch to every sample's logits."""
+
+    def __init__(self, mix: bool):
+        super().__init__()
+        self.mix = mix
+        self.pre, self.dead, self.head = nn.Linear(6, 2), nn.Linear(2, 3), nn.Linear(6, 3)
+        with torch.no_grad():
+            self.pre.bias.fill_(-100.0)  # ReLU off for every sample
+
+    def forward(self, x):
+        a = self.dead(F.relu(self.pre(x)))
+        return self.head(x) + (a.mean(0) if self.mix else a) * torch.tanh(x[:, :3])
+
+
+def test_taylor_proves_rows_that_do_not_move_by_gradients(tiny_data):
+    """Row n of the dead layer reaches sample n's loss alone: scored, equal to the per-example
+    reference; averaged over the batch downstream it reaches every loss: refused."""
+    torch.manual_seed(0)
+    model = DeadBranch(mix=False)
+    params = saliency.prunable_parameters(model)
+    raw = saliency.score(model, "taylor", data=tiny_data, normalize=False)
+    ref = gated_reference(model, params, tiny_data)
+    for n in params:
+        torch.testing.assert_close(raw[n][:, 0].double(), ref[n].double(), rtol=1e-5, atol=1e-7)
+    assert raw["dead.weight"].abs().sum() > 0 and not raw["pre.weight"].any()
+    mixed = DeadBranch(mix=True)
+    mixed.load_state_dict(model.state_dict())
+    with pytest.raises(ValueError, match="'dead.weight' to carry the samples on dim 0"):
+        saliency.score(mixed, "taylor", data=tiny_data)
+    assert all(not m._forward_hooks for m in mixed.modules())
+
+
 @pytest.mark.parametrize("which", ["mlp", "cnn"])
 def test_taylor_weight_matches_reference(which, tiny_mlp, tiny_cnn, tiny_data, cnn_data):
     model, data = (tiny_mlp, tiny_data) if which == "mlp" else (tiny_cnn, cnn_data)

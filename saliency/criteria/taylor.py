@@ -25,6 +25,14 @@ from saliency.targets import channel_layout, is_transposed_linear
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
+_UNPROVEN = (
+    "taylor needs the output of the layer of {name} to carry the samples on dim 0 (its row n "
+    "reaching sample n's loss alone); that was not the case on this batch (e.g. a "
+    "sequence-first transformer, a layer on x.transpose(0, 1) or on batch-independent "
+    "queries). Score that parameter with 'taylor_weight', or use batch_first layouts"
+)
+
+
 def _position_mean(prod: Tensor, mask: Tensor | None) -> Tensor:
     """``[B, C, L]`` -> ``[B, C]`` mean over positions; over the unpadded tokens only when
     ``mask [B, T]`` (``Batch.token_mask``) marks them and the positions are those tokens."""
@@ -72,8 +80,11 @@ class Taylor:
     ``dl_n/da`` come from the sum of per-sample losses (``saliency.model_io``; the loss's own
     reduction over positions and ignore index), exact when examples do not interact, hence
     ``eval_mode=True`` by default (BatchNorm on running statistics). The sample axis of every
-    scored layer is proven on each batch (``saliency.fastpaths.probe``): a layer whose output
-    does not carry the samples on dim 0 (sequence-first transformers) is refused. Activations are
+    scored layer is proven on each batch: by its values (``saliency.fastpaths.probe``), or,
+    where they do not move with the samples (a squeeze-excitation conv behind a ReLU that is
+    off for every sample outputs its bias), by one more backward showing that row n of its
+    output reaches sample n's loss alone (``fastpaths.rows_reach_own_losses``). A layer whose
+    output does not carry the samples on dim 0 (sequence-first transformers) is refused. Activations are
     captured by forward hooks (which hand a copy downstream, so in-place activations cannot
     overwrite them), removed in all cases; mode, ``.grad``, ``requires_grad`` and buffers are
     restored.
@@ -126,7 +137,7 @@ class Taylor:
                     v.clear()
                 # the sum of per-sample losses: its gradient at sample n's activation is dl_n/da
                 loss_fn = resolve_loss(loss_fn, model, batch)
-                loss = per_sample_losses(loss_fn, forward(model, batch), batch.targets).sum()
+                losses = per_sample_losses(loss_fn, forward(model, batch), batch.targets)
                 for n in names:
                     if len(outs[n]) != 1:
                         raise ValueError(
@@ -135,16 +146,21 @@ class Taylor:
                             "functionally, as MultiheadAttention does with out_proj). Leave it "
                             "out (prunable_parameters(model, exclude=...)) or use 'taylor_weight'"
                         )
-                fastpaths.require_sample_axis(  # raises too if samples interact
-                    model, batch, {owners[n][0]: n for n in names},
-                    "taylor needs the output of the layer of {name} to carry the samples on dim 0 "
-                    "(and nothing else mixed into it); that was not the case on this batch (e.g. "
-                    "a sequence-first transformer, a layer on x.transpose(0, 1) or on "
-                    "batch-independent queries). Score that parameter with 'taylor_weight', or "
-                    "use batch_first layouts",
-                )  # fmt: skip
+                proven = fastpaths.probe(model, batch, [owners[n][0] for n in names])  # raises
+                unproven = [n for n in names if owners[n][0] not in proven]  # if samples mix
                 acts = [outs[n][0] for n in names]
-                grads = torch.autograd.grad(loss, acts, allow_unused=True)
+                grads = torch.autograd.grad(
+                    losses.sum(), acts, allow_unused=True, retain_graph=bool(unproven)
+                )
+                if unproven:  # values proved nothing (rows that do not move): gradients may
+                    at = [names.index(n) for n in unproven]
+                    ok = fastpaths.rows_reach_own_losses(
+                        losses, [acts[i] for i in at], [grads[i] for i in at]
+                    )
+                    for n, good in zip(unproven, ok, strict=True):
+                        if not good:
+                            raise ValueError(_UNPROVEN.format(name=repr(n)))
+                del losses
                 for n, a, g in zip(names, acts, grads, strict=True):
                     dim = owners[n][1]
                     if g is None:

@@ -68,6 +68,20 @@ def _finish(
         first_order=first_order,
     )
     append_records(out, recs)
+    if recs and (recs[0]["emptied_layers"] or recs[0]["input_connected"] is False):
+        log.warning(
+            "%s: layer collapse at sparsity %g (seed %d, %s): %d emptied layer(s) %s%s; the "
+            "records say so (emptied_layers, input_connected)",
+            recs[0]["label"],
+            unit.sparsity,
+            job.seed,
+            unit.mode,
+            len(recs[0]["emptied_layers"]),
+            recs[0]["emptied_layers"][:8],
+            ", the output no longer depends on the input"
+            if recs[0]["input_connected"] is False
+            else "",
+        )
     if tb is not None:
         tb.unit(job, unit, recs)
     if notify:

@@ -497,6 +497,7 @@ def make_records(
         "predicted_joint": predicted.get("joint") if predicted else None,
         "predicted_single": predicted.get("single") if predicted else None,
         "predicted_first_order": first_order,
+        **collapse_facts(cfg, plain, masks),
         "settings": settings_of(cfg, job, unit),
         "threads": torch.get_num_threads(),  # changes losses in the last digits
         "time": time.time(),
@@ -510,6 +511,19 @@ def make_records(
         for phase, metrics in phases.items()
         for m, v in metrics.items()
     ]
+
+
+def collapse_facts(cfg: SweepConfig, model, masks: Masks) -> dict[str, Any]:
+    """What `saliency.prune` warns about (`saliency.collapse`), as record fields:
+    `emptied_layers`, the targets whose every weight is pruned, and `input_connected`, whether
+    the model's output changes when its test inputs are perturbed (False: every path from input
+    to output is cut; None where it cannot be checked: token inputs). Records written before
+    these fields existed lack them: read them with ``r.get("emptied_layers")``."""
+    from saliency.collapse import emptied, input_disconnected
+
+    x, y = dataset(cfg).test.tensors[:2]
+    cut = input_disconnected(model, [(x[:8].to(device(cfg)), y[:8].to(device(cfg)))])
+    return {"emptied_layers": emptied(masks), "input_connected": None if cut is None else not cut}
 
 
 def compact_metrics(cfg: SweepConfig, seed: int, model) -> dict[str, Any]:
