@@ -77,13 +77,36 @@ def plot(records: Path, latency: Path | None, out: Path, threads: int = 2) -> li
     return paths
 
 
+def table(records: Path, latency: Path | None) -> str:
+    """The markdown table of the records (the README's numbers come from here)."""
+    recs = _read(records)
+    _one_protocol(recs)
+    lat = {(r["criterion"], r["ratio"]): r for r in _read(latency)} if latency else {}
+    head = ("| criterion | target | removed (blocks) | ppl one-shot | ppl recovered | params M "
+            "| MACs/token M | prefill x (1 / 2 thr) | decode x (1 / 2 thr) |")  # fmt: skip
+    rows = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in sorted(recs, key=lambda r: (r["ratio"], order_key(r["criterion"]))):
+        t = lat.get((r["criterion"], r["ratio"]))
+        speed = (f"{t['prefill_speedup_t1']:.2f} / {t['prefill_speedup_t2']:.2f}",
+                 f"{t['decode_speedup_t1']:.2f} / {t['decode_speedup_t2']:.2f}") if t else ("", "")  # fmt: skip
+        rec = f"{r['ppl_recovered']:.2f}" if "ppl_recovered" in r else ""
+        rows.append(f"| {r['criterion']} | {r['ratio']:.0%} | {r['block_params_removed']:.1%} | "
+                    f"{r['ppl_oneshot']:.2f} | {rec} | {r['params'] / 1e6:.1f} | "
+                    f"{r['macs_per_token'] / 1e6:.1f} | {speed[0]} | {speed[1]} |")  # fmt: skip
+    return "\n".join(rows)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m paper_figs.structured_lm")
     p.add_argument("records", type=Path)
     p.add_argument("--latency", type=Path, default=None)
     p.add_argument("--threads", type=int, default=2, choices=(1, 2))
     p.add_argument("--out", type=Path, default=Path("figs"))
+    p.add_argument("--table", action="store_true", help="print the markdown table instead")
     args = p.parse_args(argv)
+    if args.table:
+        print(table(args.records, args.latency))
+        return 0
     args.out.mkdir(parents=True, exist_ok=True)
     for path in plot(args.records, args.latency, args.out, args.threads):
         print(path)

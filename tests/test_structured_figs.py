@@ -14,7 +14,8 @@ def _write(path, rows):
 
 def _rec(crit, ratio, ppl, calib=8, **kw):
     return {"criterion": crit, "ratio": ratio, "calib_windows": calib, "test_windows": 16,
-            "ppl_oneshot": ppl, "block_params_removed": ratio, **kw}  # fmt: skip
+            "ppl_oneshot": ppl, "block_params_removed": ratio, "params": 1e8 * (1 - ratio),
+            "macs_per_token": 1e8, **kw}  # fmt: skip
 
 
 def test_figure_from_records(tmp_path):
@@ -24,6 +25,8 @@ def test_figure_from_records(tmp_path):
     lat = _write(tmp_path / "l.jsonl", [{"criterion": "flap", "ratio": 0.3, "prefill_speedup_t2": 1.3,
                                          "prefill_speedup_t1": 1.25}])  # fmt: skip
     paths = structured_lm.plot(recs, lat, tmp_path / "figs")
+    text = structured_lm.table(recs, None)
+    assert "| flap | 50% | 50.0% | 90.00 | 50.00 |" in text
     assert {p.suffix for p in paths} == {".png", ".pdf", ".txt"}
     assert all(p.stat().st_size > 0 for p in paths)
 
