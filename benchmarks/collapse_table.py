@@ -42,7 +42,7 @@ def cell(arch: str, crit: str) -> str:
 
 
 def main() -> None:
-    crits = [c for c in saliency.available_criteria() if c not in SKIP]
+    crits = [c for c in saliency.available_criteria("element") if c not in SKIP]
     print("| criterion | " + " | ".join(ARCHS) + " |")
     print("|---" * (len(ARCHS) + 1) + "|")
     for c in crits:

@@ -88,7 +88,7 @@ def main() -> None:
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
-    ap.add_argument("--criteria", nargs="+", default=saliency.available_criteria())
+    ap.add_argument("--criteria", nargs="+", default=saliency.available_criteria("element"))
     ap.add_argument("--timeout", type=float, default=580)
     ap.add_argument("--one", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()

@@ -27,7 +27,9 @@ CONFIGS = [("dense", None, "uniform")] + [  # cheapest first
 ]
 # --layer-sparsity: uniform against OWL and the OBS budget (issue 19), Wanda and SparseGPT
 LAYER_SPARSITY = [
-    (c, p, a) for c in ("wanda", "sparsegpt") for p in ("0.7", "0.6", "0.5")
+    (c, p, a)
+    for c in ("wanda", "sparsegpt")
+    for p in ("0.7", "0.6", "0.5")
     for a in ("uniform", "owl", "obs")
 ]
 
@@ -69,8 +71,11 @@ def main() -> None:
     ap.add_argument("--calib", type=int, default=32)
     ap.add_argument("--test", type=int, default=16)
     ap.add_argument("--out", type=Path, default=Path("results/smollm2_oneshot.jsonl"))
-    ap.add_argument("--layer-sparsity", action="store_true",
-                    help="uniform against OWL and OBS-budget layer sparsities at 50/60/70%%")
+    ap.add_argument(
+        "--layer-sparsity",
+        action="store_true",
+        help="uniform against OWL and OBS-budget layer sparsities at 50/60/70%%",
+    )
     ap.add_argument("--one", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:

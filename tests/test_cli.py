@@ -171,11 +171,14 @@ def test_demo_shrunk_to_the_tiny_model_writes_records_and_figure(tmp_path, capsy
     records = read_records(tmp_path / "demo")
     import saliency
 
-    assert {r["criterion"] for r in records} == {"dense", *saliency.available_criteria()} - set(
+    assert {r["criterion"] for r in records} == {
+        "dense",
+        *saliency.available_criteria("element"),
+    } - set(
         line.split()[1].rstrip(":")
         for line in out.splitlines()
         if line.strip().startswith("skipped")
-    ) - {"taylor", "obs_channel"}  # left out by the demo config (channel criteria)
+    ) - {"taylor", "obs_channel", "flap", "structured_obs"}  # left out by the demo config
     assert {r["mode"] for r in records} == {"dense", "oneshot", "finetune"}
     assert "demo finished in" in out
     assert list((tmp_path / "demo" / "scores" / "oneshot-seed0").glob("*.pt"))

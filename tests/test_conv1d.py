@@ -97,7 +97,7 @@ EXTRA = [
     ("obd", {"hessian": "true_fisher"}),
     ("obs_channel", {"hessian": "fisher", "block_size": 32, "dtype": "float64"}),
 ]
-CASES = [(c, HPARAMS.get(c, {})) for c in available_criteria() if c not in SOLVERS] + EXTRA
+CASES = [(c, HPARAMS.get(c, {})) for c in available_criteria("element") if c not in SOLVERS] + EXTRA
 
 
 @pytest.mark.parametrize(("criterion", "hparams"), CASES, ids=lambda v: str(v))
@@ -226,7 +226,7 @@ def test_magnitude_on_gpt2_prunes_the_blocks_and_not_the_embedding():
     assert zeros == round(0.5 * sum(params[n].numel() for n in CONV1D))
 
 
-@pytest.mark.parametrize("criterion", available_criteria())
+@pytest.mark.parametrize("criterion", available_criteria("element"))
 def test_every_criterion_prunes_gpt2s_conv1d_weights(criterion):
     model = gpt2()
     data = lm_data()

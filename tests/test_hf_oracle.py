@@ -164,7 +164,7 @@ def test_woodfisher_blocks_match_the_loop(hf):
             assert err <= 1e-6, f"{n} block {b}: {err:.1e}"
 
 
-@pytest.mark.parametrize("criterion", saliency.available_criteria())
+@pytest.mark.parametrize("criterion", saliency.available_criteria("element"))
 def test_every_criterion_prunes_exactly_or_refuses(hf, criterion):
     name, model, batch = hf
     model = copy.deepcopy(model)

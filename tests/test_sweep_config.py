@@ -109,7 +109,7 @@ def test_all_criteria_with_filtered_defaults():
         )
     )
     names = [c.name for c in cfg.criteria]
-    assert names == [n for n in saliency.available_criteria() if n != "random"]
+    assert names == [n for n in saliency.available_criteria("element") if n != "random"]
     assert cfg.criteria[names.index("magnitude")].hparams == {}
 
 

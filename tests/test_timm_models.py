@@ -60,7 +60,7 @@ def make(name: str) -> torch.nn.Module:
 
 def cells():
     for m in MODELS:
-        for c in saliency.available_criteria():
+        for c in saliency.available_criteria("element"):
             marks = [pytest.mark.slow] if (m, c) in SLOW else []
             yield pytest.param(m, c, id=f"{m}-{c}", marks=marks)
 

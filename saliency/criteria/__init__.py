@@ -74,10 +74,18 @@ def _load_builtins_and_entry_points() -> None:
             log.exception("could not load criterion entry point %r", ep.name)
 
 
-def available_criteria() -> list[str]:
-    """Sorted names of every registered criterion."""
+_ELEMENT_LIKE = ("element", "channel", "block")  # allocate's granularities (and N:M)
+
+
+def available_criteria(granularity: str | None = None) -> list[str]:
+    """Sorted names of every registered criterion; with ``granularity``, of those that can prune
+    at it (a criterion's ``granularities`` ClassVar, when it has one, lists the only ones it
+    supports: Block Influence scores whole blocks, ``("depth",)``)."""
     _load_builtins_and_entry_points()
-    return sorted(_REGISTRY)
+    if granularity is None:
+        return sorted(_REGISTRY)
+    g = "element" if granularity in _ELEMENT_LIKE or ":" in granularity else granularity
+    return sorted(n for n, c in _REGISTRY.items() if g in getattr(c, "granularities", (g,)))
 
 
 def describe_criteria() -> dict[str, str]:

@@ -239,7 +239,7 @@ def _criteria(raw: dict[str, Any]) -> tuple[CriterionSpec, ...]:
         _fail('the sweep config needs `criteria`: a list of names, [[criteria]] tables, or "all"')
     defaults = raw["criterion_defaults"]
     if entries == "all":
-        known = set(available_criteria())
+        known = set(available_criteria(raw.get("granularity") or "element"))
         excluded = set(raw["exclude_criteria"])
         if excluded - known:
             _fail(
