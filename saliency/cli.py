@@ -245,7 +245,7 @@ def probe_criteria(raw: dict) -> dict[str, str]:
         torch.nn.Linear(8, max(ds.num_classes or 1, 1)),
     )
     skipped = {}
-    for name in saliency.available_criteria():
+    for name in saliency.available_criteria(raw.get("granularity") or "element"):
         given = raw.get("criterion_defaults", {}).get(name, {})
         hp = {k: v for k, v in given.items() if k in _fields(name)}
         try:

@@ -241,10 +241,10 @@ def _criteria(raw: dict[str, Any]) -> tuple[CriterionSpec, ...]:
     if entries == "all":
         known = set(available_criteria(raw.get("granularity") or "element"))
         excluded = set(raw["exclude_criteria"])
-        if excluded - known:
+        if excluded - set(available_criteria()):
             _fail(
-                f"exclude_criteria names unknown criteria {sorted(excluded - known)}; "
-                f"available: {', '.join(sorted(known))}"
+                f"exclude_criteria names unknown criteria {sorted(excluded - set(available_criteria()))}; "
+                f"available: {', '.join(available_criteria())}"
             )
         # defaults apply where the criterion has that field (criteria differ in their knobs)
         defaults = {
