@@ -33,7 +33,9 @@ slices each layer to its recorded widths and loads the weights; plain ``from_pre
 refuses the checkpoint (size mismatch) rather than loading it wrongly.
 
 Every result is checked (``check``): the compacted model's outputs equal the masked model's on
-``example`` in eval mode (1e-9 relative in float64, 1e-4 in float32), else `CompactError`.
+``example`` in eval mode (1e-9 relative in float64, 1e-4 in float32; a float32 check that fails
+is repeated on float64 CPU copies, since a model near collapse amplifies round-off: SmolLM2 at
+50% by magnitude differs by 3e-4 in float32 and by 0 in float64), else `CompactError`.
 """
 
 from __future__ import annotations
@@ -363,8 +365,23 @@ def compact_transformer(
         log.info("compact_transformer: %d branch(es) of kept blocks had every unit removed: one "
                  "zero unit kept each", refilled)  # fmt: skip
     if check:
-        _check_same(_eval_output(model, example), _eval_output(new, example))
+        _check(model, new, example)
     return new
+
+
+def _check(model: nn.Module, new: nn.Module, example) -> None:
+    """The outputs agree; where a low-precision check fails, it is repeated in float64 on CPU
+    copies (a model near collapse amplifies float32 round-off past 1e-4: the structure is what
+    is checked, and there the float64 outputs agree to 1e-9)."""
+    try:
+        _check_same(_eval_output(model, example), _eval_output(new, example))
+    except CompactError:
+        if next(model.parameters()).dtype == torch.float64:
+            raise
+        wide = [copy.deepcopy(m).to("cpu", torch.float64) for m in (model, new)]
+        _check_same(*(_eval_output(m, example) for m in wide))
+        log.info("compact_transformer: float32 outputs differ past 1e-4 (round-off amplified); "
+                 "float64 copies agree")  # fmt: skip
 
 
 def _saved_state(directory: Path) -> dict[str, Tensor]:

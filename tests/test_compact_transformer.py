@@ -311,6 +311,35 @@ def test_a_structure_that_is_not_the_models_fails_the_check():
         )
 
 
+def test_float32_round_off_is_checked_again_in_float64(monkeypatch):
+    """A float32 check that fails (a model near collapse amplifies round-off) is repeated on
+    float64 copies: a right structure passes there, a wrong one still fails."""
+    import importlib
+
+    ct = importlib.import_module("saliency.compact_transformer")
+
+    exact = ct._check_same
+
+    def strict_in_float32(reference, got):
+        if reference.dtype == torch.float32:
+            raise saliency.CompactError("differ (float32 round-off, simulated)")
+        exact(reference, got)
+
+    monkeypatch.setattr(ct, "_check_same", strict_in_float32)
+    model, ids = llama(kv_heads=4, layers=2).float(), _ids()
+    s = _remove(model, ids, {(0, "head"): [1]})
+    small = saliency.compact_transformer(model, ids, s)
+    assert next(small.parameters()).dtype == torch.float32
+    g = s.groups[0]
+    q = f"{g.inputs[0]}.weight"
+    dim, ix = g.slices[q]
+    wrong = dataclasses.replace(g, slices={**g.slices, q: (dim, ix.roll(1, 0))})
+    with pytest.raises(saliency.CompactError, match="differ"):
+        saliency.compact_transformer(
+            model, ids, dataclasses.replace(s, groups=(wrong, *s.groups[1:]))
+        )
+
+
 def test_public_api():
     for name in ("find_structure", "compact_transformer", "load_compacted"):
         assert name in saliency.__all__ and callable(getattr(saliency, name))
