@@ -67,7 +67,7 @@ def plot(records: Path, latency: Path | None, out: Path, threads: int = 2) -> li
         axes[0].set_xlabel("block parameters removed (%)  [open: after recovery]")
         if ncols > 1:
             axes[1].set_xlabel(f"prefill speed-up over dense, 256 tokens, {threads} threads")
-        axes[0].legend(fontsize=6, ncol=2)
+        axes[0].legend(fontsize=6, loc="upper left")
         axes[0].set_title(f"SmolLM2-135M, calibration {calib} windows", fontsize=7)
         paths += save_figure(fig, out, "structured_lm", caption=(
             f"SmolLM2-135M: heads and MLP neurons (width, the same fraction in every block) or "

@@ -35,6 +35,10 @@ _KNOWN: dict[str, tuple[str, str, str]] = {
     "wanda": ("#999933", "X", "-."),
     "sparsegpt": ("#117733", "*", "-"),
     "obc": ("#661100", "h", "-"),
+    "obs_channel": ("#AA4499", "p", "--"),
+    "flap": ("#DDAA33", "v", "-"),
+    "structured_obs": ("#CC3311", "D", "-"),
+    "block_influence": ("#004488", "s", ":"),
 }
 # legend order: real criteria first, then the two references
 ORDER = (
@@ -49,6 +53,10 @@ ORDER = (
     "obc",
     "sparsegpt",
     "wanda",
+    "obs_channel",
+    "flap",
+    "structured_obs",
+    "block_influence",
     "random",
     "dense",
 )
