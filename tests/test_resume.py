@@ -219,7 +219,9 @@ def _start_workers(tmp_path):
     """A 2-worker sweep in its own session (a terminal's process group), once records appear."""
     config = sweep_fixtures.write_config(tmp_path)
     out = tmp_path / "results"
-    cmd = [*_cmd(config, out)[:-2], "--workers", "2", "--set", "finetune.epochs=30"]
+    # long enough fine-tunes that the sweep is still running when the test signals it (at 30
+    # epochs a quiet machine finished all 68 units in 5 s, before the signal)
+    cmd = [*_cmd(config, out)[:-2], "--workers", "2", "--set", "finetune.epochs=300"]
     proc = subprocess.Popen(
         cmd,
         env=_env(),
