@@ -229,6 +229,9 @@ def _start_workers(tmp_path):
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,
+        # as a terminal starts it: Ctrl-C at its default, whatever this process inherited (a
+        # test run started with `&` from a script ignores SIGINT, and so would its children)
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     records = out / "tiny" / "records.jsonl"
     deadline = time.monotonic() + 120
