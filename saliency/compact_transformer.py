@@ -52,7 +52,7 @@ from torch import Tensor, nn
 from saliency.apply import attached_masks, remove
 from saliency.compact import CompactError
 from saliency.model_io import Batch, model_output
-from saliency.structures import Structure, UnitGroup, find_structure, removed_units
+from saliency.structures import Structure, UnitGroup, block_io, find_structure, removed_units
 from saliency.targets import is_transposed_linear, parameter_aliases
 
 log = logging.getLogger(__name__)
@@ -167,8 +167,7 @@ def _identity_blocks(model, structure: Structure, removed, example) -> set[int]:
 
     def hook(b):
         def record(_m, args, kwargs, out):
-            x = args[0] if args else kwargs.get("hidden_states")
-            y = out[0] if isinstance(out, (tuple, list)) else out
+            x, y = block_io(args, kwargs, out)
             same[b] = isinstance(x, Tensor) and isinstance(y, Tensor) and torch.equal(x, y)
 
         return record

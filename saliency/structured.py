@@ -36,7 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from saliency.model_io import iter_batches, model_device
-from saliency.structures import Structure, find_structure, unit_masks
+from saliency.structures import Structure, block_io, find_structure, unit_masks
 
 GRANULARITIES = ("head", "neuron", "width", "depth")
 _KINDS = {"head": ("head",), "neuron": ("neuron",), "width": ("head", "neuron")}
@@ -148,8 +148,7 @@ def block_influence(model: nn.Module, structure: Structure, data, n_samples) -> 
 
     def hook(i):
         def h(_m, args, kwargs, out):
-            x = args[0] if args else kwargs["hidden_states"]
-            y = out if isinstance(out, Tensor) else out[0]
+            x, y = block_io(args, kwargs, out)
             cos = torch.nn.functional.cosine_similarity(x.double(), y.double(), dim=-1)
             keep = mask[0] if mask[0] is not None else torch.ones_like(cos, dtype=torch.bool)
             total[i] += cos[keep.to(cos.device)].sum().cpu()
@@ -203,8 +202,7 @@ def check_identity(model: nn.Module, structure: Structure, masks, example) -> No
 
     def hook(name):
         def h(_m, args, kwargs, out):
-            x = args[0] if args else kwargs["hidden_states"]
-            y = out if isinstance(out, Tensor) else out[0]
+            x, y = block_io(args, kwargs, out)
             worst[name] = float((y - x).abs().max() / x.abs().max().clamp_min(1e-30))
 
         return h

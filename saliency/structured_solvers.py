@@ -154,8 +154,12 @@ def fluctuation(W: Tensor, mean: Tensor, second_moment: Tensor) -> Tensor:
             f"W {tuple(W.shape)}, mean {tuple(mean.shape)}, second_moment "
             f"{tuple(second_moment.shape)}: accepted are W [out, d] with mean, second_moment [d]"
         )
-    var = (second_moment.double() - mean.double().square()).clamp_min(0.0)
-    return var * W.detach().double().square().sum(0)
+    return input_variance(mean, second_moment) * W.detach().double().square().sum(0)
+
+
+def input_variance(mean: Tensor, second_moment: Tensor) -> Tensor:
+    """``Var[x_j] = E[x_j^2] - E[x_j]^2`` in float64, clamped at 0 against round-off."""
+    return (second_moment.double() - mean.double().square()).clamp_min(0.0)
 
 
 def flap_scores(W: Tensor, mean: Tensor, second_moment: Tensor, units: Tensor) -> Tensor:

@@ -215,6 +215,14 @@ def find_structure(model: nn.Module, example) -> Structure:
     return Structure(tuple(n for n, _ in found), tuple(groups), d, sizes)
 
 
+def block_io(args, kwargs, out) -> tuple:
+    """A block forward hook's ``(input hidden states, output hidden states)``: the first
+    positional argument (or ``hidden_states=``), and the output or its first element."""
+    x = args[0] if args else kwargs.get("hidden_states")
+    y = out[0] if isinstance(out, (tuple, list)) else out
+    return x, y
+
+
 def unit_masks(structure: Structure, params: Mapping[str, Tensor],
                removed: Mapping[int, Tensor]) -> dict[str, Tensor]:  # fmt: skip
     """Keep-masks (True = keep) over the weights and biases of ``params`` that the units in

@@ -10,7 +10,12 @@ from torch import nn
 
 from saliency import capture, layerwise
 from saliency.criteria import register_criterion
-from saliency.structured_solvers import flap_compensation, flap_standardize, fluctuation
+from saliency.structured_solvers import (
+    flap_compensation,
+    flap_standardize,
+    fluctuation,
+    input_variance,
+)
 
 
 def _out_stats(crit, model, structure, data):
@@ -50,8 +55,7 @@ class FLAP:
         out = {}
         for n, st in stats.items():
             W = capture.weight_matrix(modules[n]).detach().double().cpu()
-            var = (st.sum / max(st.n, 1) - st.mean.square()).clamp_min(0)
-            s = (W.square() * var).float()
+            s = (W.square() * input_variance(st.mean, st.sum / st.n)).float()
             out[n] = capture.from_matrix(modules[n], s).to(params[n].device).contiguous()
         return out
 
